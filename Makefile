@@ -1,0 +1,52 @@
+# Two commands do all the set-up from a fresh clone: `make demo` and `make test`.
+# `make install` is the idempotent step both use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := qemu-system-x86 dpdk dpdk-dev
+
+.PHONY: install system-packages demo test lab bench doctor clean
+
+install: system-packages $(STAMP)
+
+# QEMU and DPDK are the real peers the tests and labs drive. Install them
+# with apt-get when we are root and they are missing; otherwise say how.
+system-packages:
+	@if command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v dpdk-testpmd >/dev/null 2>&1; then \
+	    :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(APT_PACKAGES) with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	else \
+	    echo "QEMU or DPDK is missing; the labs fall back to the built-in front-end."; \
+	    echo "To install them: sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)"; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/vhostlab demo
+
+# pytest exits 5 when it collected nothing; that is a failure here, never a pass.
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lab: install
+	$(BIN)/jupyter lab labs/
+
+bench: install
+	$(BIN)/vhostlab bench
+
+doctor: install
+	$(BIN)/vhostlab doctor
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
