@@ -1,0 +1,167 @@
+"""`vhostlab doctor`: what this machine offers the labs, and how to get what is missing.
+
+Every check is a real attempt (create a memfd, pass an fd over a socket), not a
+guess from the platform name, because Binder images and laptops differ in just
+these details.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+APT_QEMU = "sudo apt-get install -y --no-install-recommends qemu-system-x86"
+APT_DPDK = "sudo apt-get install -y --no-install-recommends dpdk dpdk-dev"
+
+
+@dataclass
+class Check:
+    """One line of the report: what was checked, whether it holds, and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+    fix: str = ""
+    required: bool = False
+
+
+@dataclass
+class Report:
+    python: str
+    numpy: str
+    numba: str
+    qemu: dict | None
+    dpdk_testpmd: str | None
+    frontend: str
+    checks: list[Check] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["checks"] = {c.name: {"ok": c.ok, "detail": c.detail, "fix": c.fix} for c in self.checks}
+        return d
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception as exc:  # a broken install is exactly what doctor reports
+        return f"unavailable ({exc.__class__.__name__}: {exc})"
+
+
+def qemu_info() -> dict | None:
+    """Path and version of the QEMU the labs would start, or None."""
+    path = os.environ.get("VHOSTLAB_QEMU") or shutil.which("qemu-system-x86_64")
+    if not path:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"path": path, "version": None, "error": str(exc)}
+    first = out.splitlines()[0] if out else ""
+    version = first.split("version", 1)[1].split()[0] if "version" in first else None
+    return {"path": path, "version": version}
+
+
+def check_memfd() -> Check:
+    try:
+        fd = os.memfd_create("vhostlab-doctor", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, 4096)
+            with mmap.mmap(fd, 4096, mmap.MAP_SHARED) as m:
+                m[0:4] = b"ping"
+        finally:
+            os.close(fd)
+        return Check("memfd", True, "memfd_create + shared mmap work", required=True)
+    except (OSError, AttributeError) as exc:
+        return Check("memfd", False, str(exc), "guest RAM needs memfd_create (Linux >= 3.17)", True)
+
+
+def check_eventfd() -> Check:
+    try:
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            os.eventfd_write(fd, 3)
+            ok = os.eventfd_read(fd) == 3
+        finally:
+            os.close(fd)
+        return Check("eventfd", ok, "kick/call notifications use eventfds", required=True)
+    except (OSError, AttributeError) as exc:
+        return Check("eventfd", False, str(exc), "needs Linux eventfd and Python >= 3.10", True)
+
+
+def check_fd_passing() -> Check:
+    """Send a memfd over a unix socket (SCM_RIGHTS) and see the same memory on the other side."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fd = received = -1
+    try:
+        fd = os.memfd_create("vhostlab-doctor-pass", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096)
+        socket.send_fds(a, [b"x"], [fd])
+        _, fds, _, _ = socket.recv_fds(b, 1, 1)
+        received = fds[0]
+        os.pwrite(fd, b"vhost", 0)
+        ok = os.pread(received, 5, 0) == b"vhost"
+        return Check("fd_passing", ok, "SCM_RIGHTS over AF_UNIX carries memory-table fds", required=True)
+    except (OSError, AttributeError, IndexError) as exc:
+        return Check("fd_passing", False, str(exc), "vhost-user needs AF_UNIX fd passing", True)
+    finally:
+        for f in (fd, received):
+            if f >= 0:
+                os.close(f)
+        a.close()
+        b.close()
+
+
+def _device(path: str, why: str) -> Check:
+    present = os.path.exists(path)
+    return Check(path, present, why if present else f"absent: {why}",
+                 "" if present else "not needed: the labs run on TCG and a userspace back-end")
+
+
+def choose_frontend(qemu: dict | None) -> str:
+    """Which front-end the labs use: VHOSTLAB_FRONTEND wins, else real QEMU when present."""
+    forced = os.environ.get("VHOSTLAB_FRONTEND", "auto")
+    if forced in ("qemu", "builtin"):
+        return forced
+    return "qemu" if qemu and qemu.get("version") else "builtin"
+
+
+def collect() -> Report:
+    qemu = qemu_info()
+    testpmd = os.environ.get("VHOSTLAB_DPDK") or shutil.which("dpdk-testpmd")
+    checks = [check_memfd(), check_eventfd(), check_fd_passing(),
+              Check("qemu", qemu is not None,
+                    f"{qemu['path']} {qemu.get('version')}" if qemu else "not found",
+                    "" if qemu else f"labs use the built-in front-end; for real QEMU: {APT_QEMU}"),
+              Check("dpdk-testpmd", testpmd is not None, testpmd or "not found",
+                    "" if testpmd else f"only the DPDK tests and `bench --peer dpdk` need it: {APT_DPDK}"),
+              _device("/dev/kvm", "KVM acceleration (unused: QEMU runs with TCG)"),
+              _device("/dev/vhost-net", "the in-kernel vhost-net back-end (VHOST_BACKEND_TYPE_KERNEL)")]
+    return Report(python=platform.python_version(), numpy=_version("numpy"), numba=_version("numba"),
+                  qemu=qemu, dpdk_testpmd=testpmd, frontend=choose_frontend(qemu), checks=checks)
+
+
+def render(report: Report) -> str:
+    lines = [f"python          {report.python} ({sys.executable})",
+             f"numpy           {report.numpy}",
+             f"numba           {report.numba}"]
+    for c in report.checks:
+        mark = "ok " if c.ok else ("MISSING" if c.required else "no ")
+        lines.append(f"{c.name:<16}{mark:<8}{c.detail}")
+        if c.fix:
+            lines.append(f"{'':<24}-> {c.fix}")
+    lines.append(f"labs will use: {'real QEMU' if report.frontend == 'qemu' else 'the built-in front-end'}"
+                 f" (override with VHOSTLAB_FRONTEND=qemu|builtin)")
+    return "\n".join(lines)
+
+
+def main(as_json: bool = False) -> int:
+    report = collect()
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
+    return 0
