@@ -1,0 +1,582 @@
+"""Typed payloads of vhost-user messages (vhost-user.rst "Payload").
+
+Every payload is a frozen dataclass with ``pack() -> bytes``, a classmethod
+``unpack(data)`` and ``fields() -> dict`` (plain ints, strings and lists,
+for message traces). Constructing a payload checks only that each field
+fits its wire type, so a lab can build a *bad* message on purpose;
+``unpack`` is the edge and also runs ``validate()``, the semantic checks
+(sizes, overflow past 2**64, limits). Both raise ProtocolError.
+
+Layouts are little endian and match QEMU's C structs byte for byte,
+including their padding (kept, so ``pack(unpack(b)) == b``).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields as dc_fields
+from typing import Any, ClassVar
+
+from .constants import (MAX_AREA_SIZE, MAX_PAYLOAD_SIZE,
+                        VHOST_MEMORY_BASELINE_NREGIONS,
+                        VHOST_USER_MAX_CONFIG_SIZE, VHOST_VRING_F_LOG,
+                        VRING_IDX_MASK, VRING_NOFD_MASK)
+from .errors import ProtocolError
+
+__all__ = [
+    "Payload", "U64", "VringState", "VringAddr", "MemoryRegion",
+    "MemoryTable", "SingleMemoryRegion", "LogArea", "IotlbMsg",
+    "ConfigSpace", "CryptoSession", "InflightArea", "VringArea",
+    "SharedObject", "VHOST_IOTLB_MISS", "VHOST_IOTLB_UPDATE",
+    "VHOST_IOTLB_INVALIDATE", "VHOST_IOTLB_ACCESS_FAIL",
+]
+
+U64_END = 2 ** 64
+
+# struct vhost_iotlb_msg "type" and "perm" (<linux/vhost_types.h>)
+VHOST_IOTLB_MISS = 1
+VHOST_IOTLB_UPDATE = 2
+VHOST_IOTLB_INVALIDATE = 3
+VHOST_IOTLB_ACCESS_FAIL = 4
+VHOST_ACCESS_RW = 3
+
+_BITS = {"B": (8, False), "H": (16, False), "I": (32, False),
+         "Q": (64, False), "q": (64, True)}
+
+
+def _check_int(owner: str, name: str, value: Any, bits: int,
+               signed: bool = False) -> int:
+    """Return ``value`` as a plain int, or raise if it does not fit."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{owner}.{name} must be an int",
+                            field=name, value=value)
+    low, high = (-(1 << bits - 1), (1 << bits - 1) - 1) if signed \
+        else (0, (1 << bits) - 1)
+    if not low <= value <= high:
+        kind = f"{'s' if signed else 'u'}{bits}"
+        raise ProtocolError(f"does not fit a {kind}", field=name,
+                            value=value, limit=high)
+    return int(value)
+
+
+def _check_bytes(owner: str, name: str, value: Any) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{owner}.{name} must be bytes",
+                            field=name, value=type(value).__name__)
+    return bytes(value)
+
+
+def _end_check(base_name: str, base: int, size_name: str, size: int) -> None:
+    """Raise unless ``base + size`` stays within the 64-bit space."""
+    if base + size > U64_END:
+        raise ProtocolError(
+            f"{base_name} + {size_name} = 0x{base + size:x} runs past 2**64",
+            field=base_name, value=base, limit=U64_END - size)
+
+
+def _size_error(cls: type, n: int, expected: Any) -> ProtocolError:
+    return ProtocolError(f"payload size does not fit {cls.__name__}",
+                         field="size", value=n, limit=expected)
+
+
+class Payload:
+    """Base of all payloads: fixed-size ones declare a struct ``_FORMAT``
+    whose items map one to one onto the dataclass fields."""
+
+    _FORMAT: ClassVar[struct.Struct | None] = None
+
+    def __post_init__(self) -> None:
+        fmt = self._FORMAT
+        if fmt is None:
+            return
+        codes = [c for c in fmt.format if c in _BITS]
+        for f, code in zip(dc_fields(self), codes):
+            bits, signed = _BITS[code]
+            value = _check_int(type(self).__name__, f.name,
+                               getattr(self, f.name), bits, signed)
+            object.__setattr__(self, f.name, value)
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        """Whether a payload of ``n`` bytes could be this type."""
+        return cls._FORMAT is not None and n == cls._FORMAT.size
+
+    @classmethod
+    def size_text(cls) -> str:
+        """The wire size rule, for error messages (e.g. ``"8"``)."""
+        return str(cls._FORMAT.size) if cls._FORMAT is not None else "?"
+
+    def pack(self) -> bytes:
+        """The payload's wire bytes."""
+        assert self._FORMAT is not None
+        return self._FORMAT.pack(*(getattr(self, f.name) for f in dc_fields(self)))
+
+    @classmethod
+    def unpack(cls, data: bytes):
+        """Parse and validate wire bytes. Raises ProtocolError."""
+        fmt = cls._FORMAT
+        assert fmt is not None
+        if len(data) != fmt.size:
+            raise _size_error(cls, len(data), fmt.size)
+        obj = cls(*fmt.unpack(data))
+        obj.validate()
+        return obj
+
+    def validate(self) -> None:
+        """Semantic checks beyond field widths. Raises ProtocolError."""
+
+    def fields(self) -> dict[str, Any]:
+        """Decoded fields as plain ints, strings and lists."""
+        out: dict[str, Any] = {}
+        for f in dc_fields(self):
+            value = getattr(self, f.name)
+            if f.name == "padding" and not value:
+                continue
+            out[f.name] = value.hex() if isinstance(value, bytes) else value
+        return out
+
+
+@dataclass(frozen=True)
+class U64(Payload):
+    """A single u64: feature masks, statuses, a vring index + flag, an MTU."""
+
+    value: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<Q")
+
+    @property
+    def vring_index(self) -> int:
+        """SET_VRING_KICK/CALL/ERR: bits 0-7, the vring index."""
+        return self.value & VRING_IDX_MASK
+
+    @property
+    def vring_nofd(self) -> bool:
+        """SET_VRING_KICK/CALL/ERR: bit 8, no fd attached (poll instead)."""
+        return bool(self.value & VRING_NOFD_MASK)
+
+
+@dataclass(frozen=True)
+class VringState(Payload):
+    """struct vhost_vring_state: a vring index and a number (size, base, enable)."""
+
+    index: int
+    num: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<II")
+
+
+@dataclass(frozen=True)
+class VringAddr(Payload):
+    """struct vhost_vring_addr. desc/used/avail are front-end virtual
+    addresses; log_guest_addr is the used ring's guest-physical address."""
+
+    index: int
+    flags: int
+    desc_user_addr: int
+    used_user_addr: int
+    avail_user_addr: int
+    log_guest_addr: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
+
+    @property
+    def log_enabled(self) -> bool:
+        """VHOST_VRING_F_LOG: log used-ring writes at log_guest_addr."""
+        return bool(self.flags & VHOST_VRING_F_LOG)
+
+    def validate(self) -> None:
+        if self.flags & ~VHOST_VRING_F_LOG:
+            raise ProtocolError("unknown vring address flag bits",
+                                field="flags", value=self.flags,
+                                limit=VHOST_VRING_F_LOG)
+
+
+@dataclass(frozen=True)
+class MemoryRegion(Payload):
+    """VhostUserMemoryRegion: guest memory [guest_phys_addr, +memory_size)
+    is mapped by the front-end at userspace_addr and found at mmap_offset
+    in the region's fd."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQQQ")
+
+    def validate(self) -> None:
+        if self.memory_size == 0:
+            raise ProtocolError("empty memory region", field="memory_size",
+                                value=0, limit=">= 1")
+        for base in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
+            _end_check(base, getattr(self, base), "memory_size", self.memory_size)
+
+
+_REGION_SIZE = MemoryRegion._FORMAT.size
+_TABLE_HEAD = struct.Struct("<II")
+
+
+@dataclass(frozen=True)
+class MemoryTable(Payload):
+    """VhostUserMemory: u32 nregions, u32 padding, then nregions regions.
+    QEMU sends only the regions in use (size 8 + 32 * nregions)."""
+
+    regions: tuple[MemoryRegion, ...]
+    padding: int = 0
+
+    def __post_init__(self) -> None:
+        regions = tuple(self.regions)
+        for r in regions:
+            if not isinstance(r, MemoryRegion):
+                raise ProtocolError("MemoryTable.regions holds a non-region",
+                                    field="regions", value=type(r).__name__)
+        object.__setattr__(self, "regions", regions)
+        object.__setattr__(self, "padding", _check_int(
+            "MemoryTable", "padding", self.padding, 32))
+        _check_int("MemoryTable", "nregions", len(regions), 32)
+
+    @property
+    def nregions(self) -> int:
+        return len(self.regions)
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        return n >= _TABLE_HEAD.size and (n - _TABLE_HEAD.size) % _REGION_SIZE == 0
+
+    @classmethod
+    def size_text(cls) -> str:
+        return f"{_TABLE_HEAD.size} + {_REGION_SIZE} * nregions"
+
+    def pack(self) -> bytes:
+        head = _TABLE_HEAD.pack(len(self.regions), self.padding)
+        return head + b"".join(r.pack() for r in self.regions)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "MemoryTable":
+        if len(data) < _TABLE_HEAD.size:
+            raise _size_error(cls, len(data), f">= {_TABLE_HEAD.size}")
+        nregions, padding = _TABLE_HEAD.unpack_from(data)
+        # QEMU: VHOST_MEMORY_BASELINE_NREGIONS regions at most (one fd each).
+        if nregions > VHOST_MEMORY_BASELINE_NREGIONS:
+            raise ProtocolError("too many memory regions", field="nregions",
+                                value=nregions,
+                                limit=VHOST_MEMORY_BASELINE_NREGIONS)
+        expected = _TABLE_HEAD.size + nregions * _REGION_SIZE
+        if len(data) != expected:
+            raise ProtocolError("payload size does not match nregions",
+                                field="size", value=len(data), limit=expected)
+        regions = tuple(
+            MemoryRegion.unpack(data[off:off + _REGION_SIZE])
+            for off in range(_TABLE_HEAD.size, expected, _REGION_SIZE))
+        table = cls(regions, padding)
+        table.validate()
+        return table
+
+    def validate(self) -> None:
+        if self.nregions > VHOST_MEMORY_BASELINE_NREGIONS:
+            raise ProtocolError("too many memory regions", field="nregions",
+                                value=self.nregions,
+                                limit=VHOST_MEMORY_BASELINE_NREGIONS)
+        spans = []
+        for r in self.regions:
+            r.validate()
+            spans.append((r.guest_phys_addr, r.guest_phys_addr + r.memory_size))
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            if start < end:
+                raise ProtocolError("guest memory regions overlap",
+                                    field="guest_phys_addr", value=start,
+                                    limit=end)
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"nregions": self.nregions,
+                               "regions": [r.fields() for r in self.regions]}
+        if self.padding:
+            out["padding"] = self.padding
+        return out
+
+
+_SINGLE_HEAD = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class SingleMemoryRegion(Payload):
+    """VhostUserMemRegMsg: u64 padding then one region (ADD/REM_MEM_REG)."""
+
+    region: MemoryRegion
+    padding: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.region, MemoryRegion):
+            raise ProtocolError("SingleMemoryRegion.region must be a MemoryRegion",
+                                field="region", value=type(self.region).__name__)
+        object.__setattr__(self, "padding", _check_int(
+            "SingleMemoryRegion", "padding", self.padding, 64))
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        return n == _SINGLE_HEAD.size + _REGION_SIZE
+
+    @classmethod
+    def size_text(cls) -> str:
+        return str(_SINGLE_HEAD.size + _REGION_SIZE)
+
+    def pack(self) -> bytes:
+        return _SINGLE_HEAD.pack(self.padding) + self.region.pack()
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "SingleMemoryRegion":
+        if not cls.accepts_size(len(data)):
+            raise _size_error(cls, len(data), _SINGLE_HEAD.size + _REGION_SIZE)
+        (padding,) = _SINGLE_HEAD.unpack_from(data)
+        return cls(MemoryRegion.unpack(data[_SINGLE_HEAD.size:]), padding)
+
+    def validate(self) -> None:
+        self.region.validate()
+
+    def fields(self) -> dict[str, Any]:
+        out = dict(self.region.fields())
+        if self.padding:
+            out["padding"] = self.padding
+        return out
+
+
+@dataclass(frozen=True)
+class LogArea(Payload):
+    """VhostUserLog: the dirty log is mmap_size bytes at mmap_offset in the
+    fd sent with SET_LOG_BASE. One bit per VHOST_LOG_PAGE of guest memory."""
+
+    mmap_size: int
+    mmap_offset: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQ")
+
+    def validate(self) -> None:
+        if self.mmap_size == 0:
+            raise ProtocolError("empty dirty log", field="mmap_size",
+                                value=0, limit=">= 1")
+        if self.mmap_size > MAX_AREA_SIZE:
+            raise ProtocolError("dirty log too large", field="mmap_size",
+                                value=self.mmap_size, limit=MAX_AREA_SIZE)
+        # DPDK CVE-2020-10722: offset + size wrapped around and passed the check.
+        _end_check("mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
+
+
+@dataclass(frozen=True)
+class IotlbMsg(Payload):
+    """struct vhost_iotlb_msg: u64 iova, size, uaddr; u8 perm, type; 6 bytes
+    of C padding (32 bytes in all)."""
+
+    iova: int
+    size: int
+    uaddr: int
+    perm: int
+    type: int
+    padding: int = 0
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQQBB")
+    _TAIL: ClassVar[int] = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "padding", _check_int(
+            "IotlbMsg", "padding", self.padding, 8 * self._TAIL))
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        return n == cls._FORMAT.size + cls._TAIL
+
+    @classmethod
+    def size_text(cls) -> str:
+        return str(cls._FORMAT.size + cls._TAIL)
+
+    def pack(self) -> bytes:
+        head = self._FORMAT.pack(self.iova, self.size, self.uaddr,
+                                 self.perm, self.type)
+        return head + self.padding.to_bytes(self._TAIL, "little")
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "IotlbMsg":
+        if not cls.accepts_size(len(data)):
+            raise _size_error(cls, len(data), cls._FORMAT.size + cls._TAIL)
+        head = cls._FORMAT.unpack_from(data)
+        pad = int.from_bytes(data[cls._FORMAT.size:], "little")
+        msg = cls(*head, padding=pad)
+        msg.validate()
+        return msg
+
+    def validate(self) -> None:
+        if not VHOST_IOTLB_MISS <= self.type <= VHOST_IOTLB_ACCESS_FAIL:
+            raise ProtocolError("unknown IOTLB message type", field="type",
+                                value=self.type, limit=VHOST_IOTLB_ACCESS_FAIL)
+        if self.perm > VHOST_ACCESS_RW:
+            raise ProtocolError("unknown IOTLB permission bits", field="perm",
+                                value=self.perm, limit=VHOST_ACCESS_RW)
+        _end_check("iova", self.iova, "size", self.size)
+        _end_check("uaddr", self.uaddr, "size", self.size)
+
+
+_CONFIG_HEAD = struct.Struct("<III")
+
+
+@dataclass(frozen=True)
+class ConfigSpace(Payload):
+    """VhostUserConfig: u32 offset, size, flags, then ``size`` bytes of the
+    device's config space (at most VHOST_USER_MAX_CONFIG_SIZE)."""
+
+    offset: int
+    size: int
+    flags: int
+    payload: bytes = b""
+
+    def __post_init__(self) -> None:
+        for name in ("offset", "size", "flags"):
+            object.__setattr__(self, name, _check_int(
+                "ConfigSpace", name, getattr(self, name), 32))
+        object.__setattr__(self, "payload", _check_bytes(
+            "ConfigSpace", "payload", self.payload))
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        return _CONFIG_HEAD.size <= n <= _CONFIG_HEAD.size + VHOST_USER_MAX_CONFIG_SIZE
+
+    @classmethod
+    def size_text(cls) -> str:
+        return f"{_CONFIG_HEAD.size} + size (size <= {VHOST_USER_MAX_CONFIG_SIZE})"
+
+    def pack(self) -> bytes:
+        return _CONFIG_HEAD.pack(self.offset, self.size, self.flags) + self.payload
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ConfigSpace":
+        if len(data) < _CONFIG_HEAD.size:
+            raise _size_error(cls, len(data), f">= {_CONFIG_HEAD.size}")
+        offset, size, flags = _CONFIG_HEAD.unpack_from(data)
+        config = cls(offset, size, flags, data[_CONFIG_HEAD.size:])
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise ProtocolError("config access too large", field="size",
+                                value=self.size, limit=VHOST_USER_MAX_CONFIG_SIZE)
+        if self.size != len(self.payload):
+            raise ProtocolError("config size does not match the bytes carried",
+                                field="size", value=self.size,
+                                limit=len(self.payload))
+        if self.offset + self.size > VHOST_USER_MAX_CONFIG_SIZE:
+            raise ProtocolError("config access runs past the config space",
+                                field="offset", value=self.offset,
+                                limit=VHOST_USER_MAX_CONFIG_SIZE - self.size)
+
+
+_CRYPTO_HEAD = struct.Struct("<Q")
+_CRYPTO_TAIL = struct.Struct("<q")
+
+
+@dataclass(frozen=True)
+class CryptoSession(Payload):
+    """VhostUserCryptoSession: u64 op_code, the session set-up union (kept as
+    raw bytes: its size differs between QEMU versions), s64 session_id."""
+
+    op_code: int
+    body: bytes
+    session_id: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op_code", _check_int(
+            "CryptoSession", "op_code", self.op_code, 64))
+        object.__setattr__(self, "body", _check_bytes(
+            "CryptoSession", "body", self.body))
+        object.__setattr__(self, "session_id", _check_int(
+            "CryptoSession", "session_id", self.session_id, 64, signed=True))
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        return _CRYPTO_HEAD.size + _CRYPTO_TAIL.size <= n <= MAX_PAYLOAD_SIZE
+
+    @classmethod
+    def size_text(cls) -> str:
+        return f"{_CRYPTO_HEAD.size + _CRYPTO_TAIL.size}..{MAX_PAYLOAD_SIZE}"
+
+    def pack(self) -> bytes:
+        return (_CRYPTO_HEAD.pack(self.op_code) + self.body
+                + _CRYPTO_TAIL.pack(self.session_id))
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "CryptoSession":
+        if not cls.accepts_size(len(data)):
+            raise _size_error(cls, len(data),
+                              f"{_CRYPTO_HEAD.size + _CRYPTO_TAIL.size}..{MAX_PAYLOAD_SIZE}")
+        (op_code,) = _CRYPTO_HEAD.unpack_from(data)
+        (session_id,) = _CRYPTO_TAIL.unpack_from(data, len(data) - _CRYPTO_TAIL.size)
+        return cls(op_code, data[_CRYPTO_HEAD.size:len(data) - _CRYPTO_TAIL.size],
+                   session_id)
+
+    def fields(self) -> dict[str, Any]:
+        return {"op_code": self.op_code, "body_size": len(self.body),
+                "session_id": self.session_id}
+
+
+@dataclass(frozen=True)
+class InflightArea(Payload):
+    """VhostUserInflight: u64 mmap_size, mmap_offset; u16 num_queues,
+    queue_size; 4 bytes of C padding (24 bytes in all)."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    padding: int = 0
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQHHI")
+
+    def validate(self) -> None:
+        if self.mmap_size > MAX_AREA_SIZE:
+            raise ProtocolError("inflight area too large", field="mmap_size",
+                                value=self.mmap_size, limit=MAX_AREA_SIZE)
+        _end_check("mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
+
+
+@dataclass(frozen=True)
+class VringArea(Payload):
+    """VhostUserVringArea (back-end VRING_HOST_NOTIFIER_MSG): u64 holds the
+    vring index and the no-fd bit; size and offset locate the area in the fd."""
+
+    u64: int
+    size: int
+    offset: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQQ")
+
+    def validate(self) -> None:
+        if self.u64 & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            raise ProtocolError("unknown bits beside the vring index",
+                                field="u64", value=self.u64,
+                                limit=VRING_IDX_MASK | VRING_NOFD_MASK)
+        if self.size > MAX_AREA_SIZE:
+            raise ProtocolError("host notifier area too large", field="size",
+                                value=self.size, limit=MAX_AREA_SIZE)
+        _end_check("offset", self.offset, "size", self.size)
+
+
+@dataclass(frozen=True)
+class SharedObject(Payload):
+    """VhostUserShared: the 16-byte UUID of a virtio shared object."""
+
+    uuid: bytes
+
+    def __post_init__(self) -> None:
+        uuid = _check_bytes("SharedObject", "uuid", self.uuid)
+        if len(uuid) != 16:
+            raise ProtocolError("a UUID is 16 bytes", field="uuid",
+                                value=len(uuid), limit=16)
+        object.__setattr__(self, "uuid", uuid)
+
+    @classmethod
+    def accepts_size(cls, n: int) -> bool:
+        return n == 16
+
+    @classmethod
+    def size_text(cls) -> str:
+        return "16"
+
+    def pack(self) -> bytes:
+        return self.uuid
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "SharedObject":
+        if len(data) != 16:
+            raise _size_error(cls, len(data), 16)
+        return cls(bytes(data))
