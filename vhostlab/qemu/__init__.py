@@ -1,0 +1,78 @@
+"""A real QEMU as the vhost front-end: launcher, qtest guest driver, QMP.
+
+QEMU runs with TCG and a halt firmware (no guest OS, no KVM); the test
+process plays the guest's virtio-net driver over qtest and steers QEMU over
+QMP. See :mod:`.launcher` for the command line and the clean-up rules,
+:mod:`.guest` for the driver, :mod:`.qmp` for how QMP works inside a notebook.
+
+Typical use::
+
+    from vhostlab.qemu import QemuInstance, vhost_user_netdev
+
+    with QemuInstance(vhost_user_netdev("/path/to/backend.sock")) as q:
+        guest = q.guest()                  # legacy virtio-net, DRIVER_OK
+        guest.post_rx_buffers()
+        guest.transmit([frame])
+        q.qmp.query_status()
+"""
+from .errors import (
+    GuestDriverError,
+    QemuError,
+    QemuExitedError,
+    QemuNotFoundError,
+    QemuStartError,
+    QmpCommandError,
+    QmpConnectionError,
+    QmpError,
+    QTestConnectionError,
+    QTestError,
+)
+from .guest import (
+    DEFAULT_FEATURES,
+    RX_QUEUE,
+    SUPPORTED_FEATURES,
+    TX_QUEUE,
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_NOTIFY_ON_EMPTY,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_RING_F_EVENT_IDX,
+    RingState,
+    UsedElem,
+    VirtioNetGuest,
+)
+from .launcher import (
+    DEFAULT_MAC,
+    DEFAULT_RAM_SIZE,
+    NetdevSpec,
+    QemuInfo,
+    QemuInstance,
+    dgram_netdev,
+    find_qemu,
+    halt_firmware,
+    require_qemu,
+    sweep_stale_workdirs,
+    udp_socket_netdev,
+    vhost_user_netdev,
+)
+from .qmp import QMP, QmpEvent
+from .qtest import QTest, QTestServer
+
+__all__ = [
+    # launcher
+    "QemuInstance", "QemuInfo", "find_qemu", "require_qemu", "halt_firmware",
+    "NetdevSpec", "vhost_user_netdev", "dgram_netdev", "udp_socket_netdev",
+    "sweep_stale_workdirs", "DEFAULT_RAM_SIZE", "DEFAULT_MAC",
+    # control channels
+    "QTest", "QTestServer", "QMP", "QmpEvent",
+    # guest driver
+    "VirtioNetGuest", "RingState", "UsedElem",
+    "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
+    "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
+    "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",
+    # errors
+    "QemuError", "QemuNotFoundError", "QemuStartError", "QemuExitedError",
+    "QTestError", "QTestConnectionError", "QmpError", "QmpCommandError",
+    "QmpConnectionError", "GuestDriverError",
+]
