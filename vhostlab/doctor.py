@@ -55,17 +55,16 @@ def _version(module: str) -> str:
 
 
 def qemu_info() -> dict | None:
-    """Path and version of the QEMU the labs would start, or None."""
-    path = os.environ.get("VHOSTLAB_QEMU") or shutil.which("qemu-system-x86_64")
-    if not path:
-        return None
+    """Path, version and usability of the QEMU the labs would start, or None."""
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"path": path, "version": None, "error": str(exc)}
-    first = out.splitlines()[0] if out else ""
-    version = first.split("version", 1)[1].split()[0] if "version" in first else None
-    return {"path": path, "version": version}
+        from vhostlab.qemu import find_qemu
+        info = find_qemu()
+    except Exception as exc:  # a broken layer below is what doctor is for
+        return {"path": None, "version": None, "usable": False, "problems": [repr(exc)]}
+    if info is None:
+        return None
+    return {"path": info.path, "version": info.version_string, "usable": info.usable,
+            "problems": list(info.problems)}
 
 
 def check_memfd() -> Check:
@@ -124,21 +123,28 @@ def _device(path: str, why: str) -> Check:
                  "" if present else "not needed: the labs run on TCG and a userspace back-end")
 
 
+def _qemu_check(qemu: dict | None) -> Check:
+    if qemu is None:
+        return Check("qemu", False, "not found", f"labs use the built-in front-end; for real QEMU: {APT_QEMU}")
+    if not qemu["usable"]:
+        return Check("qemu", False, f"{qemu['path']}: " + "; ".join(qemu["problems"]),
+                     f"labs use the built-in front-end; a QEMU >= 7.2 with memfd: {APT_QEMU}")
+    return Check("qemu", True, f"{qemu['path']} {qemu['version']}")
+
+
 def choose_frontend(qemu: dict | None) -> str:
     """Which front-end the labs use: VHOSTLAB_FRONTEND wins, else real QEMU when present."""
     forced = os.environ.get("VHOSTLAB_FRONTEND", "auto")
     if forced in ("qemu", "builtin"):
         return forced
-    return "qemu" if qemu and qemu.get("version") else "builtin"
+    return "qemu" if qemu and qemu.get("usable") else "builtin"
 
 
 def collect() -> Report:
     qemu = qemu_info()
     testpmd = os.environ.get("VHOSTLAB_DPDK") or shutil.which("dpdk-testpmd")
     checks = [check_memfd(), check_eventfd(), check_fd_passing(),
-              Check("qemu", qemu is not None,
-                    f"{qemu['path']} {qemu.get('version')}" if qemu else "not found",
-                    "" if qemu else f"labs use the built-in front-end; for real QEMU: {APT_QEMU}"),
+              _qemu_check(qemu),
               Check("dpdk-testpmd", testpmd is not None, testpmd or "not found",
                     "" if testpmd else f"only the DPDK tests and `bench --peer dpdk` need it: {APT_DPDK}"),
               _device("/dev/kvm", "KVM acceleration (unused: QEMU runs with TCG)"),
