@@ -1,0 +1,412 @@
+"""The back-end over a real socket: QEMU's start-up, frames both ways, GET_VRING_BASE,
+dirty logging, REPLY_ACK, refused requests and malformed messages."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from test_backend_scripted import RING_NUM, ReplyTimeout, ScriptedFrontend
+from vhostlab.backend import BackendServer
+from vhostlab.dirtylog import DirtyLog
+from vhostlab.protocol import (ConfigSpace, Feature, IotlbMsg, ProtocolFeature, Request, U64,
+                               VringState)
+from vhostlab.ring import VirtqueueDriver
+
+HDR = 12                        # VERSION_1 is acked: 12-byte virtio-net header
+TX_BUF_GPA = 0x2000000
+RX_BUF_GPA = 0x3000000
+RX_BUF_SIZE = 2048
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def open_fds() -> set[str]:
+    """This process's open fds (without the one listdir itself used)."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{fd}")
+            fds.add(fd)
+        except OSError:
+            pass
+    return fds
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    servers = []
+
+    def make(**kwargs) -> BackendServer:
+        d = tmp_path / f"s{len(servers)}"
+        d.mkdir(mode=0o700)
+        srv = BackendServer(str(d / "vu.sock"), **kwargs).start()
+        servers.append(srv)
+        return srv
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+class Guest:
+    """The guest's half: drivers for RX (vring 0) and TX (vring 1) over the front-end's RAM."""
+
+    def __init__(self, fe: ScriptedFrontend, pairs: int = 1):
+        self.fe = fe
+        self.drivers = [VirtqueueDriver(fe.memory, RING_NUM, fe.ring_gpas(i)[0])
+                        for i in range(2 * pairs)]
+        self.info = fe.start(queue_pairs=pairs)
+        fe.sync()
+        self.kick = {i: k for i, (k, c) in self.info["rings"].items()}
+        self.call = {i: c for i, (k, c) in self.info["rings"].items()}
+
+    def post_rx(self, n: int, pair: int = 0) -> None:
+        drv = self.drivers[2 * pair]
+        for i in range(n):
+            drv.add_buffer([(RX_BUF_GPA + pair * 0x400000 + i * 4096, RX_BUF_SIZE, True)])
+        drv.publish()
+        os.eventfd_write(self.kick[2 * pair], 1)
+
+    def transmit(self, frames: list[bytes], pair: int = 0) -> None:
+        drv = self.drivers[2 * pair + 1]
+        for i, frame in enumerate(frames):
+            gpa = TX_BUF_GPA + pair * 0x400000 + (drv.avail_idx % RING_NUM) * 4096
+            self.fe.memory.write(gpa, bytes(HDR) + frame)
+            drv.add_buffer([(gpa, HDR + len(frame), False)])
+        drv.publish()
+        os.eventfd_write(self.kick[2 * pair + 1], 1)
+
+    def receive(self, pair: int = 0) -> list[bytes]:
+        drv = self.drivers[2 * pair]
+        out = []
+        for head, length in drv.get_used():
+            data = self.fe.memory.read(RX_BUF_GPA + pair * 0x400000 + head * 4096, length)
+            out.append(data[HDR:])
+        return out
+
+
+def frames_of(n: int, size: int = 60) -> list[bytes]:
+    return [struct.pack("<I", i) + bytes([i % 251]) * (size - 4) for i in range(n)]
+
+
+# -- start-up ------------------------------------------------------------------------
+def test_qemu_start_up_sequence_configures_the_device(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+        assert wait_until(lambda: all(v.started and v.enabled for v in srv.snapshot().vrings))
+        snap = srv.snapshot()
+        assert snap.features == guest.info["acked"]
+        assert "VIRTIO_F_VERSION_1" in snap.feature_names and snap.hdr_len == 12
+        assert [(r.guest_phys_addr, r.memory_size) for r in snap.memory] == \
+            [(0x0, 0xC0000), (0xE0000, 0x10000), (0x100000, (64 << 20) - 0x100000)]
+        for v in snap.vrings:
+            desc, avail, used = fe.ring_gpas(v.index)
+            assert (v.desc, v.avail, v.used, v.num) == (desc, avail, used, RING_NUM)
+            assert v.kick and v.call and v.err and v.error is None
+        # SET_MEM_TABLE was sent with need_reply: the REPLY_ACK said success.
+        acks = [r for r in fe.replies if r.request is Request.SET_MEM_TABLE]
+        assert len(acks) == 1 and acks[0].payload.value == 0 and acks[0].flags == 0x5
+        names = [r.request for r in snap.trace if r.direction == "in"]
+        assert names[:5] == ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
+                             "SET_OWNER", "GET_FEATURES"]
+        out = [r for r in snap.trace if r.direction == "out"]
+        assert all(r.fields["flags"] == 0x5 for r in out)
+        mem = next(r for r in snap.trace if r.request == "SET_MEM_TABLE")
+        assert mem.nfds == 3 and mem.fields["payload"]["nregions"] == 3
+        assert mem.raw[:12] == struct.pack("<III", 5, 0x9, 8 + 3 * 32)
+
+
+def test_rings_stay_disabled_until_set_vring_enable(make_server):
+    srv = make_server(wire="loopback")
+    with ScriptedFrontend(srv.socket_path) as fe:
+        drivers = [VirtqueueDriver(fe.memory, RING_NUM, fe.ring_gpas(i)[0]) for i in range(2)]
+        _, acked = fe.negotiate()
+        fe.send(Request.SET_FEATURES, acked)
+        fe.set_mem_table()
+        kick_rx, _ = fe.start_ring(0)
+        kick_tx, _ = fe.start_ring(1)
+        fe.sync()
+        vr = srv.snapshot().vrings
+        assert vr[0].started and not vr[0].enabled
+        # "started but disabled": TX is taken and dropped, RX gets nothing.
+        drivers[0].add_buffer([(RX_BUF_GPA, RX_BUF_SIZE, True)])
+        drivers[0].publish()
+        fe.memory.write(TX_BUF_GPA, bytes(HDR) + b"x" * 60)
+        drivers[1].add_buffer([(TX_BUF_GPA, HDR + 60, False)])
+        drivers[1].publish()
+        os.eventfd_write(kick_tx, 1)
+        assert wait_until(lambda: drivers[1].get_used() == [(0, 0)])
+        c = srv.snapshot().counters
+        assert c["guest_tx_frames"] == 1 and c["dropped"] == 1 and c["guest_rx_frames"] == 0
+        fe.send(Request.SET_VRING_ENABLE, VringState(0, 1))
+        fe.send(Request.SET_VRING_ENABLE, VringState(1, 1))
+        fe.sync()
+        srv.inject([b"y" * 60])
+        assert wait_until(lambda: srv.snapshot().counters["guest_rx_frames"] == 1)
+
+
+# -- frames --------------------------------------------------------------------------
+def test_frames_both_ways_through_the_rings(make_server):
+    srv = make_server(wire="loopback")
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+        guest.post_rx(64)
+        sent = frames_of(40, 60) + frames_of(10, 1500)
+        guest.transmit(sent)
+        got: list[bytes] = []
+        assert wait_until(lambda: got.extend(guest.receive()) or len(got) == len(sent))
+        assert got == sent                             # byte for byte, in order
+        c = srv.snapshot().counters
+        assert c["guest_tx_frames"] == c["guest_rx_frames"] == len(sent)
+        assert c["guest_tx_bytes"] == c["guest_rx_bytes"] == sum(map(len, sent))
+        assert c["calls"] >= 1 and c["dropped"] == 0
+        # The call eventfd was signalled for the used entries.
+        assert os.eventfd_read(guest.call[0]) >= 1
+
+
+def test_inject_waits_for_rx_buffers_then_delivers(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+        frames = frames_of(5, 100)
+        assert srv.inject(frames) == 5
+        time.sleep(0.05)
+        assert guest.receive() == []                   # no buffers posted yet
+        guest.post_rx(8)
+        got: list[bytes] = []
+        assert wait_until(lambda: got.extend(guest.receive()) or len(got) == 5)
+        assert got == frames
+
+
+def test_get_vring_base_returns_last_avail_idx_and_stops_the_ring(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+        guest.transmit(frames_of(7))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 7)
+        reply = fe.send(Request.GET_VRING_BASE, VringState(1, 0))
+        assert reply.payload == VringState(1, 7)
+        assert not srv.snapshot().vrings[1].started
+        guest.transmit(frames_of(3))                   # kicks on a stopped ring
+        time.sleep(0.1)
+        assert srv.snapshot().counters["guest_tx_frames"] == 7
+        # The destination's SET_VRING_BASE resumes from there.
+        kick, _ = fe.start_ring(1, base=7)
+        os.eventfd_write(kick, 1)
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 10)
+        assert fe.send(Request.GET_VRING_BASE, VringState(1, 0)).payload.num == 10
+
+
+def test_dirty_log_sees_rx_writes_and_used_ring(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe, DirtyLog.allocate(fe.memory) as log:
+        guest = Guest(fe)
+        fe.start_logging(log.fd, log.size, guest.info["acked"])
+        snap = srv.snapshot()
+        assert snap.logging and all(v.log_used for v in snap.vrings)
+        log.sync()                                     # start the round clean
+        guest.post_rx(4)
+        srv.inject(frames_of(3, 1000))
+        assert wait_until(lambda: srv.snapshot().counters["guest_rx_frames"] == 3)
+        dirty = set(log.sync().tolist())
+        buffers = {(RX_BUF_GPA + i * 4096) // 4096 for i in range(3)}
+        used_page = fe.ring_gpas(0)[2] // 4096
+        assert buffers <= dirty, "every RX buffer written must be logged"
+        assert used_page in dirty, "the used ring is logged at log_guest_addr"
+        assert (RX_BUF_GPA + 3 * 4096) // 4096 not in dirty, "an unused buffer was logged"
+        assert srv.snapshot().counters["pages_logged"] >= 4
+
+
+def test_break_logging_skips_the_log(make_server):
+    srv = make_server(break_logging=True)
+    with ScriptedFrontend(srv.socket_path) as fe, DirtyLog.allocate(fe.memory) as log:
+        guest = Guest(fe)
+        fe.start_logging(log.fd, log.size, guest.info["acked"])
+        guest.post_rx(2)
+        srv.inject(frames_of(2, 500))
+        assert wait_until(lambda: srv.snapshot().counters["guest_rx_frames"] == 2)
+        assert log.popcount() == 0
+
+
+# -- REPLY_ACK and refused requests --------------------------------------------------
+def test_reply_ack_carries_failure_as_non_zero_and_the_connection_lives(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        ok = fe.send(Request.SET_VRING_NUM, VringState(0, 256), need_reply=True)
+        assert ok.payload.value == 0
+        bad = fe.send(Request.SET_VRING_NUM, VringState(9, 256), need_reply=True)
+        assert bad.payload.value != 0
+        bad = fe.send(Request.SET_VRING_NUM, VringState(0, 100), need_reply=True)
+        assert bad.payload.value != 0                  # not a power of 2
+        assert fe.send(Request.GET_FEATURES).payload.value     # still served
+        errors = srv.snapshot().counters["errors"]
+        assert any("SET_VRING_NUM" in e and "index=9" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("request_id, payload, fds, owner", [
+    (Request.GPU_SET_SOCKET, None, 1, "vhost-user-gpu"),
+    (Request.SET_VRING_ENDIAN, VringState(0, 1), 0, "CROSS_ENDIAN"),
+    (Request.POSTCOPY_LISTEN, None, 0, "PAGEFAULT"),
+    (Request.SET_BACKEND_REQ_FD, None, 1, "BACKEND_REQ"),
+])
+def test_requests_for_other_devices_or_unoffered_features(make_server, request_id, payload,
+                                                          fds, owner):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        before = open_fds()
+        efds = [fe.eventfd() for _ in range(fds)]
+        # With need_reply under REPLY_ACK: a non-zero status, and the fd closed.
+        reply = fe.send(request_id, payload, fds=efds, need_reply=True)
+        assert reply.payload.value != 0
+        assert wait_until(lambda: open_fds() - before <= {str(fd) for fd in efds})
+        assert any(owner in e for e in srv.snapshot().counters["errors"])
+        # Without need_reply there is no way to say no: the connection is closed.
+        fe.send(request_id, payload, fds=efds)
+        assert fe.closed_by_peer()
+        assert any("closed" in e and request_id.name in e
+                   for e in srv.snapshot().counters["errors"])
+
+
+def test_requests_with_their_own_failure_reply(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        cfg = fe.send(Request.GET_CONFIG, ConfigSpace(0, 6, 0, bytes(6)))
+        assert cfg.payload.payload == bytes.fromhex("525400abcdef")
+        # "back-end uses zero length of payload to indicate an error"
+        bad = fe.send(Request.GET_CONFIG, ConfigSpace(20, 8, 0, bytes(8)))
+        assert bad.payload is None and bad.size == 0
+        iotlb = fe.send(Request.IOTLB_MSG, IotlbMsg(0x1000, 0x1000, 0x1000, 3, 2))
+        assert iotlb.payload.value != 0
+        assert fe.send(Request.GET_QUEUE_NUM).payload.value == 1
+        assert fe.send(Request.GET_MAX_MEM_SLOTS).payload.value == 32
+        fe.send(Request.SET_STATUS, 0xF)
+        assert fe.send(Request.GET_STATUS).payload.value == 0xF
+
+
+def test_set_config_only_writes_the_mac_outside_migration(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        mac = bytes.fromhex("020000000001")
+        assert fe.send(Request.SET_CONFIG, ConfigSpace(0, 6, 0, mac),
+                       need_reply=True).payload.value == 0
+        assert srv.snapshot().mac == "02:00:00:00:00:01"
+        mtu = struct.pack("<H", 9000)
+        assert fe.send(Request.SET_CONFIG, ConfigSpace(10, 2, 0, mtu),
+                       need_reply=True).payload.value != 0
+        assert fe.send(Request.SET_CONFIG, ConfigSpace(10, 2, 1, mtu),
+                       need_reply=True).payload.value == 0
+        assert srv.snapshot().mtu == 9000
+        assert fe.send(Request.NET_SET_MTU, 40, need_reply=True).payload.value != 0
+        assert fe.send(Request.NET_SET_MTU, 1400, need_reply=True).payload.value == 0
+
+
+def test_send_rarp_puts_a_rarp_frame_on_the_wire(make_server, tmp_path):
+    from vhostlab.backend import read_pcap
+    pcap = tmp_path / "w.pcap"
+    srv = make_server(wire=f"pcap:{pcap}")
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        mac = bytes.fromhex("525400123456")
+        fe.send(Request.SEND_RARP, int.from_bytes(mac + b"\0\0", "little"), need_reply=True)
+    srv.stop()
+    (frame,) = read_pcap(str(pcap))
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac
+    assert frame[12:14] == b"\x80\x35" and frame[20:22] == b"\x00\x03"   # RARP, op 3
+    assert frame[22:28] == mac and frame[32:38] == mac
+
+
+# -- malformed input -----------------------------------------------------------------
+def test_malformed_message_closes_only_that_connection_and_its_fds(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        before = open_fds()
+        memfd = os.memfd_create("bad")
+        os.ftruncate(memfd, 1 << 20)
+        # SET_MEM_TABLE claiming 2 regions, carrying 1 fd: the fd must still be closed.
+        bad = struct.pack("<III", 5, 1, 8 + 64) + struct.pack("<II", 2, 0) + bytes(64)
+        fe.send_raw(bad, fds=[memfd])
+        os.close(memfd)
+        assert fe.closed_by_peer()
+    assert wait_until(lambda: open_fds() <= before)
+    errors = srv.snapshot().counters["errors"]
+    assert any("SET_MEM_TABLE" in e for e in errors), errors
+    bad_rec = [r for r in srv.snapshot().trace if r.error]
+    assert bad_rec and bad_rec[-1].request == "SET_MEM_TABLE" and bad_rec[-1].nfds == 1
+    with ScriptedFrontend(srv.socket_path) as fe:       # the next front-end is served
+        fe.negotiate()
+
+
+@pytest.mark.parametrize("raw", [
+    struct.pack("<III", 99, 1, 0),                      # unknown request id
+    struct.pack("<III", 1, 2, 0),                       # version bits 2
+    struct.pack("<III", 8, 1, 4) + bytes(4),            # SET_VRING_NUM payload too short
+    struct.pack("<III", 2, 1, 0x7FFFFFFF),              # absurd size
+    struct.pack("<III", 1, 5, 0),                       # a reply sent to the back-end
+])
+def test_garbage_closes_the_connection_with_a_named_error(make_server, raw):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.send_raw(raw)
+        assert fe.closed_by_peer()
+    assert wait_until(lambda: len(srv.snapshot().counters["errors"]) == 1)
+    (error,) = srv.snapshot().counters["errors"]
+    assert "closed" in error and ("request" in error or "flags" in error or "size" in error)
+
+
+def test_offsets_past_a_mapping_are_refused(make_server):
+    from vhostlab.protocol import MemoryRegion, MemoryTable
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        (region, fd), = [x for x in fe.memory.memory_table() if x[0].memory_size > 1 << 20]
+        past = MemoryRegion(0x100000, region.memory_size, region.userspace_addr,
+                            region.mmap_offset + 0x1000)     # runs past the memfd
+        reply = fe.send(Request.SET_MEM_TABLE, MemoryTable((past,)), fds=[fd], need_reply=True)
+        assert reply.payload.value != 0
+        assert srv.snapshot().memory == ()
+        assert any("exceeds the file size" in e for e in srv.snapshot().counters["errors"])
+        # A vring address outside every region: refused, ring not mapped.
+        fe.set_mem_table()
+        fe.send(Request.SET_VRING_NUM, VringState(0, 256))
+        addr = fe.vring_addr(0)
+        from dataclasses import replace
+        reply = fe.send(Request.SET_VRING_ADDR, replace(addr, used_user_addr=0x10),
+                        need_reply=True)
+        assert reply.payload.value != 0 and srv.snapshot().vrings[0].desc is None
+
+
+def test_hostile_guest_breaks_only_its_ring(make_server):
+    srv = make_server(wire="loopback")
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+        tx = guest.drivers[1]
+        tx.add_buffer([(0x7FFFFFF000, 64, False)])         # far outside guest RAM
+        tx.publish()
+        os.eventfd_write(guest.kick[1], 1)
+        assert wait_until(lambda: srv.snapshot().vrings[1].error is not None)
+        snap = srv.snapshot()
+        assert "addr" in snap.vrings[1].error and "queue 1" in snap.vrings[1].error
+        assert os.eventfd_read(fe.eventfds[3]) >= 1         # queue 1's err eventfd
+        # RX still works, and the control plane still answers.
+        guest.post_rx(1)
+        srv.inject([b"z" * 64])
+        got: list[bytes] = []
+        assert wait_until(lambda: got.extend(guest.receive()) or got == [b"z" * 64])
+        assert fe.send(Request.GET_VRING_BASE, VringState(1, 0)).payload.num == 0

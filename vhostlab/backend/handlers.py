@@ -1,0 +1,536 @@
+"""One handler per vhost-user request, dispatched from one table keyed by request id.
+
+Every handler has the same signature, `handler(dev, msg, fds) -> reply payload | None`,
+and starts with the same checks through the helpers below: feature gate
+(`_gate`), queue index (`_vring`), fd count (`_fd_count`), payload type
+(`_payload`). A refused request raises `RequestError` naming the request,
+the field, the value and the limit; `dispatch` then answers the way the
+spec says (vhost-user.rst "VHOST_USER_PROTOCOL_F_REPLY_ACK": "The payload
+should be set to zero on success or non-zero on failure").
+
+Fds: `fds` is an `FdBag`; a handler `take`s the fds it keeps, and every
+fd not taken is closed after the handler returns, whether it succeeded
+or not (DPDK CVE-2019-14818 leaked them on error paths).
+
+Semantics follow QEMU's subprojects/libvhost-user/libvhost-user.c and the
+spec, with the index checks libvhost-user forgets in a few handlers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from vhostlab.backend import rings
+from vhostlab.backend.device import (MAX_MTU, MIN_MTU, NET_CONFIG, NET_CONFIG_MAC,
+                                     VIRTQUEUE_MAX_SIZE, VhostUserNetDevice, Vring,
+                                     set_nonblocking)
+from vhostlab.backend.errors import RequestError
+from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
+from vhostlab.backend.wire import rarp_frame
+from vhostlab.memory import (VHOST_USER_MAX_RAM_SLOTS, GuestMemory, GuestMemoryError,
+                             MemoryRegion)
+from vhostlab.ring import FrameArena
+from vhostlab.protocol import (ConfigSpace, CryptoSession, Feature, LogArea, MemoryTable,
+                               Message, ProtocolFeature, Request, SingleMemoryRegion, U64,
+                               VringAddr, VringState)
+
+# SET_CONFIG flags (vhost-user.rst "Virtio device config space").
+VHOST_SET_CONFIG_TYPE_FRONTEND = 0
+VHOST_SET_CONFIG_TYPE_MIGRATION = 1
+
+
+class FdBag:
+    """The fds that came with one message; whatever a handler does not take is closed."""
+
+    def __init__(self, fds: tuple[int, ...]):
+        self._fds = list(fds)
+        self._kept: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def take(self, i: int = 0) -> int:
+        fd = self._fds[i]
+        self._kept.add(i)
+        return fd
+
+    def peek(self, i: int = 0) -> int:
+        return self._fds[i]
+
+    def close_rest(self) -> None:
+        close_fds(fd for i, fd in enumerate(self._fds) if i not in self._kept)
+        self._fds, self._kept = [], set()
+
+
+Handler = Callable[[VhostUserNetDevice, Message, FdBag], object]
+
+
+# -- shared checks -------------------------------------------------------------------
+def _refuse(msg: Message, field: str, value: object, limit: object, why: str = "") -> RequestError:
+    return RequestError(msg.request.name, field, value, limit, why)
+
+
+def _payload(msg: Message, kind: type):
+    if not isinstance(msg.payload, kind):
+        raise _refuse(msg, "payload", type(msg.payload).__name__, kind.__name__)
+    return msg.payload
+
+
+def _fd_count(msg: Message, fds: FdBag, low: int, high: int | None = None) -> None:
+    high = low if high is None else high
+    if not low <= len(fds) <= high:
+        raise _refuse(msg, "fds", len(fds), low if low == high else f"{low}..{high}")
+
+
+def _gate(dev: VhostUserNetDevice, msg: Message, bit: ProtocolFeature) -> None:
+    """The feature gate: the request is legal only once `bit` is negotiated."""
+    if not dev.has_protocol_feature(bit):
+        offered = "offered but not negotiated" if dev.offered_protocol_features & bit \
+            else "not offered by this net back-end"
+        raise _refuse(msg, "protocol_features", dev.protocol_features, f"needs {bit.name}",
+                      f"{bit.name} is {offered}")
+
+
+def _vring(dev: VhostUserNetDevice, msg: Message, index: int) -> Vring:
+    """The queue index check every per-ring handler starts with."""
+    if not 0 <= index < len(dev.vrings):
+        raise _refuse(msg, "index", index, f"< {len(dev.vrings)} "
+                      f"({dev.queue_pairs} queue pair(s))")
+    return dev.vrings[index]
+
+
+def _eventfd(msg: Message, fds: FdBag) -> int:
+    fd = fds.peek(0)
+    if not is_eventfd(fd):
+        raise _refuse(msg, "fd", describe_fd(fd), "an eventfd")
+    set_nonblocking(fd)
+    return fds.take(0)
+
+
+def _vring_file(dev: VhostUserNetDevice, msg: Message, fds: FdBag) -> tuple[Vring, int]:
+    """SET_VRING_KICK/CALL/ERR: "Bits (0-7) of the payload contain the vring index.
+    Bit 8 is the invalid FD flag." Returns the vring and the eventfd (-1: none)."""
+    word = _payload(msg, U64)
+    vring = _vring(dev, msg, word.vring_index)
+    _fd_count(msg, fds, 0 if word.vring_nofd else 1)
+    return vring, (-1 if word.vring_nofd else _eventfd(msg, fds))
+
+
+def _not_for_net(dev: VhostUserNetDevice, msg: Message, fds: FdBag, owner: str) -> None:
+    raise _refuse(msg, "request", int(msg.request), "net device requests",
+                  f"{msg.request.name} belongs to {owner}; this is a vhost-user-net back-end")
+
+
+def _refuse_stopped_only(msg: Message, vring: Vring) -> None:
+    if vring.started:
+        raise _refuse(msg, "index", vring.index, "a stopped ring",
+                      "ring is started; stop it with GET_VRING_BASE first")
+
+
+# -- features and ownership ----------------------------------------------------------
+def get_features(dev, msg, fds):
+    return U64(dev.offered_features)
+
+
+def set_features(dev, msg, fds):
+    value = _payload(msg, U64).value
+    extra = value & ~dev.offered_features
+    if extra:
+        raise _refuse(msg, "u64", value, hex(dev.offered_features),
+                      f"bits {hex(extra)} were not offered")
+    dev.features = value
+    if not value & Feature.VHOST_USER_F_PROTOCOL_FEATURES:
+        # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring
+        # starts directly in the enabled state."
+        for vring in dev.vrings:
+            vring.enabled = True
+    rings.apply_features(dev)
+    return None
+
+
+def get_protocol_features(dev, msg, fds):
+    return U64(dev.offered_protocol_features)
+
+
+def set_protocol_features(dev, msg, fds):
+    value = _payload(msg, U64).value
+    extra = value & ~dev.offered_protocol_features
+    if extra:
+        raise _refuse(msg, "u64", value, hex(dev.offered_protocol_features),
+                      f"bits {hex(extra)} were not offered")
+    dev.protocol_features = value
+    return None
+
+
+def set_owner(dev, msg, fds):
+    # "It marks the sender as the front-end that owns of the session."
+    dev.owner = True
+    return None
+
+
+def reset_owner(dev, msg, fds):
+    # Deprecated: "It is recommended that back-ends either ignore this message,
+    # or use it to disable all rings."
+    for vring in dev.vrings:
+        vring.enabled = False
+    return None
+
+
+def reset_device(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.RESET_DEVICE)
+    # "disable all rings and reset all internal device state to the initial
+    # state ... The back-end retains ownership of the device."
+    protocol_features = dev.protocol_features
+    dev.release()
+    dev.owner, dev.protocol_features = True, protocol_features
+    return None
+
+
+# -- memory --------------------------------------------------------------------------
+def _memory_error(msg: Message, exc: GuestMemoryError) -> RequestError:
+    return _refuse(msg, "region", type(exc).__name__, "a mappable region", str(exc))
+
+
+def set_mem_table(dev, msg, fds):
+    table = _payload(msg, MemoryTable)
+    _fd_count(msg, fds, table.nregions)
+    # GuestMemory maps each fd and keeps no fd: the bag closes them after.
+    regions = [(MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset),
+                fds.peek(i)) for i, r in enumerate(table.regions)]
+    try:
+        memory = GuestMemory.from_table(regions)
+    except GuestMemoryError as exc:
+        raise _memory_error(msg, exc) from None
+    rings.replace_memory(dev, memory)
+    return None
+
+
+def get_max_mem_slots(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    return U64(VHOST_USER_MAX_RAM_SLOTS)
+
+
+def add_mem_reg(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    r = _payload(msg, SingleMemoryRegion).region
+    _fd_count(msg, fds, 1)
+    if dev.memory is None:
+        rings.replace_memory(dev, GuestMemory())
+    try:
+        dev.memory.add_region(MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                           r.mmap_offset), fds.peek(0))
+    except GuestMemoryError as exc:
+        raise _memory_error(msg, exc) from None
+    rings.remap(dev)
+    return None
+
+
+def rem_mem_reg(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    r = _payload(msg, SingleMemoryRegion).region
+    # "No file descriptors SHOULD be passed ... If a file descriptor is passed,
+    # the back-end MUST close it without using it otherwise." (the bag does)
+    _fd_count(msg, fds, 0, 1)
+    if dev.memory is None:
+        raise _refuse(msg, "guest_phys_addr", r.guest_phys_addr, "a mapped region",
+                      "no memory is mapped")
+    rings.unmap_all(dev)          # ring views must go before their pages can
+    try:
+        dev.memory.remove_region(MemoryRegion(r.guest_phys_addr, r.memory_size,
+                                              r.userspace_addr, r.mmap_offset))
+    except GuestMemoryError as exc:
+        raise _memory_error(msg, exc) from None
+    finally:
+        rings.remap(dev)
+    return None
+
+
+# -- dirty log -----------------------------------------------------------------------
+def set_log_base(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.LOG_SHMFD)
+    area = _payload(msg, LogArea)
+    _fd_count(msg, fds, 1)
+    rings.replace_log(dev, msg, area, fds.peek(0))
+    # With LOG_SHMFD, QEMU waits for this reply (vhost_user_set_log_base).
+    return U64(0)
+
+
+def set_log_fd(dev, msg, fds):
+    _fd_count(msg, fds, 1)
+    fd = _eventfd(msg, fds)
+    close_fds([dev.log_call_fd] if dev.log_call_fd >= 0 else [])
+    dev.log_call_fd = fd
+    return None
+
+
+# -- vrings --------------------------------------------------------------------------
+def set_vring_num(dev, msg, fds):
+    state = _payload(msg, VringState)
+    vring = _vring(dev, msg, state.index)
+    _refuse_stopped_only(msg, vring)
+    # virtio spec 2.7: "Queue Size value is always a power of 2", at most 32768.
+    if not 0 < state.num <= VIRTQUEUE_MAX_SIZE or state.num & (state.num - 1):
+        raise _refuse(msg, "num", state.num, f"a power of 2 <= {VIRTQUEUE_MAX_SIZE}")
+    vring.num, vring.ring = state.num, None
+    return None
+
+
+def set_vring_addr(dev, msg, fds):
+    addr = _payload(msg, VringAddr)
+    vring = _vring(dev, msg, addr.index)
+    rings.set_addr(dev, msg, vring, addr)
+    return None
+
+
+def set_vring_base(dev, msg, fds):
+    state = _payload(msg, VringState)
+    vring = _vring(dev, msg, state.index)
+    _refuse_stopped_only(msg, vring)
+    if state.num > 0xFFFF:
+        raise _refuse(msg, "num", state.num, 0xFFFF, "a split ring index is 16 bits")
+    rings.set_base(vring, state.num)
+    return None
+
+
+def get_vring_base(dev, msg, fds):
+    state = _payload(msg, VringState)
+    vring = _vring(dev, msg, state.index)
+    # "stop ring upon receiving VHOST_USER_GET_VRING_BASE"
+    last_avail_idx = vring.last_avail_idx
+    dev.stop_vring(vring)
+    return VringState(vring.index, last_avail_idx)
+
+
+def set_vring_kick(dev, msg, fds):
+    vring, fd = _vring_file(dev, msg, fds)
+    dev.replace_kick_fd(vring, fd)
+    # "The back-end must start ring upon receiving a kick"; with no fd
+    # ("polling should be used instead") the server polls the ring.
+    vring.started = True
+    if fd >= 0:
+        dev.watch(fd, vring)
+    rings.start(dev, vring)
+    return None
+
+
+def set_vring_call(dev, msg, fds):
+    vring, fd = _vring_file(dev, msg, fds)
+    dev.replace_fd(vring, "call_fd", fd)
+    return None
+
+
+def set_vring_err(dev, msg, fds):
+    vring, fd = _vring_file(dev, msg, fds)
+    dev.replace_fd(vring, "err_fd", fd)
+    return None
+
+
+def set_vring_enable(dev, msg, fds):
+    state = _payload(msg, VringState)
+    vring = _vring(dev, msg, state.index)
+    if state.num not in (0, 1):
+        raise _refuse(msg, "num", state.num, "0 or 1")
+    vring.enabled = bool(state.num)
+    if vring.enabled:
+        rings.start(dev, vring)
+    return None
+
+
+def set_vring_endian(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.CROSS_ENDIAN)
+    state = _payload(msg, VringState)
+    _vring(dev, msg, state.index)
+    if state.num != 0:
+        raise _refuse(msg, "num", state.num, "0 (little endian)",
+                      "big-endian rings are not supported")
+    return None
+
+
+def vring_kick(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.INBAND_NOTIFICATIONS)
+    _vring(dev, msg, _payload(msg, VringState).index)
+    return None
+
+
+def get_queue_num(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.MQ)
+    # vhost-user-net answers in queue pairs (QEMU compares it with queues=N).
+    return U64(dev.queue_pairs)
+
+
+# -- net specifics -------------------------------------------------------------------
+def send_rarp(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.RARP)
+    # "The first 6 bytes of the payload contain the mac address of the guest"
+    mac = _payload(msg, U64).value.to_bytes(8, "little")[:6]
+    dev.wire.send(FrameArena.from_frames([rarp_frame(mac)]), 0)
+    dev.counters.rarp_sent += 1
+    return None
+
+
+def net_set_mtu(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.NET_MTU)
+    mtu = _payload(msg, U64).value
+    # "the back-end must respond with zero in case the specified MTU is valid"
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise _refuse(msg, "u64", mtu, f"{MIN_MTU}..{MAX_MTU}")
+    dev.mtu = mtu
+    return None
+
+
+def _config_range(dev, msg, config: ConfigSpace) -> None:
+    if config.offset + config.size > NET_CONFIG.size:
+        raise _refuse(msg, "offset", config.offset, f"offset + size <= {NET_CONFIG.size}",
+                      "beyond struct virtio_net_config")
+
+
+def get_config(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.CONFIG)
+    config = _payload(msg, ConfigSpace)
+    _config_range(dev, msg, config)
+    blob = dev.config_bytes()[config.offset: config.offset + config.size]
+    return ConfigSpace(config.offset, config.size, config.flags, blob)
+
+
+def set_config(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.CONFIG)
+    config = _payload(msg, ConfigSpace)
+    _config_range(dev, msg, config)
+    if config.flags not in (VHOST_SET_CONFIG_TYPE_FRONTEND, VHOST_SET_CONFIG_TYPE_MIGRATION):
+        raise _refuse(msg, "flags", config.flags, "0 (front-end) or 1 (migration)")
+    end = config.offset + config.size
+    # "back-ends MUST NOT accept SET_CONFIG for read-only configuration space
+    # fields unless the live migration bit is set": only the MAC is writable.
+    if config.flags == VHOST_SET_CONFIG_TYPE_FRONTEND and \
+            not (NET_CONFIG_MAC[0] <= config.offset and end <= NET_CONFIG_MAC[1]):
+        raise _refuse(msg, "offset", config.offset, "inside mac (bytes 0..6)",
+                      "read-only field without the migration flag")
+    blob = bytearray(dev.config_bytes())
+    blob[config.offset:end] = config.payload
+    new = NET_CONFIG.unpack(bytes(blob))
+    if not MIN_MTU <= new[3] <= MAX_MTU:
+        raise _refuse(msg, "mtu", new[3], f"{MIN_MTU}..{MAX_MTU}")
+    dev.set_config_bytes(bytes(blob))
+    return None
+
+
+def set_status(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.STATUS)
+    status = _payload(msg, U64).value
+    if status > 0xFF:
+        raise _refuse(msg, "u64", status, 0xFF, "the virtio device status is one byte")
+    dev.status = status
+    return None
+
+
+def get_status(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.STATUS)
+    return U64(dev.status)
+
+
+# -- requests of other devices or features this back-end does not offer -------------
+def set_backend_req_fd(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.BACKEND_REQ)
+
+
+def iotlb_msg(dev, msg, fds):
+    # "This request should be send only when VIRTIO_F_IOMMU_PLATFORM feature
+    # has been successfully negotiated."
+    if not dev.has_feature(Feature.VIRTIO_F_ACCESS_PLATFORM):
+        raise _refuse(msg, "features", dev.features, "needs VIRTIO_F_ACCESS_PLATFORM",
+                      "no IOMMU: this back-end does not offer VIRTIO_F_ACCESS_PLATFORM")
+
+
+def create_crypto_session(dev, msg, fds):
+    _not_for_net(dev, msg, fds, "vhost-user-crypto devices")
+
+
+def close_crypto_session(dev, msg, fds):
+    _not_for_net(dev, msg, fds, "vhost-user-crypto devices")
+
+
+def gpu_set_socket(dev, msg, fds):
+    _not_for_net(dev, msg, fds, "vhost-user-gpu devices")
+
+
+def postcopy_advise(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.PAGEFAULT)
+
+
+def postcopy_listen(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.PAGEFAULT)
+
+
+def postcopy_end(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.PAGEFAULT)
+
+
+def get_inflight_fd(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.INFLIGHT_SHMFD)
+
+
+def set_inflight_fd(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.INFLIGHT_SHMFD)
+
+
+R = Request
+HANDLERS: dict[Request, Handler] = {
+    R.GET_FEATURES: get_features, R.SET_FEATURES: set_features, R.SET_OWNER: set_owner,
+    R.RESET_OWNER: reset_owner, R.SET_MEM_TABLE: set_mem_table, R.SET_LOG_BASE: set_log_base,
+    R.SET_LOG_FD: set_log_fd, R.SET_VRING_NUM: set_vring_num, R.SET_VRING_ADDR: set_vring_addr,
+    R.SET_VRING_BASE: set_vring_base, R.GET_VRING_BASE: get_vring_base,
+    R.SET_VRING_KICK: set_vring_kick, R.SET_VRING_CALL: set_vring_call,
+    R.SET_VRING_ERR: set_vring_err, R.GET_PROTOCOL_FEATURES: get_protocol_features,
+    R.SET_PROTOCOL_FEATURES: set_protocol_features, R.GET_QUEUE_NUM: get_queue_num,
+    R.SET_VRING_ENABLE: set_vring_enable, R.SEND_RARP: send_rarp, R.NET_SET_MTU: net_set_mtu,
+    R.SET_BACKEND_REQ_FD: set_backend_req_fd, R.IOTLB_MSG: iotlb_msg,
+    R.SET_VRING_ENDIAN: set_vring_endian, R.GET_CONFIG: get_config, R.SET_CONFIG: set_config,
+    R.CREATE_CRYPTO_SESSION: create_crypto_session,
+    R.CLOSE_CRYPTO_SESSION: close_crypto_session, R.POSTCOPY_ADVISE: postcopy_advise,
+    R.POSTCOPY_LISTEN: postcopy_listen, R.POSTCOPY_END: postcopy_end,
+    R.GET_INFLIGHT_FD: get_inflight_fd, R.SET_INFLIGHT_FD: set_inflight_fd,
+    R.GPU_SET_SOCKET: gpu_set_socket, R.RESET_DEVICE: reset_device, R.VRING_KICK: vring_kick,
+    R.GET_MAX_MEM_SLOTS: get_max_mem_slots, R.ADD_MEM_REG: add_mem_reg,
+    R.REM_MEM_REG: rem_mem_reg, R.SET_STATUS: set_status, R.GET_STATUS: get_status,
+}
+del R
+
+
+# What a refused request gets back when the spec gives it a failure reply of its
+# own; every other refused request gets a non-zero REPLY_ACK if need_reply is
+# set and REPLY_ACK negotiated, else the connection is closed.
+def _failed_crypto(msg: Message):
+    p = msg.payload
+    # "The back-end must return the session id, 0 or positive for success,
+    # negative for failure."
+    return CryptoSession(p.op_code, p.body, -1) if isinstance(p, CryptoSession) else None
+
+
+FAILURE_REPLIES: dict[Request, Callable[[Message], object]] = {
+    # "vhost-user back-end uses zero length of payload to indicate an error"
+    Request.GET_CONFIG: lambda msg: None,
+    Request.CREATE_CRYPTO_SESSION: _failed_crypto,
+    # These always answer with a u64 status; non-zero is failure.
+    Request.IOTLB_MSG: lambda msg: U64(1),
+    Request.POSTCOPY_END: lambda msg: U64(1),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What handling one request produced: a reply payload, or the error that refused it."""
+
+    payload: object = None
+    error: RequestError | None = None
+
+
+def dispatch(dev: VhostUserNetDevice, msg: Message) -> Outcome:
+    """Run the request's handler; close every fd it did not keep."""
+    bag = FdBag(msg.fds)
+    try:
+        handler = HANDLERS[msg.request]
+        return Outcome(payload=handler(dev, msg, bag))
+    except RequestError as exc:
+        return Outcome(error=exc)
+    finally:
+        bag.close_rest()

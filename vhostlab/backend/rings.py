@@ -1,0 +1,312 @@
+"""The device's rings: from vhost-user messages to the ring layer, and the datapath.
+
+Control side (called by the handlers): memory tables, the dirty log and
+SET_VRING_NUM/ADDR/BASE become `vhostlab.ring.Virtqueue` objects over the
+mapped guest memory. SET_VRING_ADDR speaks in front-end virtual addresses
+(QEMU's `userspace_addr` space); they are translated to GPAs here, and again
+whenever the memory table changes (libvhost-user's map_ring does the same).
+
+Data side (called by the server on a kick, or on every turn in poll mode):
+
+    TX ring  `vring_tx_burst` copies guest frames into an arena (virtio-net
+             header stripped), the wire takes them; a disabled ring's frames
+             are taken and dropped ("must process and discard any TX
+             packets", vhost-user.rst "Ring states").
+    RX ring  frames for the guest (loopback wire, `inject`) wait in a bounded
+             backlog per queue pair; `vring_rx_burst` copies them into the
+             buffers the guest posted, whenever the ring is started and
+             enabled and has buffers.
+
+After a burst the call eventfd is signalled if the kernel decided the driver
+wants an interrupt (VRING_AVAIL_F_NO_INTERRUPT, or EVENT_IDX's used_event).
+While VHOST_F_LOG_ALL is on the kernels mark every page they write, and the
+used ring at log_guest_addr when VHOST_VRING_F_LOG is set.
+
+A guest that breaks a rule breaks only its ring: the ring layer raises a
+RingError, the ring stays broken (no further access), the error is logged,
+counted, and signalled on the err eventfd; every other ring runs on.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vhostlab.backend.device import RX_BACKLOG_FRAMES, VhostUserNetDevice, Vring
+from vhostlab.backend.errors import RequestError
+from vhostlab.dirtylog import DirtyLog, DirtyLogError
+from vhostlab.memory import GuestMemory, GuestMemoryError, UnmappedAddressError
+from vhostlab.protocol import Feature, LogArea, Message, VringAddr
+from vhostlab.ring import (FrameArena, RingError, Virtqueue, vring_avail_size,
+                           vring_desc_size, vring_used_size)
+
+# What the ring layer implements, so the device may offer it.
+RING_FEATURES = int(Feature.VIRTIO_RING_F_EVENT_IDX | Feature.VIRTIO_RING_F_INDIRECT_DESC
+                    | Feature.VIRTIO_NET_F_MRG_RXBUF)
+TX_BURST = 256                     # chains per TX burst
+TX_ARENA_BYTES = 1 << 20           # holds a 64 KiB GSO frame many times over
+BURSTS_PER_SERVICE = 64            # then other rings get their turn
+
+_tx_arena = None
+
+
+def _arena() -> FrameArena:
+    global _tx_arena
+    if _tx_arena is None:
+        _tx_arena = FrameArena(TX_ARENA_BYTES, TX_BURST)
+    return _tx_arena
+
+
+# -- control: memory, log, ring configuration --------------------------------------
+def apply_features(dev: VhostUserNetDevice) -> None:
+    """SET_FEATURES changed EVENT_IDX or the header size: tell every ring."""
+    for vring in dev.vrings:
+        if vring.ring is not None:
+            vring.ring.set_event_idx(dev.has_feature(Feature.VIRTIO_RING_F_EVENT_IDX))
+
+
+def replace_memory(dev: VhostUserNetDevice, memory: GuestMemory) -> None:
+    """SET_MEM_TABLE: the new table replaces the old; rings are re-translated."""
+    old, dev.memory = dev.memory, memory
+    if old is not None:
+        old.close()
+    remap(dev)
+
+
+def remap(dev: VhostUserNetDevice) -> None:
+    """Translate every configured ring's addresses again after a memory change."""
+    for vring in dev.vrings:
+        if vring.addr is None or vring.ring is None:
+            continue
+        try:
+            _map(dev, vring, vring.addr)
+        except (GuestMemoryError, RingError) as exc:
+            _broken(dev, vring, f"vring {vring.index} after a memory table change: {exc}")
+
+
+def unmap_all(dev: VhostUserNetDevice) -> None:
+    """Nothing to drop: Virtqueue objects hold no view of guest memory."""
+
+
+def replace_log(dev: VhostUserNetDevice, msg: Message, area: LogArea, fd: int) -> None:
+    """SET_LOG_BASE: map the log QEMU shares (the fd stays the caller's)."""
+    try:
+        new = DirtyLog.from_fd(fd, area.mmap_size, area.mmap_offset)
+    except DirtyLogError as exc:
+        raise RequestError(msg.request.name, "mmap_size", area.mmap_size,
+                           "a mappable log", str(exc)) from None
+    old, dev.log = dev.log, new
+    if old is not None:
+        old.close()
+
+
+def _translate(dev: VhostUserNetDevice, msg: Message | None, field: str, uaddr: int,
+               size: int) -> int:
+    try:
+        return dev.memory.uva_to_gpa(uaddr, size)
+    except UnmappedAddressError as exc:
+        name = msg.request.name if msg is not None else "SET_VRING_ADDR"
+        raise RequestError(name, field, uaddr, "a front-end address inside one region",
+                           str(exc)) from None
+
+
+def _map(dev: VhostUserNetDevice, vring: Vring, addr: VringAddr,
+         msg: Message | None = None) -> None:
+    num = vring.num
+    desc = _translate(dev, msg, "desc_user_addr", addr.desc_user_addr, vring_desc_size(num))
+    avail = _translate(dev, msg, "avail_user_addr", addr.avail_user_addr, vring_avail_size(num))
+    used = _translate(dev, msg, "used_user_addr", addr.used_user_addr, vring_used_size(num))
+    vq = vring.ring
+    if vq is None:
+        vq = Virtqueue(vring.index, "rx" if vring.is_rx else "tx")
+        vq.set_num(num)
+        vq.set_base(vring.base)
+    vq.set_addr(desc, avail, used, addr.log_guest_addr, addr.flags, memory=dev.memory)
+    # As libvhost-user and Linux vhost do: the used index is what the ring says.
+    vq.state[0]["used_idx"] = int.from_bytes(dev.memory.read(used + 2, 2), "little")
+    vq.set_event_idx(dev.has_feature(Feature.VIRTIO_RING_F_EVENT_IDX))
+    vring.ring, vring.addr = vq, addr
+
+
+def set_addr(dev: VhostUserNetDevice, msg: Message, vring: Vring, addr: VringAddr) -> None:
+    """SET_VRING_ADDR: translate desc/avail/used (front-end addresses) and map the ring."""
+    if vring.num == 0:
+        raise RequestError(msg.request.name, "index", vring.index, "a ring with a size",
+                           "SET_VRING_NUM must come first")
+    if dev.memory is None:
+        raise RequestError(msg.request.name, "desc_user_addr", addr.desc_user_addr,
+                           "a memory table", "no SET_MEM_TABLE yet")
+    try:
+        _map(dev, vring, addr, msg)
+    except RingError as exc:
+        raise RequestError(msg.request.name, exc.field or "addr", exc.value, exc.limit,
+                           str(exc)) from None
+
+
+def set_base(vring: Vring, num: int) -> None:
+    """SET_VRING_BASE: the next avail entry to take; a broken ring starts afresh."""
+    vring.base = num
+    if vring.ring is not None and vring.ring.broken:
+        vring.ring, vring.error = None, None
+    if vring.ring is not None:
+        vring.ring.set_base(num)
+
+
+def start(dev: VhostUserNetDevice, vring: Vring) -> None:
+    """A ring just started or was enabled: serve what is already waiting."""
+    if vring.started:
+        service(dev, vring)
+
+
+# -- data ----------------------------------------------------------------------------
+def _runnable(dev: VhostUserNetDevice, vring: Vring) -> bool:
+    vq = vring.ring
+    return (vring.started and vq is not None and not vq.broken and dev.memory is not None
+            and not dev.memory.closed)
+
+
+def _log(dev: VhostUserNetDevice):
+    return dev.log if dev.logging else None
+
+
+def _broken(dev: VhostUserNetDevice, vring: Vring, text: str) -> None:
+    vring.error = text
+    dev.error(text)
+    if vring.err_fd >= 0:                   # SET_VRING_ERR: "signal when error occurs"
+        _signal(vring.err_fd)
+
+
+def _signal(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass                                # the counter is saturated: already signalled
+
+
+def _call(dev: VhostUserNetDevice, vring: Vring) -> None:
+    if vring.ring.take_call() and vring.call_fd >= 0:
+        _signal(vring.call_fd)
+        dev.counters.calls += 1
+
+
+def _popcount(dev: VhostUserNetDevice, log) -> int:
+    return int(np.bitwise_count(log.bitmap).sum()) if log is not None else 0
+
+
+def service(dev: VhostUserNetDevice, vring: Vring) -> bool:
+    """Run the ring's bursts; True if work is left for the next turn."""
+    if not _runnable(dev, vring):
+        return False
+    if vring.is_rx:
+        return _service_rx(dev, vring.queue_pair)
+    return _service_tx(dev, vring)
+
+
+def poll_all(dev: VhostUserNetDevice) -> bool:
+    """Service every started ring once (poll mode); True if any has work left."""
+    more = False
+    for vring in dev.vrings:
+        if vring.started:
+            more |= service(dev, vring)
+    return more
+
+
+def _service_tx(dev: VhostUserNetDevice, vring: Vring) -> bool:
+    vq, arena, log = vring.ring, _arena(), _log(dev)
+    before = _popcount(dev, log)
+    for _ in range(BURSTS_PER_SERVICE):
+        frames0, bytes0 = vq.frames, vq.bytes
+        error = None
+        try:
+            vq.tx_burst(dev.memory, arena, log=log, hdr_len=dev.hdr_len, max_frames=TX_BURST)
+        except RingError as exc:
+            error = exc
+        n = vq.frames - frames0
+        if n:
+            dev.counters.guest_tx_frames += n
+            dev.counters.guest_tx_bytes += vq.bytes - bytes0
+            if vring.enabled:
+                dev.wire.send(arena, vring.queue_pair)
+            else:
+                dev.counters.dropped += n
+        _call(dev, vring)
+        if error is not None:
+            _broken(dev, vring, str(error))
+            break
+        if n == 0 or vq.avail_pending == 0:
+            break
+    dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
+    return _runnable(dev, vring) and vq.avail_pending > 0
+
+
+def deliver(dev: VhostUserNetDevice, arena: FrameArena, pair: int) -> None:
+    """Queue frames for the guest's RX ring of `pair` and deliver what fits now."""
+    if arena.count == 0:
+        return
+    room = RX_BACKLOG_FRAMES - dev.backlog_frames[pair]
+    if room <= 0:
+        dev.counters.dropped += arena.count
+        return
+    copy = _copy_arena(arena, min(room, arena.count))
+    dev.counters.dropped += arena.count - copy.count
+    dev.backlog[pair].append(copy)
+    dev.backlog_frames[pair] += copy.count
+    vring = dev.vrings[2 * pair]
+    if _runnable(dev, vring):
+        _service_rx(dev, pair)
+
+
+def _copy_arena(arena: FrameArena, count: int) -> FrameArena:
+    """The first `count` frames of `arena`, packed into a new arena of their own."""
+    sizes = arena.lengths[:count]
+    out = FrameArena(max(1, int(sizes.sum())), max(1, count))
+    pos = 0
+    for k in range(count):
+        start, size = int(arena.offsets[k]), int(sizes[k])
+        out.buf[pos:pos + size] = arena.buf[start:start + size]
+        out.offsets[k], out.lengths[k] = pos, size
+        pos += size
+    out.count = count
+    return out
+
+
+def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
+    vring = dev.vrings[2 * pair]
+    backlog = dev.backlog[pair]
+    if not backlog or not vring.enabled or not _runnable(dev, vring):
+        return False
+    vq, log = vring.ring, _log(dev)
+    before = _popcount(dev, log)
+    mrg = dev.has_feature(Feature.VIRTIO_NET_F_MRG_RXBUF)
+    while backlog:
+        arena = backlog[0]
+        frames0, bytes0, dropped0 = vq.frames, vq.bytes, vq.dropped
+        error = None
+        try:
+            done = vq.rx_burst(dev.memory, arena, log=log, hdr_len=dev.hdr_len, mrg_rxbuf=mrg)
+        except RingError as exc:
+            error, done = exc, exc.frames
+        dev.counters.guest_rx_frames += vq.frames - frames0
+        dev.counters.guest_rx_bytes += vq.bytes - bytes0
+        dev.counters.dropped += vq.dropped - dropped0
+        _call(dev, vring)
+        dev.backlog_frames[pair] -= done
+        if done >= arena.count:
+            backlog.popleft()
+        else:
+            arena.drop_front(done)
+        if error is not None:
+            _broken(dev, vring, str(error))
+            break
+        if done == 0 or arena.count:
+            break                       # the guest has no more RX buffers posted
+    dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
+    return False
+
+
+def drop_backlog(dev: VhostUserNetDevice) -> None:
+    """Frames still waiting when the front-end leaves are dropped (and counted)."""
+    for pair, backlog in enumerate(dev.backlog):
+        dev.counters.dropped += dev.backlog_frames[pair]
+        backlog.clear()
+        dev.backlog_frames[pair] = 0

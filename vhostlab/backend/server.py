@@ -1,0 +1,461 @@
+"""The device server: one selector loop over the socket, the kick eventfds and a wake-up fd.
+
+Event mode (the default) sleeps in `select()` until the front-end sends a
+message, a guest kicks a queue, or another thread asks for something
+(`stop`, `inject`): an idle device costs no CPU. Poll mode (`mode="poll"`,
+for benchmarks) never sleeps and services every started ring on every
+turn, as DPDK's PMD threads do.
+
+One front-end at a time: while a connection is open the listening socket
+is not watched, so the next front-end waits in the backlog and is served
+when the current one leaves. When it leaves, the device is released
+(mappings, fds, rings) and a reconnecting front-end finds it clean.
+
+Threads: the loop runs either in the caller's thread (`run()`, used by
+`vhostlab serve`) or in a background thread (`start()` / `stop()`, for
+notebooks). Everything the loop changes is changed under `self.lock`;
+`snapshot()` takes the same lock and returns immutable copies, so a lab can
+draw the device while it runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import socket
+import threading
+import time
+from typing import Iterable, Sequence
+
+from vhostlab.backend import handlers, rings
+from vhostlab.backend.device import DEFAULT_MAC, DEFAULT_MTU, VhostUserNetDevice, Vring
+from vhostlab.backend.errors import BackendError, PeerCredentialsError, TransportError
+from vhostlab.backend.snapshot import DeviceSnapshot, take_snapshot
+from vhostlab.backend.trace import DEFAULT_MAXLEN, MessageTrace
+from vhostlab.backend.transport import (FdChannel, check_peer, close_fds, connect_unix,
+                                        listen_unix, make_private_dir)
+from vhostlab.backend.wire import LoopbackWire, Wire, make_wire
+from vhostlab.ring import FrameArena
+from vhostlab.protocol import (HEADER_SIZE, BackendConnection, Message, ProtocolError,
+                               ReplyKind, Request, parse_message, peek_header)
+
+log = logging.getLogger("vhostlab.backend")
+
+RECONNECT_DELAY = 0.5          # client mode: wait between connection attempts
+POLLED_RING_INTERVAL = 0.001   # event mode with a ring the front-end asked us to poll
+
+
+class _Connection:
+    """One front-end on the socket: the channel, the sans-IO protocol state, framing."""
+
+    def __init__(self, number: int, sock: socket.socket, offered_protocol_features: int):
+        self.number = number
+        self.channel = FdChannel(sock)
+        self.proto = BackendConnection(offered_protocol_features)
+        self.head = bytearray()       # bytes of the current message's header seen so far
+        self.got = 0                  # bytes of the current message seen so far
+        self.fds: list[int] = []      # fds of the current (incomplete) message
+
+    def wanted(self) -> int:
+        """Bytes to read so that one read never crosses into the next message."""
+        if self.got < HEADER_SIZE:
+            return HEADER_SIZE - self.got
+        return HEADER_SIZE + peek_header(bytes(self.head)).size - self.got
+
+
+class BackendServer:
+    """A vhost-user-net back-end serving one front-end at a time on a unix socket.
+
+    socket_path: where to listen (or, with client=True, where the front-end
+        listens). None: a fresh private directory is made and removed at stop.
+    queue_pairs: number of RX/TX queue pairs (GET_QUEUE_NUM answers this).
+    wire: "sink", "loopback", "pcap:FILE" or a Wire object.
+    mode: "event" (sleep until something happens) or "poll" (busy-poll rings).
+    once: stop after the first front-end leaves.
+    break_logging: skip dirty logging (the migration demo's negative control).
+    """
+
+    def __init__(self, socket_path: str | None = None, *, client: bool = False,
+                 queue_pairs: int = 1, wire: str | Wire = "sink", mode: str = "event",
+                 once: bool = False, break_logging: bool = False, trace_path: str | None = None,
+                 trace_maxlen: int = DEFAULT_MAXLEN, allowed_uids: Iterable[int] | None = None,
+                 mac: bytes = DEFAULT_MAC, mtu: int = DEFAULT_MTU):
+        if mode not in ("event", "poll"):
+            raise ValueError(f"mode={mode!r}: expected 'event' or 'poll'")
+        self._own_dir = None
+        if socket_path is None:
+            if client:
+                raise ValueError("client mode needs the front-end's socket_path")
+            self._own_dir = make_private_dir()
+            socket_path = os.path.join(self._own_dir, "vhost-user.sock")
+        self.socket_path = socket_path
+        self.client, self.mode, self.once = client, mode, once
+        self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
+        self.lock = threading.RLock()
+        self.device = VhostUserNetDevice(queue_pairs, mac=mac, mtu=mtu,
+                                         break_logging=break_logging,
+                                         ring_features=rings.RING_FEATURES)
+        self.device.watch, self.device.unwatch = self._watch, self._unwatch
+        self.wire = make_wire(wire)
+        self.device.wire = self.wire
+        if isinstance(self.wire, LoopbackWire):
+            self.wire.deliver = lambda batch, pair: rings.deliver(self.device, batch, pair)
+        self.trace = MessageTrace(trace_maxlen, trace_path)
+        self._selector: selectors.BaseSelector | None = None
+        self._listener: socket.socket | None = None
+        self._conn: _Connection | None = None
+        self._wake_fd = -1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending: list[tuple[FrameArena, int]] = []
+        self._pending_lock = threading.Lock()
+        self._next_connect = 0.0
+        self._served = 0
+        self.peer = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def __enter__(self) -> "BackendServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "BackendServer":
+        """Open the socket now (errors raise here), then serve in a background thread."""
+        self._open()
+        self._thread = threading.Thread(target=self._serve, name="vhostlab-backend", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Serve in the calling thread until `stop()` (or, with once, the front-end leaves)."""
+        self._open()
+        self._serve()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving, close the connection, release the device, remove the socket."""
+        self._stop.set()
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                raise BackendError(f"the server thread did not stop within {timeout} s")
+
+    @property
+    def running(self) -> bool:
+        return self._selector is not None and not self._stop.is_set()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def _open(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wake_fd, selectors.EVENT_READ, ("wake", None))
+        if not self.client:
+            try:
+                self._listener = listen_unix(self.socket_path)
+            except BaseException:
+                self._close_all()
+                raise
+            self._selector.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        log.info("vhost-user-net back-end %s %s (%d queue pair(s), wire %s, %s mode)",
+                 "connecting to" if self.client else "listening on", self.socket_path,
+                 self.device.queue_pairs, self.wire.name, self.mode)
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._turn()
+        except Exception as exc:            # a bug here must not leave fds or maps behind
+            log.exception("back-end loop failed")
+            self.device.error(f"internal error: {exc.__class__.__name__}: {exc}")
+        finally:
+            self._close_all()
+
+    def _close_all(self) -> None:
+        with self.lock:
+            self._disconnect("server stopping") if self._conn else None
+            self.device.release()
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+                try:
+                    os.unlink(self.socket_path)
+                except OSError:
+                    pass
+            if self._selector is not None:
+                self._selector.close()
+                self._selector = None
+            if self._wake_fd >= 0:
+                close_fds([self._wake_fd])
+                self._wake_fd = -1
+            self.wire.close()
+            self.trace.close()
+            if self._own_dir is not None:
+                shutil.rmtree(self._own_dir, ignore_errors=True)
+                self._own_dir = None
+
+    # -- one turn of the loop -----------------------------------------------------------
+    def _turn(self) -> None:
+        if self.client and self._conn is None:
+            self._try_connect()
+        for key, _ in self._selector.select(self._timeout()):
+            if self._selector.get_map().get(key.fd) is not key:
+                continue            # unregistered by an earlier event of this batch
+            kind, obj = key.data
+            if kind == "wake":
+                self._on_wake()
+            elif kind == "listen":
+                self._accept()
+            elif kind == "conn":
+                self._on_readable(obj)
+            elif kind == "kick":
+                self._on_kick(obj, key.fd)
+            if self._selector is None or self._stop.is_set():
+                return
+        if self.mode == "poll" or self._has_polled_rings():
+            with self.lock:
+                rings.poll_all(self.device)
+
+    def _timeout(self) -> float | None:
+        if self.mode == "poll":
+            return 0
+        if self.client and self._conn is None:
+            return max(0.0, self._next_connect - time.monotonic())
+        return POLLED_RING_INTERVAL if self._has_polled_rings() else None
+
+    def _has_polled_rings(self) -> bool:
+        # A ring started with SET_VRING_KICK's no-fd flag: "polling should be used".
+        return any(v.started and v.kick_fd < 0 for v in self.device.vrings)
+
+    def _wake(self) -> None:
+        fd = self._wake_fd
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+
+    def _on_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        with self.lock:
+            for batch, pair in pending:
+                rings.deliver(self.device, batch, pair)
+
+    # -- connections ----------------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self._adopt(sock)
+
+    def _try_connect(self) -> None:
+        if time.monotonic() < self._next_connect:
+            return
+        self._next_connect = time.monotonic() + RECONNECT_DELAY
+        try:
+            sock = connect_unix(self.socket_path, timeout=2.0)
+        except OSError as exc:
+            log.debug("connect to %s: %s", self.socket_path, exc)
+            return
+        self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> None:
+        try:
+            creds = check_peer(sock, self.allowed_uids)
+        except PeerCredentialsError as exc:
+            self.device.error(f"connection refused: {exc}")
+            sock.close()
+            return
+        with self.lock:
+            self._served += 1
+            self.device.counters.connections += 1
+            self.peer = creds
+            self._conn = _Connection(self._served, sock, self.device.offered_protocol_features)
+            self._selector.register(sock, selectors.EVENT_READ, ("conn", self._conn))
+            if self._listener is not None:
+                self._selector.unregister(self._listener)
+        log.info("front-end connected: pid %d uid %d (connection %d)", creds.pid, creds.uid,
+                 self._served)
+
+    def _disconnect(self, why: str) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        with self.lock:
+            self._conn = None
+            self.peer = None
+            self._selector.unregister(conn.channel.sock)
+            conn.channel.close()
+            close_fds(conn.fds)
+            close_fds(conn.proto.reset())
+            self.device.release()
+            if self._listener is not None and not self._stop.is_set():
+                self._selector.register(self._listener, selectors.EVENT_READ, ("listen", None))
+        log.info("front-end left (connection %d): %s", conn.number, why)
+        if self.once:
+            self._stop.set()
+
+    def _on_readable(self, conn: _Connection) -> None:
+        try:
+            data, fds = conn.channel.recv(conn.wanted())
+        except (TransportError, OSError) as exc:
+            self._fail(conn, f"receive failed: {exc}")
+            return
+        except ProtocolError as exc:       # wanted() read a bad header size
+            self._fail(conn, str(exc))
+            return
+        if not data:
+            close_fds(fds)
+            self._disconnect("closed the connection")
+            return
+        conn.fds.extend(fds)
+        if conn.got < HEADER_SIZE:
+            conn.head += data[: HEADER_SIZE - conn.got]
+        conn.got += len(data)
+        try:
+            messages = conn.proto.receive_data(data, fds)
+        except ProtocolError as exc:
+            self.trace.record("in", _request_name(conn.head), {}, bytes(conn.head),
+                              len(conn.fds), conn.number, error=str(exc))
+            self._fail(conn, f"malformed message: {exc}")
+            return
+        for msg in messages:
+            conn.head, conn.got, conn.fds = bytearray(), 0, []
+            if not self._handle(conn, msg):
+                return
+
+    def _fail(self, conn: _Connection, why: str) -> None:
+        self.device.error(f"connection {conn.number} closed: {why}")
+        self._disconnect(why)
+
+    # -- requests ---------------------------------------------------------------------
+    def _handle(self, conn: _Connection, msg: Message) -> bool:
+        """Handle one request and answer it; False if the connection was closed."""
+        with self.lock:
+            self.device.counters.messages[msg.request.name] += 1
+            self.trace.record("in", msg.request.name, msg.fields(), msg.to_bytes(),
+                              len(msg.fds), conn.number)
+            outcome = handlers.dispatch(self.device, msg)
+            reply = self._reply_bytes(conn.proto, msg, outcome)
+            if outcome.error is not None:
+                if reply is None:
+                    self._fail(conn, f"{outcome.error} (its only failure answer is closing)")
+                    return False
+                self.device.error(f"refused: {outcome.error}")
+            if reply:
+                try:
+                    conn.channel.send(reply)
+                except (TransportError, OSError) as exc:
+                    self._fail(conn, f"reply to {msg.request.name} failed: {exc}")
+                    return False
+                answer = parse_message(reply)
+                self.trace.record("out", answer.request.name, answer.fields(), reply, 0,
+                                  conn.number)
+        return True
+
+    @staticmethod
+    def _reply_bytes(proto: BackendConnection, msg: Message, outcome) -> bytes | None:
+        """The reply to send (b"": none); None when a refusal can only close the connection.
+
+        Success: requests with a reply of their own get it; the others get a
+        u64 0 when the front-end waits for one (need_reply, or SET_LOG_BASE
+        with LOG_SHMFD). Refusal: the request's own failure reply if the spec
+        defines one (GET_CONFIG: empty payload; IOTLB_MSG: non-zero u64;
+        CREATE_CRYPTO_SESSION: negative id); else a non-zero u64 if
+        need_reply is set; else the connection is closed (as DPDK does), so
+        that e.g. a refused SET_LOG_BASE is never mistaken for logging.
+        """
+        if outcome.error is None:
+            if msg.spec.reply is ReplyKind.DATA:
+                return proto.reply(msg, outcome.payload)
+            return proto.ack(msg, 0)
+        failure = handlers.FAILURE_REPLIES.get(msg.request)
+        if failure is not None:
+            return proto.reply(msg, failure(msg))
+        if msg.need_reply and msg.spec.reply is not ReplyKind.DATA:
+            return proto.ack(msg, 1) or None
+        return None
+
+    # -- kicks ------------------------------------------------------------------------
+    def _watch(self, fd: int, vring: Vring) -> None:
+        self._selector.register(fd, selectors.EVENT_READ, ("kick", vring))
+
+    def _unwatch(self, fd: int) -> None:
+        if self._selector is not None:
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+
+    def _on_kick(self, vring: Vring, fd: int) -> None:
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            with self.lock:
+                self.device.error(f"vring {vring.index}: kick fd unreadable ({exc}); ring stopped")
+                self.device.stop_vring(vring)
+            return
+        with self.lock:
+            self.device.counters.kicks += 1
+            rings.service(self.device, vring)
+
+    # -- for notebooks ----------------------------------------------------------------
+    def inject(self, frames: Sequence[bytes], queue_pair: int = 0) -> int:
+        """Queue frames toward the guest's RX ring of `queue_pair`; returns how many.
+
+        The loop copies them into the guest's posted RX buffers (the RX
+        kernel); frames that find no buffer wait in a bounded backlog until
+        the guest posts more, or are counted as dropped.
+        """
+        if not 0 <= queue_pair < self.device.queue_pairs:
+            raise ValueError(f"queue_pair={queue_pair}: the device has "
+                             f"{self.device.queue_pairs} queue pair(s)")
+        frames = [bytes(f) for f in frames]
+        if not frames:
+            return 0
+        with self._pending_lock:
+            self._pending.append((FrameArena.from_frames(frames), queue_pair))
+        self._wake()
+        return len(frames)
+
+    def snapshot(self, descriptors: bool = False, trace: bool = True) -> DeviceSnapshot:
+        """A consistent, immutable view of the device (taken under the lock)."""
+        with self.lock:
+            return take_snapshot(self, descriptors=descriptors, trace=trace)
+
+    def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.01) -> bool:
+        """Wait until `predicate(snapshot)` holds; False on timeout (never raises)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.snapshot(trace=False)):
+                return True
+            time.sleep(interval)
+        return False
+
+    def summary(self) -> dict:
+        """The counters `vhostlab serve` prints at exit."""
+        with self.lock:
+            return self.device.counters.summary()
+
+
+def _request_name(head: bytes) -> str:
+    if len(head) >= 4:
+        rid = int.from_bytes(head[:4], "little")
+        try:
+            return Request(rid).name
+        except ValueError:
+            return f"request {rid}"
+    return "partial header"

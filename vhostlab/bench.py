@@ -1,0 +1,221 @@
+"""``vhostlab bench``: the datapath kernels raced against their Python twins.
+
+In-process microbenchmarks: a ring of 256 descriptors in memfd-backed guest
+memory, recycled by bumping avail->idx before each burst, with the kernels
+called directly (no wrapper), for TX and RX, 64- and 1500-byte frames, bursts
+of 32 and 256, dirty logging off and on (the log then covers all memory and
+VHOST_VRING_F_LOG is set). Two start-up numbers come from fresh processes:
+``compile_s``, the first call of every kernel with an empty numba cache, and
+``warm_start_s``, import plus the first calls with that cache warm.
+
+    python -m vhostlab.bench [--json] [--quick] [--no-startup]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+__all__ = ["main", "run", "add_arguments", "measure_startup", "bench_kernels"]
+
+_NUM = 256                 # ring size
+_RING_GPA = 0x10000        # legacy layout block
+_BUF_GPA = 0x100000        # num buffers of 2 KiB
+_BUF_SIZE = 2048
+_RAM = 4 << 20
+_HDR = 12
+
+
+class _Setup:
+    """Guest memory, one ring whose descriptors point at fixed buffers, and
+    the kernel arguments for one benchmark case."""
+
+    def __init__(self, name: str, frame_bytes: int, burst: int, log: bool) -> None:
+        from .dirtylog import DirtyLog
+        from .memory import GuestMemory
+        from .ring import FrameArena, Virtqueue, VirtqueueDriver, vring_layout
+
+        self.memory = GuestMemory.allocate(_RAM, layout="flat")
+        driver = VirtqueueDriver(self.memory, _NUM, _RING_GPA)
+        tx = name == "tx"
+        for i in range(_NUM):
+            gpa = _BUF_GPA + i * _BUF_SIZE
+            length = _HDR + frame_bytes if tx else _BUF_SIZE
+            if tx:
+                self.memory.write(gpa, bytes(_HDR) + bytes([i & 0xFF]) * frame_bytes)
+            driver.add_buffer([(gpa, length, not tx)])
+        self.views = driver.views
+        del driver
+        self.vq = Virtqueue(1 if tx else 0, name)
+        self.vq.set_num(_NUM)
+        layout = vring_layout(_RING_GPA, _NUM)
+        self.vq.set_addr(layout.desc, layout.avail, layout.used, layout.used,
+                         1 if log else 0, memory=self.memory)
+        self.log = DirtyLog.allocate(self.memory) if log else None
+        self.arena = FrameArena(max(1 << 16, burst * (frame_bytes + _HDR)), _NUM)
+        if not tx:
+            self.arena.extend([bytes([k & 0xFF]) * frame_bytes for k in range(burst)])
+        self.burst, self.tx, self.frame_bytes = burst, tx, frame_bytes
+
+    def args(self) -> tuple:
+        host, table = self.memory.kernel_args()
+        log = self.log.bitmap if self.log else np.zeros(0, np.uint8)
+        a = self.arena
+        if self.tx:
+            return (host, table, self.vq.state, log, a.buf, a.offsets, a.lengths,
+                    _HDR, self.burst)
+        return (host, table, self.vq.state, log, a.buf, a.offsets, a.lengths,
+                self.burst, _HDR, 0)
+
+    def bump(self) -> None:
+        """The guest makes ``burst`` more chains available (the same ones)."""
+        self.views.avail_idx[0] = (self.vq.last_avail_idx + self.burst) & 0xFFFF
+
+    def close(self) -> None:
+        self.views = None
+        if self.log:
+            self.log.close()
+        self.memory.close()
+
+
+def _time_kernel(kernel, setup: _Setup, min_seconds: float) -> tuple[float, int]:
+    """Seconds spent in ``kernel`` and descriptors processed."""
+    args = setup.args()
+    setup.bump()
+    kernel(*args)                                   # warm up (and compile)
+    spent, done = 0, 0
+    while spent < min_seconds * 1e9:
+        setup.bump()
+        start = time.perf_counter_ns()
+        status, n = kernel(*args)
+        spent += time.perf_counter_ns() - start
+        if status != 0 or n != setup.burst:
+            raise RuntimeError(f"bench kernel returned status {status}, {n} frames")
+        done += n
+    return spent / 1e9, done
+
+
+def bench_kernels(quick: bool = False) -> list[dict]:
+    """Run every case; returns the ``results`` rows."""
+    from .ring import vring_rx_burst, vring_rx_burst_py, vring_tx_burst, vring_tx_burst_py
+
+    kernels = {("tx", "numba"): vring_tx_burst, ("tx", "python"): vring_tx_burst_py,
+               ("rx", "numba"): vring_rx_burst, ("rx", "python"): vring_rx_burst_py}
+    budget = {"numba": 0.05 if quick else 0.4, "python": 0.02 if quick else 0.15}
+    results = []
+    for name in ("tx", "rx"):
+        for frame_bytes in (64, 1500):
+            for burst in (32, 256):
+                for log in (False, True):
+                    for impl in ("numba", "python"):
+                        setup = _Setup(name, frame_bytes, burst, log)
+                        try:
+                            seconds, done = _time_kernel(kernels[name, impl], setup,
+                                                         budget[impl])
+                        finally:
+                            setup.close()
+                        rate = done / seconds
+                        results.append({
+                            "name": name, "impl": impl, "frame_bytes": frame_bytes,
+                            "burst": burst, "log": log, "desc_per_s": round(rate),
+                            "gbit_per_s": round(rate * frame_bytes * 8 / 1e9, 3)})
+    return results
+
+
+def _startup_probe() -> None:
+    """Run in a fresh process: import, then the first call of every kernel."""
+    t0 = time.perf_counter()
+    from . import dirtylog, memory, ring
+    t1 = time.perf_counter()
+    setups = [_Setup("tx", 64, 32, True), _Setup("rx", 64, 32, True)]
+    log = dirtylog.DirtyLog.allocate(4096)
+    for s in setups:
+        s.bump()
+    t2 = time.perf_counter()
+    ring.vring_tx_burst(*setups[0].args())
+    ring.vring_rx_burst(*setups[1].args())
+    log.mark_range(0, 4096)
+    log.sync()
+    view = np.zeros(4, np.uint16)
+    ring.smp_store_release(view, 1, np.uint16(1))
+    ring.smp_load_acquire(view, 1)
+    ring.smp_mb()
+    memory.gpa_to_host(setups[0].memory.kernel_args()[1], 0, 1)
+    t3 = time.perf_counter()
+    for s in setups:
+        s.close()
+    log.close()
+    print(json.dumps({"import_s": t1 - t0, "first_call_s": t3 - t2}))
+
+
+def _probe(env: dict) -> dict:
+    code = "from vhostlab.bench import _startup_probe; _startup_probe()"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_startup() -> tuple[float, float]:
+    """``(compile_s, warm_start_s)`` measured in fresh processes."""
+    with tempfile.TemporaryDirectory(prefix="vhostlab-numba-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        cold = _probe(env)
+        warm = _probe(env)
+    return cold["first_call_s"], warm["import_s"] + warm["first_call_s"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``vhostlab bench``."""
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (numbers are rough)")
+    parser.add_argument("--no-startup", action="store_true",
+                        help="skip the compile and warm-start measurements")
+
+
+def _table(report: dict) -> str:
+    lines = []
+    if report["compile_s"] is not None:
+        lines.append(f"compile (cold cache): {report['compile_s']:.2f} s   "
+                     f"warm start: {report['warm_start_s']:.2f} s")
+    lines.append(f"{'name':4} {'impl':6} {'frame':>5} {'burst':>5} {'log':>3} "
+                 f"{'Mdesc/s':>8} {'Gbit/s':>7}")
+    for r in report["results"]:
+        lines.append(f"{r['name']:4} {r['impl']:6} {r['frame_bytes']:5} {r['burst']:5} "
+                     f"{'on' if r['log'] else 'off':>3} {r['desc_per_s'] / 1e6:8.2f} "
+                     f"{r['gbit_per_s']:7.2f}")
+    rate = {(r["name"], r["impl"], r["frame_bytes"], r["burst"], r["log"]): r["desc_per_s"]
+            for r in report["results"]}
+    numba = rate.get(("tx", "numba", 64, 256, False))
+    if numba:
+        lines.append(f"tx 64 B burst 256: numba / python = "
+                     f"{numba / rate[('tx', 'python', 64, 256, False)]:.1f}x, logging "
+                     f"costs {100 * (1 - rate[('tx', 'numba', 64, 256, True)] / numba):.1f}%")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark as parsed by :func:`add_arguments`; returns 0."""
+    compile_s = warm_start_s = None
+    if not args.no_startup:
+        compile_s, warm_start_s = measure_startup()
+    report = {"compile_s": compile_s, "warm_start_s": warm_start_s,
+              "results": bench_kernels(quick=args.quick)}
+    print(json.dumps(report, indent=2) if args.json else _table(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vhostlab bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""A built-in live migration between two back-ends, following the seed step by step.
+
+Theory of operation
+-------------------
+Two in-process vhost-user-net back-ends (each a ``BackendServer`` on its own
+socket) stand for the source and destination hosts' back-ends; two
+``VhostDev`` (with their ``VhostOps``) stand for the source and destination
+QEMUs; one :class:`~vhostlab.frontend.guest.VirtioNetGuest` is the guest that
+moves. RAM is copied from the source guest's memfd to the destination's, in
+rounds, as QEMU's precopy does:
+
+1. ``vhost_log_global_start`` on the source: SET_LOG_BASE, SET_FEATURES with
+   VHOST_F_LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG (seed steps 1 and 2).
+2. Round 1 copies every page. Each later round first syncs the dirty
+   bitmap (QEMU's migration_bitmap_sync): the pages the guest wrote (tracked
+   by the front-end, as QEMU tracks vCPU writes) and the pages the back-end
+   wrote (``vhost_log_sync``: the vhost log, read and cleared), then copies
+   those pages. Frames flow both ways after each copy, so the back-end writes
+   RX frames into pages already copied: only the vhost log can say so.
+3. Stop: ``vhost_dev_stop`` on the source (GET_VRING_BASE per ring, then
+   ``vhost_log_put(sync=True)``: the final log sync; seed step 3), then the
+   last round copies what is still dirty, while nothing runs.
+4. The destination starts: ``vhost_dev_start`` (SET_VRING_BASE = what the
+   source's GET_VRING_BASE returned), SET_VRING_ENABLE, SEND_RARP; the guest
+   resumes on the destination's RAM and reads the frames the source back-end
+   had put in its RX buffers, now from the destination's memory.
+
+Integrity is checked, not assumed: every frame carries its own identity and
+content (frames.py); every RX frame the back-ends delivered must be read by
+the guest intact from guest memory, every TX frame must reach a wire exactly
+once, and at switch-over the two RAMs must be equal page for page.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vhostlab.backend import BackendServer, Wire
+from vhostlab.memory import GuestMemory
+
+from .channel import VhostUserChannel
+from .frames import GUEST_MAC, RX, TX, FrameLedger
+from .guest import TX_QUEUE, GuestError, VirtioNetGuest
+from .vhost_dev import VhostDev
+from .vhost_ops import VhostOps
+
+__all__ = ["BuiltinMigration", "RoundSnapshot", "CaptureWire", "MigrationError",
+           "copy_pages", "compare_pages", "ram_pages"]
+
+PAGE = 4096
+RARP_ETHERTYPE = b"\x80\x35"
+WAIT_TIMEOUT = 10.0
+
+
+class MigrationError(Exception):
+    """The migration could not be set up or driven (not an integrity failure)."""
+
+
+class CaptureWire(Wire):
+    """A wire that keeps every frame the guest transmitted (for the integrity check)."""
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: list[bytes] = []
+
+    def send(self, batch, queue_pair: int) -> None:
+        super().send(batch, queue_pair)
+        self.captured.extend(batch.frames())
+
+
+@dataclass(frozen=True)
+class RoundSnapshot:
+    """One round of RAM copy, for the labs to draw.
+
+    ``pages_dirtied_by_guest`` and ``pages_from_vhost_log`` are what the sync
+    before this round found (0 in round 1, which copies everything);
+    ``log_bitmap`` is the vhost log as the back-end had marked it since the
+    previous sync (one bit per page, bit ``p % 8`` of byte ``p // 8``).
+    """
+
+    round: int
+    phase: str                     # "live" or "stop-and-copy"
+    pages_copied: int
+    pages_dirtied_by_guest: int
+    pages_from_vhost_log: int
+    pages_from_both: int
+    log_bitmap: np.ndarray
+    guest_bitmap: np.ndarray
+    rx_frames_after_copy: int = 0
+    tx_frames_after_copy: int = 0
+
+    def summary(self) -> dict:
+        return {"round": self.round, "phase": self.phase, "pages_copied": self.pages_copied,
+                "pages_dirtied_by_guest": self.pages_dirtied_by_guest,
+                "pages_from_vhost_log": self.pages_from_vhost_log,
+                "rx_frames_after_copy": self.rx_frames_after_copy,
+                "tx_frames_after_copy": self.tx_frames_after_copy}
+
+
+def ram_pages(memory: GuestMemory) -> np.ndarray:
+    """Every page number inside a RAM region (the gaps of the pc layout are not RAM)."""
+    parts = [np.arange(r.guest_phys_addr // PAGE, (r.guest_phys_addr + r.memory_size) // PAGE,
+                       dtype=np.int64) for r in memory.regions]
+    return np.unique(np.concatenate(parts))
+
+
+def _runs(memory: GuestMemory, pages: np.ndarray):
+    """(gpa, length) of maximal runs of ``pages`` that stay inside one region."""
+    pages = np.unique(np.asarray(pages, dtype=np.int64))
+    for r in memory.regions:
+        first, end = r.guest_phys_addr // PAGE, (r.guest_phys_addr + r.memory_size) // PAGE
+        mine = pages[(pages >= first) & (pages < end)]
+        if not mine.size:
+            continue
+        breaks = np.flatnonzero(np.diff(mine) != 1) + 1
+        for run in np.split(mine, breaks):
+            yield int(run[0]) * PAGE, int(run.size) * PAGE
+
+
+def copy_pages(src: GuestMemory, dst: GuestMemory, pages: np.ndarray) -> int:
+    """Copy the given pages of guest RAM from ``src`` to ``dst``; returns pages copied."""
+    copied = 0
+    for gpa, length in _runs(src, pages):
+        dst.view(gpa, length)[:] = src.view(gpa, length)
+        copied += length // PAGE
+    return copied
+
+
+def compare_pages(a: GuestMemory, b: GuestMemory, pages: np.ndarray) -> np.ndarray:
+    """Page numbers among ``pages`` whose contents differ between ``a`` and ``b``."""
+    bad = []
+    for gpa, length in _runs(a, pages):
+        va = a.view(gpa, length).reshape(-1, PAGE)
+        vb = b.view(gpa, length).reshape(-1, PAGE)
+        diff = np.flatnonzero((va != vb).any(axis=1))
+        bad.append(diff + gpa // PAGE)
+        del va, vb
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
+
+
+def _reserve(ram_size: int) -> int:
+    """Address space for one guest RAM mapping: its regions plus guard pages, with room."""
+    return 4 * ram_size + (64 << 20)
+
+
+def _bitmap(pages: np.ndarray, npages: int) -> np.ndarray:
+    bits = np.zeros(npages, dtype=np.uint8)
+    bits[np.asarray(pages, dtype=np.int64)] = 1
+    return np.packbits(bits, bitorder="little")
+
+
+@dataclass
+class _Side:
+    """One host: its back-end server, its QEMU (VhostDev), its guest RAM."""
+
+    name: str
+    server: BackendServer
+    wire: CaptureWire
+    dev: VhostDev | None = None
+    memory: GuestMemory | None = None
+
+
+@dataclass
+class BuiltinMigration:
+    """Drive a whole migration; each phase is a method so the demo can narrate between them.
+
+    ``run()`` does every phase. ``rounds`` live rounds precede the stop;
+    ``frames_per_round`` frames go each way after each live copy (and once
+    before and once after migration). ``break_logging`` makes both back-ends
+    skip dirty logging, so the check must fail.
+    """
+
+    ram_size: int = 16 << 20
+    rounds: int = 3
+    frames_per_round: int = 16
+    break_logging: bool = False
+    queue_size: int = 256
+    snapshots: list = field(default_factory=list)
+    ops_called: list = field(default_factory=list)
+    rx: FrameLedger = field(default_factory=lambda: FrameLedger.new(RX))
+    tx: FrameLedger = field(default_factory=lambda: FrameLedger.new(TX))
+    pages_mismatched: np.ndarray | None = None
+    rarp_frames: int = 0
+    status: str = "not started"
+
+    def __post_init__(self) -> None:
+        self.src = self._side("source")
+        self.dst = self._side("destination")
+        self.problems: list[str] = []     # what went wrong on the way (not integrity)
+        self.guest: VirtioNetGuest | None = None
+        self._seq = {RX: 0, TX: 0}
+        self._lengths = np.random.default_rng(2020)
+        self._pending_log = np.zeros(0, np.int64)   # pages from the final sync in vhost_log_put
+
+    def _side(self, name: str) -> _Side:
+        wire = CaptureWire()
+        server = BackendServer(None, wire=wire, break_logging=self.break_logging)
+        return _Side(name, server, wire)
+
+    def _guest(self, what: str, fn, *args, default=None):
+        """Run a guest step; a GuestError (a ring not as the guest left it) is recorded."""
+        try:
+            return fn(*args)
+        except GuestError as exc:
+            self.problems.append(f"guest {what}: {exc}")
+            return default
+
+    def _receive(self) -> None:
+        for frame in self._guest("receive", self.guest.receive, default=[]):
+            self.rx.arrive(frame)
+
+    # -- phases -------------------------------------------------------------------
+    def start_backends(self) -> None:
+        """Start both back-end servers, each on its own private socket."""
+        for side in (self.src, self.dst):
+            side.server.start()
+
+    def _connect(self, side: _Side) -> VhostDev:
+        ops = VhostOps(VhostUserChannel.connect(side.server.socket_path))
+        ops.ops_called = self.ops_called           # one list, both QEMUs, in time order
+        side.dev = VhostDev(ops, dirty_sink=None)
+        return side.dev
+
+    def start_source(self) -> None:
+        """Source QEMU: vhost_dev_init, guest negotiates, vhost_net_start; guest posts RX."""
+        dev = self._connect(self.src)
+        dev.vhost_dev_init()
+        self.guest = VirtioNetGuest(self.ram_size, self.queue_size, GuestMemory.allocate(
+            self.ram_size, reserve=_reserve(self.ram_size)))
+        self.src.memory = self.guest.memory
+        self.guest.negotiate(dev.features)
+        dev.vhost_net_start(self.guest)
+        self.guest.post_rx_buffers()
+
+    def warm_up(self) -> None:
+        """Traffic before migration; the guest reads its RX frames at once."""
+        self.traffic(self.src)
+        self._receive()
+        self.guest.post_rx_buffers()
+
+    def start_destination(self) -> None:
+        """Destination QEMU at -incoming: connects and initialises, then waits."""
+        self._connect(self.dst).vhost_dev_init()
+        self.dst.memory = GuestMemory.allocate(self.ram_size, reserve=_reserve(self.ram_size))
+
+    def begin(self) -> None:
+        """Migration starts: vhost_log_global_start on the source (SET_LOG_BASE, LOG_ALL, F_LOG)."""
+        self.status = "active"
+        self.guest.take_guest_dirty()        # QEMU's bitmap starts all dirty: round 1 copies all
+        self.src.dev.vhost_log_global_start()
+
+    def copy_round(self, phase: str = "live") -> RoundSnapshot:
+        """One round: sync the dirty bitmap (not before round 1), then copy those pages."""
+        number = len(self.snapshots) + 1
+        npages = self.guest.npages
+        if number == 1:
+            guest_pages = log_pages = np.zeros(0, np.int64)
+            pages = ram_pages(self.src.memory)
+        else:
+            guest_pages = self.guest.take_guest_dirty().astype(np.int64)
+            log_pages = np.concatenate([self._pending_log, self._sync_log()])
+            self._pending_log = np.zeros(0, np.int64)
+            pages = np.union1d(guest_pages, log_pages)
+        self.src.dev.mark(f"round {number}: copy {pages.size} pages", phase=phase)
+        copied = copy_pages(self.src.memory, self.dst.memory, pages)
+        snap = RoundSnapshot(number, phase, copied, int(np.unique(guest_pages).size),
+                             int(np.unique(log_pages).size),
+                             int(np.intersect1d(guest_pages, log_pages).size),
+                             _bitmap(log_pages, npages), _bitmap(guest_pages, npages))
+        self.snapshots.append(snap)
+        return snap
+
+    def _sync_log(self) -> np.ndarray:
+        return self.src.dev.vhost_log_sync().astype(np.int64)
+
+    def traffic(self, side: _Side, n: int | None = None) -> tuple[int, int]:
+        """``n`` frames each way through ``side``'s back-end; wait until it has handled them."""
+        n = self.frames_per_round if n is None else n
+        snap = side.server.snapshot(trace=False).counters
+        rx0, tx0 = snap["guest_rx_frames"], snap["guest_tx_frames"]
+        rx_frames = [self._next(RX) for _ in range(n)]
+        tx_frames = [self._next(TX) for _ in range(n)]
+        sent = self._guest("transmit", self.guest.transmit, tx_frames, default=0)
+        side.server.inject(rx_frames)
+        done = side.server.wait_for(lambda s: s.counters["guest_rx_frames"] >= rx0 + n
+                                    and s.counters["guest_tx_frames"] >= tx0 + sent,
+                                    WAIT_TIMEOUT)
+        if not done:
+            c = side.server.snapshot(trace=False).counters
+            self.problems.append(
+                f"{side.name} back-end took {c['guest_tx_frames'] - tx0} of {sent} TX and "
+                f"delivered {c['guest_rx_frames'] - rx0} of {n} RX frames in {WAIT_TIMEOUT} s")
+        self._guest("reap", self.guest.reap, TX_QUEUE)
+        return n, sent
+
+    def _next(self, direction: int) -> bytes:
+        ledger = self.rx if direction == RX else self.tx
+        seq = self._seq[direction]
+        self._seq[direction] += 1
+        return ledger.send(seq, int(self._lengths.integers(60, 1515)))
+
+    def live_round(self) -> RoundSnapshot:
+        """A live round: copy, then frames both ways while the guest keeps running."""
+        snap = self.copy_round("live")
+        rx, tx = self.traffic(self.src)
+        snap = dataclasses.replace(snap, rx_frames_after_copy=rx, tx_frames_after_copy=tx)
+        self.snapshots[-1] = snap
+        return snap
+
+    def stop_source(self) -> dict[int, int]:
+        """vm_stop: vhost_dev_stop on the source (GET_VRING_BASE per ring, final log sync)."""
+        dev = self.src.dev
+        sink: list[np.ndarray] = []
+        dev.dirty_sink = sink.append
+        bases = dev.vhost_dev_stop(self.guest)
+        dev.dirty_sink = None
+        self._pending_log = (np.concatenate(sink).astype(np.int64) if sink
+                             else np.zeros(0, np.int64))
+        return bases
+
+    def final_round(self) -> RoundSnapshot:
+        """Stop-and-copy: the pages still dirty, then compare the two RAMs."""
+        snap = self.copy_round("stop-and-copy")
+        self.src.dev.vhost_log_global_stop()
+        self.pages_mismatched = compare_pages(self.src.memory, self.dst.memory,
+                                              ram_pages(self.src.memory))
+        return snap
+
+    def start_destination_device(self) -> None:
+        """The guest moves; destination vhost_net_start (SET_VRING_BASE from the source), RARP."""
+        self.guest.move_to(self.dst.memory)
+        dev = self.dst.dev
+        dev.vhost_net_start(self.guest)
+        dev.vhost_ops.vhost_migration_done(GUEST_MAC)
+        self.status = "completed"
+
+    def resume(self) -> None:
+        """The guest runs on the destination: reads what arrived, reposts, more traffic."""
+        self._receive()
+        self.guest.post_rx_buffers()
+        self._guest("reap", self.guest.reap, TX_QUEUE)
+        self.traffic(self.dst)
+        self._receive()
+
+    def check_wires(self) -> None:
+        """Every frame that reached either wire goes through the TX ledger (RARPs aside)."""
+        for side in (self.src, self.dst):
+            for frame in side.wire.captured:
+                if frame[12:14] == RARP_ETHERTYPE:
+                    self.rarp_frames += 1
+                else:
+                    self.tx.arrive(frame)
+
+    def run(self) -> dict:
+        """Every phase, in order; always closes what it opened. Returns ``summary()``."""
+        try:
+            self.start_backends()
+            self.start_source()
+            self.warm_up()
+            self.start_destination()
+            self.begin()
+            for _ in range(self.rounds):
+                self.live_round()
+            self.stop_source()
+            self.final_round()
+            self.start_destination_device()
+            self.resume()
+            self.check_wires()
+            return self.summary()
+        finally:
+            self.close()
+
+    # -- results --------------------------------------------------------------------
+    @property
+    def integrity_ok(self) -> bool:
+        rx, tx = self.rx.summary(), self.tx.summary()
+        return (self.pages_mismatched is not None and self.pages_mismatched.size == 0
+                and all(s["sent"] > 0 and s["lost"] == 0 and s["corrupted"] == 0
+                        and s["duplicated"] == 0 for s in (rx, tx))
+                and self.status == "completed")
+
+    def summary(self) -> dict:
+        """The JSON-ready result (what ``vhostlab demo --json`` prints)."""
+        rx, tx = self.rx.summary(), self.tx.summary()
+        src = self.src.dev
+        frames = {k: rx[k] + tx[k] for k in ("sent", "delivered", "lost", "corrupted")}
+        frames.update(duplicated=rx["duplicated"] + tx["duplicated"], rx=rx, tx=tx)
+        return {
+            "frontend": "builtin",
+            "migration": {"status": self.status, "rounds": len(self.snapshots),
+                          "pages_copied": sum(s.pages_copied for s in self.snapshots),
+                          "pages_mismatched": (int(self.pages_mismatched.size)
+                                               if self.pages_mismatched is not None else None),
+                          "per_round": [s.summary() for s in self.snapshots]},
+            "vhost_log": {"pages_logged": src.pages_logged if src else 0,
+                          "syncs": src.syncs if src else 0},
+            "frames": frames,
+            "rarp_frames": self.rarp_frames,
+            "problems": list(self.problems),
+            "break_logging": self.break_logging,
+            "integrity": "ok" if self.integrity_ok else "corrupted",
+            "ops_called": list(self.ops_called),
+        }
+
+    def close(self) -> None:
+        """Close devices, guest RAM and back-ends; idempotent."""
+        for side in (self.src, self.dst):
+            if side.dev is not None:
+                try:
+                    side.dev.vhost_dev_cleanup()
+                except Exception:
+                    pass
+        if self.guest is not None:
+            self.guest.close(close_memory=False)
+        for side in (self.src, self.dst):
+            if side.memory is not None:
+                side.memory.close()
+            side.server.stop()

@@ -1,0 +1,59 @@
+"""Marking the dirty-page log: the kernel the rings call while logging is on.
+
+The log (SET_LOG_BASE) is a bitmap with one bit per 4 KiB page of guest
+memory: page = GPA // 4096 is bit ``page % 8`` of byte ``page // 8``
+(vhost-user.rst, "Migration"; QEMU's vhost_log_chunk_t words read the same
+bits on a little-endian host). The back-end sets the bit of every page it
+writes while VHOST_F_LOG_ALL is on; QEMU clears bits concurrently with an
+atomic exchange (vhost_dev_sync_region), so setting must be an atomic OR
+(libvhost-user's vu_log_page, DPDK's vhost_log_page).
+
+This sits with the rings, not in ``dirtylog``, because the ring kernels call
+it; ``dirtylog.DirtyLog`` (the mapping, the front-end's sync) uses it too.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .atomics import atomic_or, atomic_or_py
+from .errors import E_LOG_RANGE, RING_OK
+
+__all__ = ["VHOST_LOG_PAGE", "vhost_log_write", "vhost_log_write_py"]
+
+VHOST_LOG_PAGE = 0x1000
+
+
+@njit(cache=True, nogil=True)
+def vhost_log_write(log, gpa, length):
+    """Mark the pages of [gpa, gpa + length) dirty in the bitmap ``log``.
+
+    Returns RING_OK, or E_LOG_RANGE without marking anything when the range
+    runs past the log (or gpa is negative). ``length <= 0`` marks nothing.
+    """
+    if length <= 0:
+        return RING_OK
+    if gpa < 0:
+        return E_LOG_RANGE
+    first = gpa // VHOST_LOG_PAGE
+    last = (gpa + length - 1) // VHOST_LOG_PAGE
+    if last // 8 >= log.size:
+        return E_LOG_RANGE
+    for page in range(first, last + 1):
+        atomic_or(log, page // 8, np.uint8(1 << (page % 8)))
+    return RING_OK
+
+
+def vhost_log_write_py(log, gpa, length):
+    """Plain-Python twin of :func:`vhost_log_write`."""
+    if length <= 0:
+        return RING_OK
+    if gpa < 0:
+        return E_LOG_RANGE
+    first = gpa // VHOST_LOG_PAGE
+    last = (gpa + length - 1) // VHOST_LOG_PAGE
+    if last // 8 >= log.size:
+        return E_LOG_RANGE
+    for page in range(first, last + 1):
+        atomic_or_py(log, page // 8, 1 << (page % 8))
+    return RING_OK
