@@ -14,6 +14,17 @@ Typical use::
         guest.post_rx_buffers()
         guest.transmit([frame])
         q.qmp.query_status()
+
+With vhostlab back-ends (:mod:`.host`), a live migration between two QEMUs
+with traffic and integrity checks (:mod:`.migration`, :mod:`.verify`), and
+the narrated ``vhostlab demo --frontend qemu`` (:mod:`.demo`)::
+
+    from vhostlab.qemu import MigrationConfig, QemuMigration
+
+    m = QemuMigration(MigrationConfig()).start()   # background thread
+    m.progress()                                   # rounds, events, phase
+    result = m.wait(60)
+    result.summary()["integrity"]                  # "ok"
 """
 from .errors import (
     GuestDriverError,
@@ -42,6 +53,7 @@ from .guest import (
     UsedElem,
     VirtioNetGuest,
 )
+from .host import MESSAGE_OPS, VhostUserHost, ops_called, process_peak_rss, vring_bases
 from .launcher import (
     DEFAULT_MAC,
     DEFAULT_RAM_SIZE,
@@ -56,8 +68,20 @@ from .launcher import (
     udp_socket_netdev,
     vhost_user_netdev,
 )
+from .migration import (
+    MigrationConfig,
+    MigrationFailedError,
+    MigrationProgress,
+    MigrationResult,
+    ProgressEvent,
+    QemuMigration,
+    RoundSnapshot,
+    migrate,
+)
 from .qmp import QMP, QmpEvent
 from .qtest import QTest, QTestServer
+from .traffic import FROM_GUEST, TO_GUEST, CaptureWire, FrameLedger, GuestDirtier, frame_tag
+from .verify import VerifyReport, check_handoff, verify_destination
 
 __all__ = [
     # launcher
@@ -71,6 +95,12 @@ __all__ = [
     "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
     "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
     "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",
+    # QEMU with vhostlab back-ends, live migration
+    "VhostUserHost", "MESSAGE_OPS", "ops_called", "vring_bases", "process_peak_rss",
+    "FrameLedger", "CaptureWire", "GuestDirtier", "frame_tag", "TO_GUEST", "FROM_GUEST",
+    "MigrationConfig", "QemuMigration", "MigrationResult", "MigrationProgress",
+    "ProgressEvent", "RoundSnapshot", "MigrationFailedError", "migrate",
+    "VerifyReport", "verify_destination", "check_handoff",
     # errors
     "QemuError", "QemuNotFoundError", "QemuStartError", "QemuExitedError",
     "QTestError", "QTestConnectionError", "QmpError", "QmpCommandError",

@@ -171,6 +171,8 @@ class QTest:
 
     def _lost(self, command: str, why: str) -> QTestConnectionError:
         what, info = self._diagnose() if self._diagnose else ("", {})
+        if len(command) > 80:  # a b64write line carries up to 87 KiB of base64
+            command = command[:60] + f"... ({len(command)} characters)"
         msg = f"qtest {command!r}: {why}"
         if what:
             msg += f"; {what}"

@@ -1,0 +1,271 @@
+"""``vhostlab demo --frontend qemu``: the seed's three migration steps, done by a real QEMU.
+
+Two QEMUs, each with its own vhostlab back-end (in this process), migrate a
+guest whose virtio-net driver runs over qtest, with frames flowing both ways.
+The narration follows the seed document's section 2 as it happens and quotes
+the messages exactly as the source back-end received them (its trace,
+decoded by the protocol layer). "->" is QEMU to back-end, "<-" the reply.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from typing import Callable
+
+from .errors import QemuError
+from .launcher import require_qemu
+from .migration import MigrationConfig, ProgressEvent, QemuMigration, RoundSnapshot
+
+__all__ = ["run_demo", "SEED_STEPS", "format_record"]
+
+EXIT_OK, EXIT_SETUP, EXIT_CORRUPTED = 0, 2, 3
+VHOST_F_LOG_ALL = 1 << 26
+MiB = 1 << 20
+
+# The seed document's own words for the three steps (section 2, "Live migration").
+SEED_STEPS = (
+    ("At first, QEMU needs to specify memory address for vhost backend to write "
+     "dirty page bitmap.", "vhost_dev_start()->vhost_set_log_base()"),
+    ("And then, QEMU needs to notify vhost backend to start writing dirty page bitmap.",
+     "vhost_log_global_start()->vhost_migration_log()->vhost_dev_set_log()"
+     "->vhost_dev_set_features()->vhost_set_features()"),
+    ("At last, QEMU needs to stop vhost backend and synchronize dirty page memory.",
+     "vhost_dev_stop()->vhost_virtqueue_stop()->vhost_get_vring_base()"),
+)
+STEP_NOTES = {
+    1: "The device already runs, so vhost_log_global_start() -> vhost_migration_log() "
+       "-> vhost_dev_log_resize() sends it, before step 2:",
+    2: "SET_FEATURES turns VHOST_F_LOG_ALL on; then vhost_dev_set_log() -> "
+       "vhost_virtqueue_set_addr() sets VHOST_VRING_F_LOG on each ring, so used-ring "
+       "writes are logged too (at log_guest_addr):",
+    3: "The source stopped (STOP): vhost_dev_stop() stops each ring and takes its "
+       "last_avail_idx:",
+}
+SEED_LOG_PUT = ("And when backend is stopped, vhost_log_put() is used to synchronize "
+                "dirty page memory.")
+
+
+_HEX_FIELDS = ("addr", "size", "offset")
+
+
+def _value(key: str, v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int) and any(h in key for h in _HEX_FIELDS):
+        return hex(v)
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_value(key, x) for x in v) + "]"
+    return str(v)
+
+
+def format_record(record) -> str:
+    """One back-end trace record as a line: arrow, request, decoded payload, fds."""
+    arrow = "->" if record.direction == "in" else "<-"
+    payload = record.fields.get("payload") or {}
+    shown = {k: v for k, v in payload.items() if not (k == "value" and "names" in payload)}
+    text = f"{arrow} {record.request}"
+    if shown:
+        text += " {" + ", ".join(f"{k}={_value(k, v)}" for k, v in shown.items()) + "}"
+    if record.fields.get("flags", 0) & 0x8:
+        text += " (need_reply)"
+    if record.nfds:
+        text += f" + {record.nfds} fd{'s' if record.nfds > 1 else ''}"
+    return text
+
+
+class _Narrator:
+    """Turns progress events into the seed's story, one line at a time."""
+
+    def __init__(self, out: Callable[[str], None], config: MigrationConfig):
+        self.out, self.config = out, config
+        self.step = 0               # seed steps announced so far
+        self.source_started = False
+        self.destination_seen = False
+        self.pending: str | None = None   # the request whose reply is shown next
+
+    def seed_step(self, n: int, note: str = "") -> None:
+        if self.step >= n:
+            return
+        self.step = n
+        why, seq = SEED_STEPS[n - 1]
+        self.out(f"\nSeed step {n}: \"{why}\"")
+        self.out(f"  Calling sequence: {seq}")
+        if note:
+            self.out(f"  {note}")
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        handler = getattr(self, f"on_{ev.kind}", None)
+        if handler is not None:
+            handler(ev)
+
+    def on_phase(self, ev: ProgressEvent) -> None:
+        c = self.config
+        if ev.data == "migrating":
+            self.out(f"\nQMP migrate (max-bandwidth {c.max_bandwidth / MiB:g} MiB/s, "
+                     f"downtime-limit {c.downtime_limit} ms). The guest keeps writing "
+                     "memory and frames flow both ways while QEMU copies RAM.")
+        elif ev.data in ("quiescing", "verifying", "after", "failed"):
+            self.out(f"\n{ev.text[:1].upper()}{ev.text[1:]}.")
+        elif ev.data == "warm-up":
+            self.out(f"Warm-up: {ev.text}.")
+
+    def on_messages(self, ev: ProgressEvent) -> None:
+        if ev.text == "source":
+            self._source(ev.data)
+        else:
+            self._destination(ev.data)
+
+    @staticmethod
+    def _seed_step_of(record) -> int:
+        """Which seed step a front-end request belongs to (0: none)."""
+        payload = record.fields.get("payload") or {}
+        if record.request == "SET_LOG_BASE":
+            return 1
+        if record.request == "SET_FEATURES" and payload.get("value", 0) & VHOST_F_LOG_ALL:
+            return 2
+        if record.request == "SET_VRING_ADDR" and payload.get("log"):
+            return 2
+        return 3 if record.request == "GET_VRING_BASE" else 0
+
+    def _source(self, records) -> None:
+        if not self.source_started:
+            self.source_started = True
+            n = sum(r.direction == "in" for r in records)
+            self.out(f"Source QEMU connected to back-end A and, at DRIVER_OK, started the "
+                     f"device: {n} messages (features, memory table, rings).")
+        for r in records:
+            if r.direction == "in":
+                step = self._seed_step_of(r)
+                self.pending = r.request if step else None
+                if not step:
+                    continue
+                self.seed_step(step, STEP_NOTES.get(step, ""))
+            elif r.request != self.pending:
+                continue
+            self.out(f"    {format_record(r)}")
+            payload = r.fields.get("payload") or {}
+            if r.direction == "out" and r.request == "GET_VRING_BASE" \
+                    and payload.get("index") == 1:
+                self.out(f"  \"{SEED_LOG_PUT}\" (QEMU reads and clears the vhost log "
+                         "one last time)")
+
+    def _destination(self, records) -> None:
+        if not self.destination_seen:
+            self.destination_seen = True
+            n = sum(r.direction == "in" for r in records)
+            self.out(f"Destination QEMU (-incoming) connected to back-end B: {n} messages, "
+                     "no memory table and no rings yet; it waits for the migration stream.")
+        bases = [r for r in records if r.request == "SET_VRING_BASE" and r.direction == "in"]
+        if self.step >= 3 and bases:
+            self.out("\nThe destination QEMU starts its device with the source's ring "
+                     "positions (vhost_virtqueue_start -> vhost_set_vring_base):")
+            for r in bases:
+                self.out(f"    [back-end B] {format_record(r)}")
+
+    def on_event(self, ev: ProgressEvent) -> None:
+        stop, resume = ev.data
+        when = time.strftime("%H:%M:%S", time.localtime(stop.timestamp))
+        self.out(f"  QMP events: STOP from the source at {when}"
+                 f".{int(stop.timestamp % 1 * 1e6):06d}, RESUME from the destination "
+                 f"{(resume.timestamp - stop.timestamp) * 1000:.1f} ms later")
+
+    def on_round(self, ev: ProgressEvent) -> None:
+        s: RoundSnapshot = ev.data
+        if s.status != "active":
+            return
+        self.out(f"  dirty sync {s.dirty_sync_count} at {s.time:.2f} s: "
+                 f"{s.transferred / MiB:.1f} MiB sent, {s.remaining / MiB:.2f} MiB to go; "
+                 f"the back-end had logged {s.pages_logged} pages "
+                 f"({s.rx_frames} RX / {s.tx_frames} TX frames, guest wrote "
+                 f"{s.guest_bytes_written / MiB:.1f} MiB)")
+
+    def on_frames(self, ev: ProgressEvent) -> None:
+        v = ev.data
+        self.out(f"  RX frames the source back-end wrote and the guest had not read: "
+                 f"{v.rx_expected}; in the destination's used ring: {v.rx_found}; "
+                 f"byte for byte intact in the destination's RAM: {v.rx_intact}")
+        for index, h in v.handoff.items():
+            self.out(f"  vring {index}: GET_VRING_BASE returned {h['get_vring_base']}, "
+                     f"SET_VRING_BASE carried {h['set_vring_base']}"
+                     + ("" if h["ok"] else "  <-- MISMATCH"))
+        for text in v.driver_errors:
+            self.out(f"  driver: {text}")
+
+
+def _run(config: MigrationConfig, narrator: _Narrator):
+    events: queue.Queue = queue.Queue()
+    migration = QemuMigration(config, on_progress=events.put).start()
+    try:
+        while True:
+            try:
+                narrator(events.get(timeout=0.5))
+            except queue.Empty:
+                if migration.progress().done:
+                    break
+        while not events.empty():
+            narrator(events.get_nowait())
+        return migration.wait(config.timeout + 30)
+    finally:
+        migration.close()
+
+
+def _failure_summary(config: MigrationConfig, error: str) -> dict:
+    zero = {"sent": 0, "delivered": 0, "lost": 0, "corrupted": 0, "duplicated": 0}
+    return {"frontend": "qemu", "qemu_version": None,
+            "migration": {"status": "failed", "rounds": 0, "error": error},
+            "vhost_log": {"pages_logged": 0, "syncs": 0}, "frames": dict(zero),
+            "frames_by_direction": {"to_guest": dict(zero), "from_guest": dict(zero)},
+            "integrity": "not checked", "ops_called": [], "dirty_sync_count": 0,
+            "total_time_ms": None, "downtime_ms": None,
+            "break_logging": config.break_logging, "error": error}
+
+
+def run_demo(as_json: bool = False, break_logging: bool = False,
+             out: Callable[[str], None] = print,
+             config: MigrationConfig | None = None) -> tuple[dict, int]:
+    """Migrate between two real QEMUs, narrating through ``out``; return (summary, exit code).
+
+    Exit code 0 when every frame survived the migration intact, 3 when not
+    (``break_logging`` must produce 3: the source back-end skips dirty
+    logging), 2 when QEMU is missing or the migration could not be done.
+    With ``as_json`` only the closing lines are narrated (the caller prints
+    the summary).
+    """
+    config = config or MigrationConfig(break_logging=break_logging)
+    if config.break_logging != break_logging:
+        config = MigrationConfig(**{**config.__dict__, "break_logging": break_logging})
+    try:
+        info = require_qemu(config.qemu)
+    except QemuError as exc:
+        out(f"cannot run the QEMU demo: {exc}")
+        return _failure_summary(config, str(exc)), EXIT_SETUP
+    say = (lambda text: None) if as_json else out
+    say(f"Two QEMU {info.version_string} (TCG, no guest OS: this process drives the guest's "
+        "virtio-net over qtest), each with its own vhostlab back-end in this process."
+        + (" The source back-end is told to skip dirty logging." if break_logging else ""))
+    result = _run(config, _Narrator(say, config))
+    summary = result.summary()
+    if result.error is not None or result.status != "completed":
+        why = result.error or f"migration status {result.status}"
+        out(f"the QEMU migration could not be done: {why}")
+        return summary, EXIT_SETUP
+    _report(summary, out)
+    return summary, EXIT_OK if summary["integrity"] == "ok" else EXIT_CORRUPTED
+
+
+def _report(summary: dict, out: Callable[[str], None]) -> None:
+    f, log = summary["frames"], summary["vhost_log"]
+    res = summary["resources"]
+    out("")
+    out(f"migration {summary['migration']['status']}: dirty-sync-count "
+        f"{summary['dirty_sync_count']}, total {summary['total_time_ms']} ms, downtime "
+        f"{summary['downtime_ms']} ms; vhost log: {log['pages_logged']} pages marked by the "
+        "back-end" + (" (told to skip dirty logging)" if summary["break_logging"] else ""))
+    for name, d in summary["frames_by_direction"].items():
+        out(f"frames {name.replace('_', ' ')}: sent {d['sent']}, delivered {d['delivered']}, "
+            f"lost {d['lost']}, corrupted {d['corrupted']}, duplicated {d['duplicated']}")
+    out(f"peak memory: QEMUs {sum(res['qemu_peak_rss_bytes'].values()) / MiB:.0f} MiB + "
+        f"this process {res['python_peak_rss_bytes'] / MiB:.0f} MiB")
+    for note in summary["notes"]:
+        out(f"note: {note}")
+    out(f"integrity: {summary['integrity']}")

@@ -1,0 +1,623 @@
+"""Live migration between two real QEMUs, each with its own vhostlab back-end.
+
+Theory of operation
+-------------------
+Two hosts (:class:`~.host.VhostUserHost`): the source QEMU runs the guest's
+virtio-net (driven over qtest) against back-end A; the destination QEMU,
+started with ``-incoming``, is connected to back-end B and waits. Both
+back-ends serve from background threads of this process.
+
+1. Warm-up: frames both ways on the source, read by the guest at once.
+2. ``migrate``: the source QEMU runs vhost_log_global_start (SET_LOG_BASE,
+   SET_FEATURES with VHOST_F_LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG:
+   the seed's steps 1 and 2) and copies RAM in rounds. Each round ends in a
+   bitmap sync (``dirty-sync-count`` in query-migrate), which also reads and
+   clears the vhost log (vhost_log_sync).
+3. While QEMU copies, the guest stays busy: it rewrites a working set with
+   random data and transmits frames (qtest writes, which QEMU tracks
+   itself), and the back-end writes frames into the guest's RX buffers
+   (which only the vhost log tells QEMU about). The guest does not read
+   those RX frames on the source: they must arrive in the destination's
+   RAM. ``max-bandwidth`` is tight and ``downtime-limit`` small, so QEMU
+   cannot switch over while the guest is busy; after ``busy_syncs`` syncs
+   a last RX burst lands (after QEMU copied those pages at least once) and
+   the guest goes quiet, so the next rounds converge.
+4. Switch-over: STOP on the source, vhost_dev_stop (GET_VRING_BASE per ring,
+   then vhost_log_put's final sync: seed step 3), the last pages, RESUME on
+   the destination, whose back-end gets SET_VRING_BASE.
+5. Checks: the driver resumes on the destination's qtest; every RX frame
+   the source back-end delivered is read from the destination's RAM at the
+   addresses the used ring gives, byte for byte; every TX frame reached a
+   back-end exactly once; the destination got in SET_VRING_BASE what the
+   source returned from GET_VRING_BASE; then more frames both ways on the
+   destination.
+
+Per round the orchestrator keeps a :class:`RoundSnapshot`: query-migrate's
+RAM counters and the vhost log as the source back-end marked it. QEMU
+clears the log at each sync, so the log is read at every step of the
+traffic loop and the readings are ORed until dirty-sync-count changes: the
+bitmap of a round is what the back-end marked between two observed syncs
+(marks made just before a sync and after the last reading are missed).
+
+Everything runs in one background thread (:meth:`QemuMigration.start`), so
+a notebook cell stays responsive; :meth:`QemuMigration.progress` returns a
+consistent immutable picture at any time, and ``on_progress`` receives
+:class:`ProgressEvent` objects as things happen.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from .errors import GuestDriverError, QemuError
+from .host import VhostUserHost, ops_called, process_peak_rss
+from .launcher import DEFAULT_RAM_SIZE
+from .traffic import FROM_GUEST, TO_GUEST, FrameLedger, GuestDirtier, is_rarp
+from .verify import VerifyReport, verify_destination
+
+__all__ = ["MigrationConfig", "RoundSnapshot", "ProgressEvent", "MigrationProgress",
+           "MigrationResult", "QemuMigration", "MigrationFailedError"]
+
+log = logging.getLogger("vhostlab.qemu")
+
+FINAL_STATES = ("completed", "failed", "cancelled")
+DELIVERY_TIMEOUT = 5.0
+RX_BUDGET = 200            # RX frames left unread during the migration (ring of 256)
+
+
+class MigrationFailedError(QemuError):
+    """The migration did not complete (QEMU said failed, or it did not finish in time)."""
+
+
+@dataclass(frozen=True)
+class MigrationConfig:
+    """How to migrate. Bandwidth in bytes/s, downtime in ms, times in s.
+
+    ``busy_syncs``: the guest keeps dirtying memory until dirty-sync-count
+    reaches this. ``working_set`` / ``dirty_rate``: how much guest RAM it
+    rewrites, how fast. ``rx_burst`` / ``tx_burst`` frames go each way every
+    ``burst_interval``. ``destination_uri`` replaces the destination QEMU's
+    own (to show a destination that never comes up).
+    """
+
+    ram_size: int = DEFAULT_RAM_SIZE
+    max_bandwidth: int = 2 << 20
+    downtime_limit: int = 10
+    busy_syncs: int = 4
+    working_set: int = 1 << 20
+    dirty_rate: int = 3 << 20
+    rx_burst: int = 8
+    tx_burst: int = 4
+    burst_interval: float = 0.2
+    tick: float = 0.02
+    warm_up_frames: int = 16
+    after_frames: int = 16
+    break_logging: bool = False
+    timeout: float = 60.0
+    qemu: str | None = None
+    destination_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class RoundSnapshot:
+    """One observed bitmap sync: query-migrate's RAM counters and the vhost log.
+
+    ``dirty_sync_count`` is the count QEMU reported when this snapshot was
+    taken; ``log_bitmap`` holds the pages the source back-end marked in the
+    vhost log since the previous snapshot (bit ``p % 8`` of byte ``p // 8``).
+    """
+
+    dirty_sync_count: int
+    time: float                   # s since migrate
+    status: str
+    transferred: int
+    remaining: int
+    dirty_pages_rate: int
+    log_bitmap: bytes
+    pages_logged: int
+    guest_bytes_written: int
+    rx_frames: int
+    tx_frames: int
+
+    def summary(self) -> dict:
+        """JSON-ready, without the bitmap."""
+        return {k: getattr(self, k) for k in (
+            "dirty_sync_count", "time", "status", "transferred", "remaining",
+            "dirty_pages_rate", "pages_logged", "guest_bytes_written", "rx_frames", "tx_frames")}
+
+    def logged_pages(self) -> np.ndarray:
+        """Page numbers set in :attr:`log_bitmap`."""
+        bits = np.unpackbits(np.frombuffer(self.log_bitmap, np.uint8), bitorder="little")
+        return np.flatnonzero(bits)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Something happened: ``kind`` is phase, round, messages, event or frames."""
+
+    kind: str
+    text: str
+    data: object = None
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """A consistent picture of a migration in progress (what the labs' views poll)."""
+
+    phase: str
+    status: str
+    dirty_sync_count: int
+    rounds: tuple[RoundSnapshot, ...]
+    events: tuple[dict, ...]
+    last_query: dict
+    error: str | None
+    elapsed: float
+    done: bool
+
+
+@dataclass
+class MigrationResult:
+    """What a migration did and whether every frame survived it."""
+
+    status: str = "not started"
+    qemu_version: str = ""
+    config: MigrationConfig = field(default_factory=MigrationConfig)
+    rounds: tuple[RoundSnapshot, ...] = ()
+    final_query: dict = field(default_factory=dict)
+    events: tuple[dict, ...] = ()
+    to_guest: dict = field(default_factory=dict)
+    from_guest: dict = field(default_factory=dict)
+    verify: VerifyReport | None = None
+    ops_called: list = field(default_factory=list)
+    pages_logged: int = 0
+    rarp_frames: int = 0
+    resources: dict = field(default_factory=dict)
+    wall_time: float = 0.0
+    error: str | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def dirty_sync_count(self) -> int:
+        return int(self.final_query.get("ram", {}).get("dirty-sync-count", 0))
+
+    @property
+    def integrity_ok(self) -> bool:
+        """Completed, nothing lost, corrupted or duplicated, ring positions handed over."""
+        ok_frames = all(d.get("sent", 0) and not (d["lost"] or d["corrupted"] or d["duplicated"])
+                        for d in (self.to_guest, self.from_guest))
+        return (self.status == "completed" and self.error is None and ok_frames
+                and self.verify is not None and self.verify.ok)
+
+    @property
+    def integrity(self) -> str:
+        """"ok", "corrupted", or "not checked" (the migration did not complete)."""
+        if self.integrity_ok:
+            return "ok"
+        return "corrupted" if self.status == "completed" and self.verify else "not checked"
+
+    def summary(self) -> dict:
+        """The JSON summary (the built-in demo's fields plus the real QEMU's numbers)."""
+        directions = {TO_GUEST: self.to_guest, FROM_GUEST: self.from_guest}
+        keys = ("sent", "delivered", "lost", "corrupted", "duplicated")
+        frames = {k: sum(d.get(k, 0) for d in directions.values()) for k in keys}
+        q = self.final_query
+        completed = self.status == "completed"
+        return {
+            "frontend": "qemu",
+            "qemu_version": self.qemu_version,
+            "migration": {"status": self.status, "rounds": self.dirty_sync_count,
+                          "max_bandwidth": self.config.max_bandwidth,
+                          "downtime_limit": self.config.downtime_limit,
+                          "transferred": q.get("ram", {}).get("transferred"),
+                          "per_round": [r.summary() for r in self.rounds],
+                          "error": self.error},
+            # QEMU reads the vhost log at every bitmap sync, and once more in
+            # vhost_log_put when vhost_dev_stop stops the device.
+            "vhost_log": {"pages_logged": self.pages_logged,
+                          "syncs": self.dirty_sync_count + (1 if completed else 0)},
+            "frames": frames,
+            "frames_by_direction": {k: dict(v) for k, v in directions.items()},
+            "integrity": self.integrity,
+            "ops_called": list(self.ops_called),
+            "dirty_sync_count": self.dirty_sync_count,
+            "total_time_ms": q.get("total-time"),
+            "downtime_ms": q.get("downtime"),
+            "break_logging": self.config.break_logging,
+            "vring_handoff": self.verify.handoff if self.verify else {},
+            "rarp_frames": self.rarp_frames,
+            "driver_errors": list(self.verify.driver_errors) if self.verify else [],
+            "events": list(self.events),
+            "notes": list(self.notes),
+            "resources": dict(self.resources),
+            "wall_time_s": round(self.wall_time, 3),
+        }
+
+
+class _Aborted(Exception):
+    """close() was called while the migration ran."""
+
+
+class QemuMigration:
+    """Migrate a guest between two QEMUs with vhostlab back-ends, traffic flowing both ways.
+
+    ``run()`` does it all in the calling thread and returns a
+    :class:`MigrationResult`; ``start()`` does it in a background thread
+    (then ``wait()``). ``progress()`` is safe to call from any thread.
+    ``on_progress`` is called (from the migration thread) with each
+    :class:`ProgressEvent`. Everything started is stopped when the run ends
+    (``keep=True`` keeps the hosts for inspection until ``close()``).
+    """
+
+    def __init__(self, config: MigrationConfig | None = None, *,
+                 on_progress: Callable[[ProgressEvent], None] | None = None, keep: bool = False):
+        self.config = config or MigrationConfig()
+        self.on_progress = on_progress
+        self.keep = keep
+        self.result = MigrationResult(config=self.config)
+        self.src: VhostUserHost | None = None
+        self.dst: VhostUserHost | None = None
+        self.rx = FrameLedger(TO_GUEST)
+        self.tx = FrameLedger(FROM_GUEST)
+        self._rng = random.Random(2020)
+        self._lock = threading.Lock()
+        self._phase = "not started"
+        self._rounds: list[RoundSnapshot] = []
+        self._query: dict = {}
+        self._t0 = self._t_migrate = 0.0
+        self._abort = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._trace_seq = {"source": 0, "destination": 0}
+        self._acc_log: np.ndarray | None = None
+        self._round_stats = [0, 0, 0]           # guest bytes, rx frames, tx frames
+        self._rx_unread = 0                     # RX frames delivered, not read by the guest
+        self.dirtier: GuestDirtier | None = None
+        self._guest_state: dict | None = None
+        self._pages_logged0 = 0                 # the source back-end's count when migrate began
+        self._last_guest_action = 0.0           # time.time() after the last qtest action
+
+    # -- running -------------------------------------------------------------------
+    def start(self) -> "QemuMigration":
+        """Run in a background thread; returns at once."""
+        if self._thread is not None:
+            raise RuntimeError("this migration was already started")
+        self._thread = threading.Thread(target=self.run, name="vhostlab-qemu-migration",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> MigrationResult:
+        """Wait for the background run; raises TimeoutError if it is still going."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the migration is still running after {timeout} s")
+        return self.result
+
+    def run(self) -> MigrationResult:
+        """Every phase, in order. Returns the result; failures are in ``result.error``."""
+        self._t0 = time.monotonic()
+        try:
+            self._setup()
+            self._warm_up()
+            self._migrate()
+            self._verify()
+            self._set_phase("done", "migration finished")
+        except _Aborted:
+            self.result.error = "aborted: close() was called"
+            self._set_phase("failed", self.result.error)
+        except Exception as exc:  # reported in the result; the hosts are closed below
+            log.debug("migration failed", exc_info=True)
+            self.result.error = f"{exc.__class__.__name__}: {exc}"
+            self._set_phase("failed", self.result.error)
+        finally:
+            self._finish()
+        return self.result
+
+    def close(self) -> None:
+        """Stop the run if it is going, and every QEMU and back-end. Idempotent."""
+        self._abort.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(self.config.timeout + 30)
+        for host in (self.src, self.dst):
+            if host is not None:
+                host.close()
+
+    def __enter__(self) -> "QemuMigration":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- progress ----------------------------------------------------------------------
+    def progress(self) -> MigrationProgress:
+        """A consistent, immutable picture of the run so far."""
+        with self._lock:
+            q = self._query
+            return MigrationProgress(
+                phase=self._phase, status=q.get("status", "not started"),
+                dirty_sync_count=int(q.get("ram", {}).get("dirty-sync-count", 0)),
+                rounds=tuple(self._rounds), events=self._events(), last_query=dict(q),
+                error=self.result.error, elapsed=time.monotonic() - self._t0 if self._t0 else 0.0,
+                done=self._done.is_set())
+
+    def _emit(self, kind: str, text: str, data: object = None) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(ProgressEvent(kind, text, data))
+        except Exception:  # a broken view must not break the migration
+            log.exception("on_progress callback failed")
+
+    def _set_phase(self, phase: str, text: str) -> None:
+        with self._lock:
+            self._phase = phase
+        self._emit("phase", text, phase)
+
+    def _check_abort(self) -> None:
+        if self._abort.is_set():
+            raise _Aborted()
+
+    def _events(self) -> tuple[dict, ...]:
+        out = []
+        for who, host in (("source", self.src), ("destination", self.dst)):
+            try:
+                events = host.qemu.qmp.events if host is not None else []
+            except Exception:
+                continue
+            out += [{"qemu": who, "event": e.name, "timestamp": e.timestamp, "data": e.data}
+                    for e in events]
+        return tuple(sorted(out, key=lambda e: e["timestamp"]))
+
+    def _new_messages(self) -> None:
+        """Hand the back-ends' new trace records to ``on_progress``."""
+        for who, host in (("source", self.src), ("destination", self.dst)):
+            if host is None or host._own.server is None:
+                continue
+            records = host.server.trace.records(since=self._trace_seq[who])
+            if records:
+                self._trace_seq[who] = records[-1].seq
+                self._emit("messages", who, records)
+
+    # -- phases ------------------------------------------------------------------------
+    def _setup(self) -> None:
+        c = self.config
+        self._set_phase("starting", "starting two back-ends and two QEMUs")
+        self.src = VhostUserHost("source", ram_size=c.ram_size, break_logging=c.break_logging,
+                                 qemu=c.qemu).start()
+        self.result.qemu_version = self.src.qemu.info.version_string
+        self.dst = VhostUserHost("destination", ram_size=c.ram_size, incoming=True,
+                                 qemu=c.qemu).start()
+        guest = self.src.init_guest()
+        self.dirtier = GuestDirtier(guest, c.working_set, c.dirty_rate)
+        self.dirtier.fill()
+        guest.post_rx_buffers()
+        self._new_messages()
+
+    def _frames(self, ledger: FrameLedger, n: int) -> list[bytes]:
+        return [ledger.make(self._rng.randint(60, 1514)) for _ in range(n)]
+
+    def _warm_up(self) -> None:
+        n = self.config.warm_up_frames
+        self._set_phase("warm-up", f"{n} frames each way before migrating; the guest reads them")
+        self._exchange(self.src, n)
+
+    def _exchange(self, host: VhostUserHost, n: int) -> None:
+        """``n`` frames each way through ``host``; the guest reads its RX frames at once."""
+        guest = host.guest
+        base = host.counters()
+        guest.transmit(self._frames(self.tx, n))
+        host.server.inject(self._frames(self.rx, n))
+        got, deadline = [], time.monotonic() + DELIVERY_TIMEOUT
+        while len(got) < n and time.monotonic() < deadline:
+            got += guest.receive(timeout=deadline - time.monotonic())
+        for frame in got:
+            self.rx.arrive(frame)
+        host.server.wait_for(lambda s: s.counters["guest_tx_frames"] >= base["guest_tx_frames"] + n,
+                             DELIVERY_TIMEOUT)
+        self._take_wire(host)
+
+    def _take_wire(self, host: VhostUserHost) -> None:
+        for frame in host.wire.take():
+            if is_rarp(frame):
+                self.result.rarp_frames += 1
+            else:
+                self.tx.arrive(frame)
+
+    def _migrate(self) -> None:
+        c, qmp = self.config, self.src.qemu.qmp
+        self._set_phase("migrating", "migrate: QEMU starts dirty logging and copies RAM in rounds")
+        qmp.migrate_set_capabilities(events=True)
+        qmp.migrate_set_parameters(max_bandwidth=c.max_bandwidth, downtime_limit=c.downtime_limit)
+        self._pages_logged0 = self.src.counters()["pages_logged"]
+        self._t_migrate = time.monotonic()
+        qmp.migrate(c.destination_uri or self.dst.migration_uri)
+        self._busy_rounds()
+        self._set_phase("quiescing", "the guest goes quiet; QEMU converges and switches over")
+        self._converge()
+        self._set_phase("switch-over", "the source stopped; the destination runs")
+        self._await_switch_over()
+
+    def _poll(self) -> str:
+        """Read the vhost log and query-migrate; close a round when the sync count moved."""
+        self._new_messages()
+        snap = self.src.server.snapshot(trace=False).log
+        if snap is not None:
+            bits = np.frombuffer(snap.bitmap, np.uint8)
+            if self._acc_log is None or self._acc_log.size != bits.size:
+                self._acc_log = bits.copy()
+            else:
+                self._acc_log |= bits
+        q = self.src.qemu.qmp.query_migrate()
+        with self._lock:
+            before = int(self._query.get("ram", {}).get("dirty-sync-count", 0))
+            self._query = q
+        count = int(q.get("ram", {}).get("dirty-sync-count", 0))
+        status = q.get("status", "none")
+        if count != before or (status in FINAL_STATES and count):
+            self._close_round(q, count, status)
+        return status
+
+    def _close_round(self, q: dict, count: int, status: str) -> None:
+        if self._rounds and self._rounds[-1].dirty_sync_count == count:
+            return
+        ram = q.get("ram", {})
+        bitmap = self._acc_log if self._acc_log is not None else np.zeros(0, np.uint8)
+        snap = RoundSnapshot(
+            dirty_sync_count=count, time=round(time.monotonic() - self._t_migrate, 4),
+            status=status, transferred=int(ram.get("transferred", 0)),
+            remaining=int(ram.get("remaining", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            log_bitmap=bitmap.tobytes(), pages_logged=int(np.bitwise_count(bitmap).sum()),
+            guest_bytes_written=self._round_stats[0], rx_frames=self._round_stats[1],
+            tx_frames=self._round_stats[2])
+        self._acc_log = None
+        self._round_stats = [0, 0, 0]
+        with self._lock:
+            self._rounds.append(snap)
+        self._emit("round", f"dirty sync {count}", snap)
+
+    def _check_status(self, status: str) -> None:
+        if status in ("failed", "cancelled"):
+            desc = self._query.get("error-desc", "no error-desc given")
+            raise MigrationFailedError(f"migration {status}: {desc}")
+        if time.monotonic() - self._t_migrate > self.config.timeout:
+            self._cancel()
+            raise MigrationFailedError(
+                f"migration not finished after {self.config.timeout:g} s "
+                f"(status {status}); cancelled")
+
+    def _cancel(self) -> None:
+        try:
+            self.src.qemu.qmp.execute("migrate_cancel")
+        except QemuError:
+            pass
+
+    def _busy_rounds(self) -> None:
+        """Guest writes, TX and RX bursts, and polling, until ``busy_syncs`` syncs."""
+        c = self.config
+        next_burst = time.monotonic()
+        while True:
+            self._check_abort()
+            status = self._poll()
+            self._check_status(status)
+            count = int(self._query.get("ram", {}).get("dirty-sync-count", 0))
+            if status == "completed":
+                return              # converged early; _verify accounts for what happened
+            if status == "active" and count >= c.busy_syncs:
+                break
+            self._round_stats[0] += self.dirtier.catch_up()
+            if time.monotonic() >= next_burst and status == "active":
+                self._burst()
+                next_burst = time.monotonic() + c.burst_interval
+            self._last_guest_action = time.time()
+            time.sleep(c.tick)
+        # A last burst: RX frames into pages QEMU has copied at least once. Then quiet.
+        self._burst()
+        self._round_stats[0] += self.dirtier.catch_up()
+        self._last_guest_action = time.time()
+        self._guest_state = self.src.guest.export_state()
+
+    def _burst(self) -> None:
+        """TX and RX frames on the source; waits until its back-end has handled them."""
+        c, host = self.config, self.src
+        base = host.counters()
+        sent_tx = len(host.guest.transmit(self._frames(self.tx, c.tx_burst)))
+        n_rx = min(c.rx_burst, RX_BUDGET - self._rx_unread)
+        frames = self._frames(self.rx, n_rx) if n_rx > 0 else []
+        if frames:
+            host.server.inject(frames)
+        ok = host.server.wait_for(
+            lambda s: s.counters["guest_rx_frames"] >= base["guest_rx_frames"] + len(frames)
+            and s.counters["guest_tx_frames"] >= base["guest_tx_frames"] + sent_tx,
+            DELIVERY_TIMEOUT)
+        delivered = host.counters()["guest_rx_frames"] - base["guest_rx_frames"]
+        self._rx_unread += delivered
+        self._round_stats[1] += delivered
+        self._round_stats[2] += sent_tx
+        if not ok:
+            self.result.notes.append(
+                f"the source back-end handled {delivered} of {len(frames)} RX frames (and "
+                f"not all of {sent_tx} TX frames) within {DELIVERY_TIMEOUT:g} s")
+        self._take_wire(host)
+
+    def _converge(self) -> None:
+        while True:
+            self._check_abort()
+            status = self._poll()
+            self._check_status(status)
+            if status == "completed":
+                return
+            time.sleep(self.config.tick)
+
+    def _await_switch_over(self) -> None:
+        src, dst = self.src.qemu.qmp, self.dst.qemu.qmp
+        stop = src.wait_event("STOP", timeout=10)
+        resume = dst.wait_event("RESUME", timeout=30)
+        # RESUME can come before the destination's vhost_dev_start has finished.
+        self.dst.server.wait_for(lambda s: s.vrings and all(v.started for v in s.vrings),
+                                 DELIVERY_TIMEOUT)
+        self._new_messages()
+        self._emit("event", "STOP on the source, RESUME on the destination", (stop, resume))
+        if stop.timestamp < self._last_guest_action:
+            # The guest (this process) must act like a vCPU: nothing after STOP.
+            # Both times are this host's wall clock (QMP timestamps are QEMU's).
+            self.result.notes.append(
+                f"the source stopped {self._last_guest_action - stop.timestamp:.3f} s before "
+                "the guest's last action: that action may be lost (the guest stalled "
+                "long enough for QEMU to converge while it was still busy)")
+
+    def _verify(self) -> None:
+        self._set_phase("verifying", "the driver resumes on the destination; checking frames")
+        if self._guest_state is None:      # converged before the guest went quiet
+            self._guest_state = self.src.guest.export_state()
+        self._take_wire(self.src)          # TX frames the source back-end took before the stop
+        report = verify_destination(self.src, self.dst, self._guest_state, self.rx,
+                                    expected_rx=self._rx_unread)
+        self.result.verify = report
+        self._emit("frames", "frames checked on the destination", report)
+        self._set_phase("after", f"{self.config.after_frames} frames each way on the destination")
+        try:
+            self._exchange(self.dst, self.config.after_frames)
+        except GuestDriverError as exc:
+            report.driver_errors.append(f"after the switch-over: {exc.message}")
+        self._take_wire(self.dst)
+
+    def _finish(self) -> None:
+        r = self.result
+        try:
+            self._new_messages()
+            if self.src is not None and self.src._own.server is not None:
+                r.pages_logged = self.src.counters()["pages_logged"] - self._pages_logged0
+                r.ops_called = ops_called(self.src.trace(),
+                                          self.dst.trace() if self.dst else ())
+            with self._lock:
+                r.final_query = dict(self._query)
+                r.rounds = tuple(self._rounds)
+            r.status = self._query.get("status", "not started")
+            r.events = self._events()
+            r.to_guest, r.from_guest = self.rx.summary(), self.tx.summary()
+            r.resources = self._resources()
+        finally:
+            r.wall_time = time.monotonic() - self._t0
+            if not self.keep:
+                for host in (self.src, self.dst):
+                    if host is not None:
+                        host.close()
+            self._done.set()
+
+    def _resources(self) -> dict:
+        qemus = {h.name: h.qemu_peak_rss() for h in (self.src, self.dst) if h is not None}
+        me = process_peak_rss()
+        return {"qemu_peak_rss_bytes": qemus, "python_peak_rss_bytes": me,
+                "total_peak_rss_bytes": sum(qemus.values()) + me}
+
+
+def migrate(config: MigrationConfig | None = None, **kwargs) -> MigrationResult:
+    """Run one migration in this thread: ``migrate(MigrationConfig(break_logging=True))``."""
+    config = replace(config or MigrationConfig(), **kwargs)
+    return QemuMigration(config).run()
