@@ -39,7 +39,7 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lab: install
-	$(BIN)/jupyter lab labs/
+	$(BIN)/vhostlab lab labs
 
 bench: install
 	$(BIN)/vhostlab bench

@@ -41,5 +41,54 @@ def test_doctor_names_the_fix_for_a_missing_qemu(tmp_path):
 
 def test_help_lists_the_subcommands():
     out = vhostlab("--help")
-    for sub in ("doctor", "demo", "bench", "lab"):
+    for sub in ("doctor", "demo", "serve", "bench", "lab", "assign", "grade"):
         assert sub in out.stdout
+
+
+def _demo_json(*args: str) -> tuple[dict, int]:
+    out = vhostlab("demo", "--json", *args)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line on stdout, got {out.stdout!r}\n{out.stderr}"
+    return json.loads(lines[0]), out.returncode
+
+
+def test_demo_builtin_delivers_every_frame():
+    summary, code = _demo_json("--frontend", "builtin")
+    assert code == 0
+    assert summary["frontend"] == "builtin" and summary["integrity"] == "ok"
+    frames = summary["frames"]
+    assert frames["sent"] > 0 and frames["delivered"] == frames["sent"]
+    assert frames["lost"] == frames["corrupted"] == 0
+    assert summary["migration"]["status"] == "completed"
+    assert summary["vhost_log"]["pages_logged"] > 0 and summary["vhost_log"]["syncs"] >= 1
+    assert "vhost_set_log_base" in summary["ops_called"]
+
+
+def test_demo_builtin_with_broken_logging_is_caught():
+    summary, code = _demo_json("--frontend", "builtin", "--break-logging")
+    assert code == 3
+    assert summary["integrity"] == "corrupted"
+    assert summary["frames"]["lost"] + summary["frames"]["corrupted"] > 0
+
+
+def test_demo_qemu_migrates_with_integrity(requires_qemu):
+    summary, code = _demo_json("--frontend", "qemu")
+    assert code == 0, summary
+    assert summary["frontend"] == "qemu" and summary["integrity"] == "ok"
+    assert summary["migration"]["status"] == "completed"
+    assert summary["dirty_sync_count"] >= 3
+    assert summary["frames"]["lost"] == summary["frames"]["corrupted"] == 0
+    for key in ("qemu_version", "total_time_ms", "downtime_ms", "frames_by_direction"):
+        assert key in summary
+
+
+def test_demo_qemu_with_broken_logging_exits_3(requires_qemu):
+    summary, code = _demo_json("--frontend", "qemu", "--break-logging")
+    assert code == 3 and summary["integrity"] == "corrupted"
+
+
+def test_demo_recorded_narrates_the_seed_sequence():
+    out = vhostlab("demo", "--frontend", "recorded")
+    assert out.returncode == 0
+    text = out.stdout
+    assert text.index("SET_LOG_BASE") < text.index("GET_VRING_BASE")

@@ -1,67 +1,49 @@
 """The `vhostlab` command: one subcommand per job a learner or instructor has.
 
-Subcommands import their module lazily so that `vhostlab doctor` answers even
-when numba or another heavy dependency is broken.
+Each subcommand lives in its own module, which defines ``add_arguments(parser)``
+and ``run(args) -> int``. Only the chosen subcommand's module is imported, so
+`vhostlab doctor` answers even when numba or another heavy layer is broken,
+and `vhostlab --help` is instant.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-
-def _doctor(args: argparse.Namespace) -> int:
-    from vhostlab import doctor
-    return doctor.main(as_json=args.json)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from vhostlab import demo
-    return demo.run(args)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from vhostlab import bench
-    return bench.run(args)
+#: name -> (module, one-line help)
+SUBCOMMANDS = {
+    "doctor": ("vhostlab.doctor", "what this machine offers the labs, and how to get what is missing"),
+    "demo": ("vhostlab.demo", "a narrated live migration showing the real vhost-user messages"),
+    "serve": ("vhostlab.backend.serve", "run the vhost-user-net back-end on a unix socket"),
+    "bench": ("vhostlab.bench", "numba kernels against their Python twins (--peer dpdk: against DPDK)"),
+    "lab": ("vhostlab.lab", "open JupyterLab on the labs"),
+    "assign": ("vhostlab.exercises.assign", "make student notebooks from instructor sources"),
+    "grade": ("vhostlab.exercises.grade", "grade a class's submitted notebooks"),
+}
 
 
-def _lab(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-    labs = Path(args.dir)
-    os.execvp(sys.executable, [sys.executable, "-m", "jupyterlab", str(labs)])
-    return 0  # not reached
+def _chosen(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """A parser whose chosen subcommand (if any) has its full set of options."""
     parser = argparse.ArgumentParser(prog="vhostlab", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("doctor", help="what this machine offers the labs")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.set_defaults(func=_doctor)
-
-    p = sub.add_parser("demo", help="a narrated live migration showing the real vhost-user messages")
-    p.add_argument("--frontend", choices=("auto", "builtin", "qemu", "recorded"), default="auto",
-                   help="who plays QEMU's part (auto: real QEMU when present)")
-    p.add_argument("--json", action="store_true", help="print one JSON summary instead of the narration")
-    p.add_argument("--break-logging", action="store_true",
-                   help="make the back-end skip dirty logging; the integrity check must then fail")
-    p.set_defaults(func=_demo)
-
-    p = sub.add_parser("bench", help="numba kernels against their Python twins")
-    p.add_argument("--json", action="store_true", help="machine-readable results")
-    p.add_argument("--peer", choices=("none", "dpdk"), default="none",
-                   help="dpdk: DPDK's virtio-user transmits into this back-end and into DPDK's own")
-    p.set_defaults(func=_bench)
-
-    p = sub.add_parser("lab", help="open JupyterLab on the labs")
-    p.add_argument("dir", nargs="?", default="labs")
-    p.set_defaults(func=_lab)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _chosen(argv)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

@@ -40,6 +40,15 @@ def _runner(frontend: str):
     return run_demo
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--frontend", choices=("auto", "builtin", "qemu", "recorded"), default="auto",
+                        help="who plays QEMU's part (auto: real QEMU when present, else built-in)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON summary on stdout (narration goes to stderr)")
+    parser.add_argument("--break-logging", action="store_true",
+                        help="make the back-end skip dirty logging; the integrity check must then fail")
+
+
 def run(args) -> int:
     frontend = choose(args.frontend)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print

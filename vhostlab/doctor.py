@@ -167,7 +167,12 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def main(as_json: bool = False) -> int:
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable report")
+
+
+def run(args) -> int:
+    """Print the report; always 0, because a missing piece has a fallback or a fix line."""
     report = collect()
-    print(json.dumps(report.to_dict(), indent=2) if as_json else render(report))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
     return 0

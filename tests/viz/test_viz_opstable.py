@@ -1,0 +1,55 @@
+"""The VhostOps table view, drawn from the front-end layer's table."""
+from __future__ import annotations
+
+import html
+import re
+
+from vhostlab.frontend.optable import VHOST_OPS_TABLE
+from vhostlab.viz import VhostOpsTableView
+
+
+def _rows(page: str) -> dict[str, str]:
+    """op name -> the text of its table row."""
+    out = {}
+    for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", page, flags=re.S):
+        text = html.unescape(re.sub(r"<[^>]+>", " ", tr))
+        words = text.split()
+        if words and words[0].startswith("vhost_"):
+            out[words[0]] = text
+    return out
+
+
+def test_every_op_with_its_message_and_ioctl():
+    page = VhostOpsTableView().to_html()
+    rows = _rows(page)
+    assert list(rows) == [op.name for op in VHOST_OPS_TABLE]
+    assert len(rows) == 35
+    for op in VHOST_OPS_TABLE:
+        text = rows[op.name]
+        for message in op.messages if op.user and not op.local else ():
+            assert message in text, (op.name, message)
+        if op.kernel_ioctl:
+            assert op.kernel_ioctl in text
+        assert ("user_ops leaves it NULL" in text) == (not op.user)
+        assert ("kernel_ops leaves it NULL" in text) == (not op.kernel)
+        assert ("uses it" in text) == op.migration
+    nmig = sum(op.migration for op in VHOST_OPS_TABLE)
+    assert page.count("<tr class='mig'>") == nmig
+    assert f"{nmig} used by live migration" in page
+
+
+def test_call_counts_are_read_from_the_device_each_render():
+    device = {"ops_called": ["vhost_set_owner"]}
+    view = VhostOpsTableView(device=device, only_migration=False)
+    rows = _rows(view.to_html())
+    assert rows["vhost_set_owner"].split()[-1] == "1"
+    device["ops_called"] += ["vhost_set_log_base", "vhost_set_log_base"]
+    rows = _rows(view.to_html())
+    assert rows["vhost_set_log_base"].split()[-1] == "2"
+    assert rows["vhost_get_vring_base"].split()[-1] == "0"
+
+
+def test_only_migration_keeps_the_migration_ops():
+    rows = _rows(VhostOpsTableView(only_migration=True).to_html())
+    assert set(rows) == {op.name for op in VHOST_OPS_TABLE if op.migration}
+    assert {"vhost_set_log_base", "vhost_set_features", "vhost_get_vring_base"} <= set(rows)
