@@ -34,7 +34,9 @@ import sys
 import numpy as np
 from numba import njit
 
+from .ring import atomics
 from .ring.atomics import atomic_xchg, atomic_xchg_py
+from .ring.cache import depends_on
 from .ring.errors import RING_OK
 from .ring.log import VHOST_LOG_PAGE, vhost_log_write
 
@@ -94,6 +96,8 @@ def vhost_dev_sync_region(log64, first_chunk, last_chunk, pages):
                 n += 1
     return n
 
+
+depends_on(vhost_dev_sync_region, atomics)
 
 def vhost_dev_sync_region_py(log64, first_chunk, last_chunk, pages):
     """Plain-Python twin of :func:`vhost_dev_sync_region`."""
@@ -194,7 +198,8 @@ class DirtyLog:
         """Mark every page of [gpa, gpa + length) dirty (atomic OR), or raise
         LogRangeError without marking anything if the range leaves the log."""
         self._check_open()
-        if vhost_log_write(self.bitmap, int(gpa), int(length)) != RING_OK:
+        if not (0 <= gpa < 1 << 63 and 0 <= length < 1 << 63) or \
+                vhost_log_write(self.bitmap, int(gpa), int(length)) != RING_OK:
             last = (gpa + max(length, 1) - 1) // VHOST_LOG_PAGE
             raise LogRangeError(
                 f"mark_range gpa {gpa:#x} length {length:#x}: page {last} lies past the "

@@ -51,7 +51,6 @@ the value and the limit.
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import stat
@@ -218,6 +217,7 @@ class GuestMemory:
 
     def __init__(self, *, max_regions: int = VHOST_USER_MAX_RAM_SLOTS,
                  reserve: int = DEFAULT_RESERVE) -> None:
+        self._closed = True           # until fully built: close() does nothing
         if max_regions < 1:
             raise ValueError(f"max_regions = {max_regions}: must be >= 1")
         self.max_regions = max_regions

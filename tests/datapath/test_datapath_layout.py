@@ -96,3 +96,26 @@ def test_all_names_exist_and_packages_reexport_their_modules(module):
                     "rx", "log"):
             for name in importlib.import_module(f"vhostlab.ring.{sub}").__all__:
                 assert name in mod.__all__, f"vhostlab.ring does not re-export {sub}.{name}"
+
+
+def test_kernel_cache_stamp_follows_the_files_it_is_built_from(tmp_path, monkeypatch):
+    """numba stamps a cached kernel with its own file only; depends_on folds
+    the helper files in, so editing a helper makes the cache stale."""
+    from numba import njit
+    from vhostlab.ring.cache import depends_on
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "dp_helper_mod.py").write_text("X = 1\n")
+    (tmp_path / "dp_kernel_mod.py").write_text("def f(x):\n    return x + 1\n")
+    helper = importlib.import_module("dp_helper_mod")
+    kernel_mod = importlib.import_module("dp_kernel_mod")
+
+    def stamp_with(helper_source: str) -> str:
+        (tmp_path / "dp_helper_mod.py").write_text(helper_source)
+        dispatcher = njit(cache=True)(kernel_mod.f)
+        plain = dispatcher._cache._cache_file._source_stamp
+        depends_on(dispatcher, helper)
+        assert dispatcher._cache._cache_file._source_stamp != plain
+        return dispatcher._cache._cache_file._source_stamp
+
+    assert stamp_with("X = 1\n") == stamp_with("X = 1\n")
+    assert stamp_with("X = 1\n") != stamp_with("X = 2\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_datapath_support import BUF_GPA, NEXT, Rig, net_hdr
+from test_datapath_support import BUF_GPA, Rig, net_hdr
 from vhostlab.dirtylog import DirtyLog
 from vhostlab.memory import GuestMemory
 from vhostlab.ring import (VRING_AVAIL_F_NO_INTERRUPT, FrameArena, Virtqueue,

@@ -7,6 +7,7 @@ Modules, bottom up:
     errors     status codes and the RingError family
     log        vhost_log_write: marking the dirty log (used by the kernels)
     chain      the descriptor-chain walker and used-ring publishing
+    cache      keeps the kernels' numba cache in step with all their sources
     tx, rx     the burst kernels: vring_tx_burst, vring_rx_burst
     arena      FrameArena, the frames a burst moves
     virtqueue  Virtqueue: the device side (libvhost-user's VuVirtq)
@@ -19,7 +20,7 @@ cached on disk (numba ``cache=True``).
 """
 from .arena import MAX_FRAME_SIZE, FrameArena
 from .atomics import (atomic_or, atomic_or_py, atomic_xchg, atomic_xchg_py, borrow, borrow_py,
-                      fence_seq_cst,
+                      fence_seq_cst, keep_alive, keep_alive_py,
                       fence_seq_cst_py, load_acquire, load_acquire_py, load_relaxed,
                       load_relaxed_py, smp_load_acquire, smp_mb, smp_store_release,
                       store_release, store_release_py)
@@ -64,13 +65,13 @@ __all__ = [
     "load_acquire", "load_acquire_py", "store_release", "store_release_py",
     "load_relaxed", "load_relaxed_py", "atomic_or", "atomic_or_py", "atomic_xchg",
     "atomic_xchg_py", "fence_seq_cst", "fence_seq_cst_py", "borrow", "borrow_py",
-    "smp_load_acquire",
-    "smp_store_release", "smp_mb",
+    "keep_alive", "keep_alive_py", "smp_load_acquire", "smp_store_release", "smp_mb",
     # status codes and errors
     "RING_OK", "E_AVAIL_IDX", "E_HEAD", "E_NEXT", "E_LOOP", "E_INDIRECT_NESTED",
     "E_INDIRECT_NEXT", "E_INDIRECT_LEN", "E_INDIRECT_ALIGN", "E_ZERO_LEN", "E_BUF_ADDR",
     "E_CHAIN_LEN", "E_CHAIN_SHORT", "E_FRAME_TOO_BIG", "E_DIRECTION", "E_RING_NUM",
-    "E_RING_ADDR", "E_RING_ALIGN", "E_LOG_RANGE", "E_ARENA", "ERRORS", "RingError", "AvailIndexError", "DescriptorIndexError",
+    "E_RING_ADDR", "E_RING_ALIGN", "E_LOG_RANGE", "E_ARENA", "ERRORS", "RingError",
+    "AvailIndexError", "DescriptorIndexError",
     "DescriptorLoopError", "IndirectDescriptorError", "ZeroLengthBufferError",
     "BufferAddressError", "ChainLengthError", "DescriptorDirectionError",
     "RingConfigError", "RingAddressError", "RingLogError", "ring_error",

@@ -57,8 +57,9 @@ from numba.extending import intrinsic
 
 __all__ = [
     "load_acquire", "store_release", "load_relaxed", "atomic_or", "atomic_xchg",
-    "fence_seq_cst", "borrow", "borrow_py", "load_acquire_py", "store_release_py", "load_relaxed_py",
-    "atomic_or_py", "atomic_xchg_py", "fence_seq_cst_py",
+    "fence_seq_cst", "borrow", "borrow_py", "keep_alive", "keep_alive_py",
+    "load_acquire_py", "store_release_py", "load_relaxed_py", "atomic_or_py",
+    "atomic_xchg_py", "fence_seq_cst_py",
     "smp_load_acquire", "smp_store_release", "smp_mb",
 ]
 
@@ -168,6 +169,26 @@ def borrow(typingctx, arr):
 def borrow_py(arr):
     """Twin of :func:`borrow`: the array itself."""
     return arr
+
+
+@intrinsic
+def keep_alive(typingctx, arr):
+    """Do nothing, but count as a use of ``arr``.
+
+    numba frees an array after its last use; a kernel that borrows an array it
+    allocated itself calls ``keep_alive(owner)`` after the last use of the
+    borrowed one, so the owner lives until then.
+    """
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.get_dummy_value()
+    return types.void(arr), codegen
+
+
+def keep_alive_py(arr):
+    """Twin of :func:`keep_alive`: nothing to do."""
 
 
 # --- plain-Python twins: plain numpy accesses (see the module docstring) ---

@@ -33,7 +33,8 @@ class VirtqueueDriver:
 
     ``desc``, ``avail``, ``used`` are GPAs; with ``avail``/``used`` omitted the
     legacy layout (``vring_layout(desc, num, align)``) is used. The ring is
-    zeroed on creation.
+    zeroed on creation. The driver holds numpy views of guest memory:
+    :meth:`close` it before closing the memory.
     """
 
     def __init__(self, memory, num: int, desc: int, avail: int | None = None,
@@ -149,3 +150,8 @@ class VirtqueueDriver:
     def in_flight(self) -> int:
         """Chains added and not yet returned."""
         return len(self._chains)
+
+    def close(self) -> None:
+        """Drop the views of guest memory (they keep it mapped, see
+        GuestMemory.close). The driver is unusable afterwards."""
+        self.views = self._avail16 = self._used16 = None

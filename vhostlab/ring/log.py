@@ -16,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import atomics, errors
 from .atomics import atomic_or, atomic_or_py
+from .cache import depends_on
 from .errors import E_LOG_RANGE, RING_OK
 
 __all__ = ["VHOST_LOG_PAGE", "vhost_log_write", "vhost_log_write_py"]
@@ -33,27 +35,24 @@ def vhost_log_write(log, gpa, length):
     """
     if length <= 0:
         return RING_OK
-    if gpa < 0:
+    # Compare without computing gpa + length: near 2**63 that sum would wrap.
+    covered = log.size * 8 * VHOST_LOG_PAGE         # bytes of guest memory the log covers
+    if gpa < 0 or gpa >= covered or length > covered - gpa:
         return E_LOG_RANGE
-    first = gpa // VHOST_LOG_PAGE
-    last = (gpa + length - 1) // VHOST_LOG_PAGE
-    if last // 8 >= log.size:
-        return E_LOG_RANGE
-    for page in range(first, last + 1):
+    for page in range(gpa // VHOST_LOG_PAGE, (gpa + length - 1) // VHOST_LOG_PAGE + 1):
         atomic_or(log, page // 8, np.uint8(1 << (page % 8)))
     return RING_OK
 
+
+depends_on(vhost_log_write, atomics, errors)
 
 def vhost_log_write_py(log, gpa, length):
     """Plain-Python twin of :func:`vhost_log_write`."""
     if length <= 0:
         return RING_OK
-    if gpa < 0:
+    covered = log.size * 8 * VHOST_LOG_PAGE
+    if gpa < 0 or gpa >= covered or length > covered - gpa:
         return E_LOG_RANGE
-    first = gpa // VHOST_LOG_PAGE
-    last = (gpa + length - 1) // VHOST_LOG_PAGE
-    if last // 8 >= log.size:
-        return E_LOG_RANGE
-    for page in range(first, last + 1):
+    for page in range(gpa // VHOST_LOG_PAGE, (gpa + length - 1) // VHOST_LOG_PAGE + 1):
         atomic_or_py(log, page // 8, 1 << (page % 8))
     return RING_OK

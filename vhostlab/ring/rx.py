@@ -9,9 +9,10 @@ header has it), the number of chains the frame took.
 
 Without MRG_RXBUF a frame takes one chain; a frame larger than its chain is
 dropped (counted in ``dropped``) and the chain stays available, as Linux's
-vhost-net does (what was already written into it stays there, and is logged). With MRG_RXBUF (``mrg_rxbuf`` non-zero, 5.1.6.4) a frame
-spans as many chains as it needs; each goes in the used ring with the bytes
-written into it, and they are published together.
+vhost-net does (what was already written into it stays there, and is
+logged). With MRG_RXBUF (``mrg_rxbuf`` non-zero, 5.1.6.4) a frame spans as
+many chains as it needs; each goes in the used ring with the bytes written
+into it, and they are published together, once the whole frame is in.
 
 While logging is on (``log`` non-empty) every guest page written is marked
 in the dirty log, and with VHOST_VRING_F_LOG the used-ring writes too.
@@ -23,11 +24,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .atomics import borrow, load_acquire
-from .chain import (_U16, CHAIN_END, CUR_INDEX, CUR_TABLE_GPA, chain_next, chain_next_py,
-                    chain_start, chain_start_py, copy_bytes, fail, fail_py, map_ring,
-                    map_ring_py, publish_used, publish_used_py, put_used_elem_py)
-from .errors import E_ARENA, E_AVAIL_IDX, E_HEAD, E_LOG_RANGE, RING_OK
+from .. import memory
+from . import atomics, chain, errors, layout
+from . import log as log_kernels
+from .atomics import borrow, keep_alive
+from .cache import depends_on
+from .chain import (CHAIN_END, CUR_INDEX, CUR_TABLE_GPA, avail_head, avail_head_py,
+                    avail_ready, avail_ready_py, chain_next, chain_next_py, chain_start,
+                    chain_start_py, copy_bytes, fail, fail_py, map_ring, map_ring_py,
+                    publish_used, publish_used_py, put_used_elem, put_used_elem_py)
+from .errors import E_ARENA, E_LOG_RANGE, RING_OK
 from .layout import MAX_HDR_LEN
 from .log import vhost_log_write, vhost_log_write_py
 
@@ -66,6 +72,115 @@ def _write_stream_py(mv, buf, count, pos, hdr_len, arena, src, nb):
     mv[buf + k:buf + count] = arena[start:start + count - k]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def rx_fill_chain(host, h16, h32, h64, regions, log, s, desc, head, arena, src, total, pos,
+                  hdr_len, nb):
+    """Write bytes ``pos..total`` of header-then-frame into chain ``head`` as
+    far as it goes, walking (and checking) the whole chain; logs what it
+    writes. Returns ``(status, pos, written)``."""
+    cur = chain_start(desc, s["num"], head)
+    written = 0
+    while True:
+        status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, True)
+        if status != RING_OK:
+            break
+        count = min(length, total - pos)
+        if count > 0:
+            _write_stream(host, buf, count, pos, hdr_len, arena, src, nb)
+            pos += count
+            written += count
+            if log.size > 0 and vhost_log_write(log, gpa, count) != RING_OK:
+                return fail(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA], gpa,
+                            log.size), pos, written
+    return (RING_OK if status == CHAIN_END else status), pos, written
+
+
+def rx_fill_chain_py(mv, frames, regions, log, s, desc, head, src, total, pos, hdr_len, nb):
+    """Twin of :func:`rx_fill_chain` (``mv``, ``frames``: memoryviews of guest
+    memory and of the arena)."""
+    cur = chain_start_py(desc, int(s["num"]), head)
+    written = 0
+    while True:
+        status, buf, gpa, length, cur = chain_next_py(mv, regions, s, cur, True)
+        if status != RING_OK:
+            break
+        count = min(length, total - pos)
+        if count > 0:
+            _write_stream_py(mv, buf, count, pos, hdr_len, frames, src, nb)
+            pos += count
+            written += count
+            if log.size > 0 and vhost_log_write_py(log, gpa, count) != RING_OK:
+                return fail_py(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA], gpa,
+                               log.size), pos, written
+    return (RING_OK if status == CHAIN_END else status), pos, written
+
+
+@njit(cache=True, nogil=True, inline="always")
+def rx_write_frame(host, h16, h32, h64, regions, log, s, desc, avail, position, left, arena,
+                   src, size, hdr_len, mrg_rxbuf, pending, nb):
+    """Write one frame into the chains at avail ``position`` on (``left`` of
+    them are available): one chain, or with MRG_RXBUF as many as it takes.
+
+    Returns ``(status, chains, whole)``; ``pending[:chains]`` holds each
+    chain's (head, bytes written), ``whole`` says the entire frame went in.
+    """
+    total, pos, chains = hdr_len + size, 0, 0
+    while pos < total or chains == 0:
+        if chains >= left:
+            break                                   # out of buffers
+        status, head = avail_head(h16, s, avail, position + chains)
+        if status != RING_OK:
+            return status, chains, False
+        status, pos, written = rx_fill_chain(host, h16, h32, h64, regions, log, s, desc,
+                                             head, arena, src, total, pos, hdr_len, nb)
+        if status != RING_OK:
+            return status, chains, False
+        pending[chains, 0], pending[chains, 1] = head, written
+        chains += 1
+        if not mrg_rxbuf:
+            break
+    return RING_OK, chains, chains > 0 and pos >= total
+
+
+def rx_write_frame_py(mv, frames, regions, log, s, desc, avail, position, left, src, size,
+                      hdr_len, mrg_rxbuf, pending, nb):
+    """Twin of :func:`rx_write_frame` (``pending`` a list it fills)."""
+    total, pos, chains = hdr_len + size, 0, 0
+    while pos < total or chains == 0:
+        if chains >= left:
+            break
+        status, head = avail_head_py(mv, s, avail, position + chains)
+        if status != RING_OK:
+            return status, chains, False
+        status, pos, written = rx_fill_chain_py(mv, frames, regions, log, s, desc, head,
+                                                src, total, pos, hdr_len, nb)
+        if status != RING_OK:
+            return status, chains, False
+        pending.append((head, written))
+        chains += 1
+        if not mrg_rxbuf:
+            break
+    return RING_OK, chains, chains > 0 and pos >= total
+
+
+@njit(cache=True, nogil=True)
+def rx_commit_frame(host, h32, used, first, mask, pending, chains, nb, hdr_len):
+    """The frame is in: num_buffers = chains (MRG_RXBUF), and its chains'
+    used elements from used slot ``first`` on (published with the burst)."""
+    if chains > 1 and hdr_len >= _NUM_BUFFERS + 2:
+        host[nb[0]], host[nb[1]] = chains & 0xFF, chains >> 8
+    for c in range(chains):
+        put_used_elem(h32, used, (first + c) & mask, pending[c, 0], pending[c, 1])
+
+
+def rx_commit_frame_py(mv, used, first, mask, pending, nb, hdr_len):
+    """Twin of :func:`rx_commit_frame` (``pending`` a list)."""
+    if len(pending) > 1 and hdr_len >= _NUM_BUFFERS + 2:
+        mv[nb[0]], mv[nb[1]] = len(pending) & 0xFF, len(pending) >> 8
+    for c, (head, written) in enumerate(pending):
+        put_used_elem_py(mv, used, (first + c) & mask, head, written)
+
+
 @njit(cache=True, nogil=True)
 def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr_len,
                    mrg_rxbuf):
@@ -81,77 +196,46 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
     h16, h32, h64 = (borrow(host.view(np.uint16)), borrow(host.view(np.uint32)),
                      borrow(host.view(np.uint64)))
     regions, host, arena, log = borrow(regions), borrow(host), borrow(arena), borrow(log)
-    num = s["num"]
-    mask = num - 1
-    last, used_idx = s["last_avail_idx"], s["used_idx"]
-    avail_idx = np.int64(load_acquire(h16, (avail + 2) >> 1))   # acquire
-    ready = (avail_idx - last) & 0xFFFF
-    if ready > num:
-        return fail(s, E_AVAIL_IDX, -1, last, -1, avail_idx, num), 0
-    nb = np.empty(2, np.int64)
-    # (head, bytes written) of the current frame's chains: they go in the used
-    # ring only once the whole frame is in (nothing is written for a frame
-    # that is dropped or waits for buffers).
-    pending = np.empty((num, 2), np.int64)
+    status, ready = avail_ready(h16, s, avail)
+    if status != RING_OK:
+        return status, 0
+    last, used_idx, mask = s["last_avail_idx"], s["used_idx"], s["num"] - 1
+    # A frame's chains go in the used ring only once all of it is written.
+    pending_owner, nb_owner = np.empty((s["num"], 2), np.int64), np.empty(2, np.int64)
+    pending = borrow(pending_owner)
+    nb = borrow(nb_owner)                  # where num_buffers' two bytes went
     taken = f = delivered = nbytes = dropped = 0
     while f < nframes:
         src, size = offsets[f], lengths[f]
         if src < 0 or size < 0 or src + size > arena.size:
             status = E_ARENA                    # the caller's bug: ring not broken
             break
-        total, pos, chains = hdr_len + size, 0, 0
-        while pos < total or chains == 0:
-            if taken + chains >= ready:
-                break                           # out of buffers
-            slot = (last + taken + chains) & mask
-            head = np.int64(h16[((avail + 4) >> 1) + slot])
-            if head >= num:
-                status = fail(s, E_HEAD, -1, slot, -1, head, num)
-                break
-            cur = chain_start(desc, num, head)
-            written = 0
-            while True:     # walk the whole chain, writing while bytes remain
-                status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, True)
-                if status != RING_OK:
-                    break
-                count = min(length, total - pos)
-                if count > 0:
-                    _write_stream(host, buf, count, pos, hdr_len, arena, src, nb)
-                    pos += count
-                    written += count
-                    if log.size > 0 and vhost_log_write(log, gpa, count) != RING_OK:
-                        status = fail(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA],
-                                      gpa, log.size)
-                        break
-            if status != CHAIN_END:
-                break
-            status = RING_OK
-            pending[chains, 0], pending[chains, 1] = head, written
-            chains += 1
-            if not mrg_rxbuf:
-                break
+        status, chains, whole = rx_write_frame(
+            host, h16, h32, h64, regions, log, s, desc, avail, last + taken, ready - taken,
+            arena, src, size, hdr_len, mrg_rxbuf, pending, nb)
         if status != RING_OK:
             break
-        if pos < total or chains == 0:
-            if not mrg_rxbuf and chains == 1:   # too big for its chain: drop it
-                dropped += 1
+        if not whole:
+            if not mrg_rxbuf and chains == 1:   # too big for its chain: dropped,
+                dropped += 1                    # the chain stays available
                 f += 1
                 continue
             break                               # wait for more buffers
-        if chains > 1 and hdr_len >= _NUM_BUFFERS + 2:
-            host[nb[0]], host[nb[1]] = chains & 0xFF, chains >> 8
-        for c in range(chains):
-            elem = ((used + 4) >> 2) + 2 * ((used_idx + taken + c) & mask)
-            h32[elem], h32[elem + 1] = pending[c, 0], pending[c, 1]
+        rx_commit_frame(host, h32, used, used_idx + taken, mask, pending, chains, nb, hdr_len)
         taken += chains
         nbytes += size
         delivered += 1
         f += 1
+    keep_alive(pending_owner)              # the borrowed views were used up to here
+    keep_alive(nb_owner)
     s["frames"] += delivered
     s["bytes"] += nbytes
     s["dropped"] += dropped
     published = publish_used(h16, log, s, avail, used, taken)
     return (status if status != RING_OK else published), f
+
+
+depends_on(vring_rx_burst, memory, atomics, chain, errors, layout, log_kernels)
 
 
 def vring_rx_burst_py(host, regions, vq, log, arena, offsets, lengths, nframes, hdr_len,
@@ -167,13 +251,10 @@ def vring_rx_burst_py(host, regions, vq, log, arena, offsets, lengths, nframes, 
     if status != RING_OK:
         return status, 0
     mv, frames = memoryview(host), memoryview(arena)
-    num = int(s["num"])
-    mask = num - 1
-    last, used_idx = int(s["last_avail_idx"]), int(s["used_idx"])
-    avail_idx = _U16.unpack_from(mv, avail + 2)[0]           # acquire in the kernel
-    ready = (avail_idx - last) & 0xFFFF
-    if ready > num:
-        return fail_py(s, E_AVAIL_IDX, -1, last, -1, avail_idx, num), 0
+    status, ready = avail_ready_py(mv, s, avail)
+    if status != RING_OK:
+        return status, 0
+    last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
     nb = [0, 0]
     taken = f = delivered = nbytes = dropped = 0
     while f < nframes:
@@ -181,49 +262,19 @@ def vring_rx_burst_py(host, regions, vq, log, arena, offsets, lengths, nframes, 
         if src < 0 or size < 0 or src + size > arena.size:
             status = E_ARENA
             break
-        total, pos, chains, pending = hdr_len + size, 0, 0, []
-        while pos < total or chains == 0:
-            if taken + chains >= ready:
-                break
-            slot = (last + taken + chains) & mask
-            head = _U16.unpack_from(mv, avail + 4 + 2 * slot)[0]
-            if head >= num:
-                status = fail_py(s, E_HEAD, -1, slot, -1, head, num)
-                break
-            cur = chain_start_py(desc, num, head)
-            written = 0
-            while True:
-                status, buf, gpa, length, cur = chain_next_py(mv, table, s, cur, True)
-                if status != RING_OK:
-                    break
-                count = min(length, total - pos)
-                if count > 0:
-                    _write_stream_py(mv, buf, count, pos, hdr_len, frames, src, nb)
-                    pos += count
-                    written += count
-                    if log.size > 0 and vhost_log_write_py(log, gpa, count) != RING_OK:
-                        status = fail_py(s, E_LOG_RANGE, head, cur[CUR_INDEX],
-                                         cur[CUR_TABLE_GPA], gpa, log.size)
-                        break
-            if status != CHAIN_END:
-                break
-            status = RING_OK
-            pending.append((head, written))
-            chains += 1
-            if not mrg_rxbuf:
-                break
+        pending = []
+        status, chains, whole = rx_write_frame_py(
+            mv, frames, table, log, s, desc, avail, last + taken, ready - taken, src, size,
+            hdr_len, mrg_rxbuf, pending, nb)
         if status != RING_OK:
             break
-        if pos < total or chains == 0:
+        if not whole:
             if not mrg_rxbuf and chains == 1:
                 dropped += 1
                 f += 1
                 continue
             break
-        if chains > 1 and hdr_len >= _NUM_BUFFERS + 2:
-            mv[nb[0]], mv[nb[1]] = chains & 0xFF, chains >> 8
-        for c, (chain_head, written) in enumerate(pending):
-            put_used_elem_py(mv, used, (used_idx + taken + c) & mask, chain_head, written)
+        rx_commit_frame_py(mv, used, used_idx + taken, mask, pending, nb, hdr_len)
         taken += chains
         nbytes += size
         delivered += 1

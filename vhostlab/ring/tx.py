@@ -20,16 +20,72 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .atomics import borrow, load_acquire
-from .chain import (_U16, CHAIN_END, CUR_TOTAL, chain_next, chain_next_py, chain_start,
-                    chain_start_py, copy_bytes, fail, fail_py, map_ring, map_ring_py,
-                    publish_used, publish_used_py, put_used_elem_py)
-from .errors import E_ARENA, E_AVAIL_IDX, E_CHAIN_SHORT, E_FRAME_TOO_BIG, E_HEAD, RING_OK
+from .. import memory
+from . import atomics, chain, errors, layout
+from . import log as log_kernels
+from .atomics import borrow
+from .cache import depends_on
+from .chain import (CHAIN_END, CUR_TOTAL, avail_head, avail_head_py, avail_ready,
+                    avail_ready_py, chain_next, chain_next_py, chain_start, chain_start_py,
+                    copy_bytes, fail, fail_py, map_ring, map_ring_py, publish_used,
+                    publish_used_py, put_used_elem, put_used_elem_py)
+from .errors import E_ARENA, E_CHAIN_SHORT, E_FRAME_TOO_BIG, RING_OK
 from .layout import MAX_HDR_LEN
 
 __all__ = ["vring_tx_burst", "vring_tx_burst_py"]
 
-_ARENA_FULL = -2
+_ARENA_FULL = -2     # tx_copy_chain: the chain does not fit (not an error)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena, cursor, hdr_len):
+    """Copy chain ``head``'s readable bytes, minus ``hdr_len`` header bytes,
+    to ``arena[cursor:]``; returns ``(status, end)``.
+
+    status is RING_OK, an error, or _ARENA_FULL (then ``end`` is where the
+    frame would have ended).
+    """
+    cur = chain_start(desc, s["num"], head)
+    skip = hdr_len
+    while True:
+        status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, False)
+        if status != RING_OK:
+            break
+        strip = min(skip, length)                   # the virtio-net header
+        skip -= strip
+        count = length - strip
+        if cursor + count > arena.size:
+            return _ARENA_FULL, cursor + count
+        copy_bytes(arena, cursor, host, buf + strip, count)
+        cursor += count
+    if status != CHAIN_END:
+        return status, cursor
+    if skip > 0:
+        return fail(s, E_CHAIN_SHORT, head, head, -1, cur[CUR_TOTAL], hdr_len), cursor
+    return RING_OK, cursor
+
+
+def tx_copy_chain_py(mv, out, regions, s, desc, head, arena, cursor, hdr_len):
+    """Twin of :func:`tx_copy_chain` (``mv``, ``out``: memoryviews of guest
+    memory and of the arena)."""
+    cur = chain_start_py(desc, int(s["num"]), head)
+    skip = hdr_len
+    while True:
+        status, buf, gpa, length, cur = chain_next_py(mv, regions, s, cur, False)
+        if status != RING_OK:
+            break
+        strip = min(skip, length)
+        skip -= strip
+        count = length - strip
+        if cursor + count > arena.size:
+            return _ARENA_FULL, cursor + count
+        out[cursor:cursor + count] = mv[buf + strip:buf + length]
+        cursor += count
+    if status != CHAIN_END:
+        return status, cursor
+    if skip > 0:
+        return fail_py(s, E_CHAIN_SHORT, head, head, -1, cur[CUR_TOTAL], hdr_len), cursor
+    return RING_OK, cursor
 
 
 @njit(cache=True, nogil=True)
@@ -43,62 +99,40 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
     status, desc, avail, used = map_ring(regions, s)
     if status != RING_OK:
         return status, 0
+    # Borrowed arrays: passing them to the helpers costs no reference counting.
     h16, h32, h64 = (borrow(host.view(np.uint16)), borrow(host.view(np.uint32)),
                      borrow(host.view(np.uint64)))
     regions, host, arena, log = borrow(regions), borrow(host), borrow(arena), borrow(log)
-    num = s["num"]
-    mask = num - 1
-    last, used_idx = s["last_avail_idx"], s["used_idx"]
-    # Acquire: the ring entries and descriptors below are read after this.
-    avail_idx = np.int64(load_acquire(h16, (avail + 2) >> 1))
-    ready = (avail_idx - last) & 0xFFFF
-    if ready > num:
-        return fail(s, E_AVAIL_IDX, -1, last, -1, avail_idx, num), 0
+    status, ready = avail_ready(h16, s, avail)
+    if status != RING_OK:
+        return status, 0
     limit = min(ready, max_frames, offsets.size, lengths.size)
+    last, used_idx, mask = s["last_avail_idx"], s["used_idx"], s["num"] - 1
     n = cursor = nbytes = 0
     while n < limit:
-        slot = (last + n) & mask
-        head = np.int64(h16[((avail + 4) >> 1) + slot])
-        if head >= num:
-            status = fail(s, E_HEAD, -1, slot, -1, head, num)
+        status, head = avail_head(h16, s, avail, last + n)
+        if status != RING_OK:
             break
-        cur = chain_start(desc, num, head)
-        start, skip, count = cursor, hdr_len, 0
-        while True:
-            status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, False)
-            if status != RING_OK:
-                break
-            strip = min(skip, length)           # the virtio-net header
-            skip -= strip
-            count = length - strip
-            if cursor + count > arena.size:
-                status = _ARENA_FULL
-                break
-            copy_bytes(arena, cursor, host, buf + strip, count)
-            cursor += count
-        if status == _ARENA_FULL:
-            if n == 0:                          # not even an empty arena holds it
-                status = fail(s, E_FRAME_TOO_BIG, head, head, -1,
-                              cursor - start + count, arena.size)
-            else:                               # it waits for the next burst
-                status = RING_OK
-            cursor = start
+        status, end = tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena,
+                                    cursor, hdr_len)
+        if status == _ARENA_FULL:               # stays available for the next burst,
+            status = RING_OK if n else fail(    # unless not even an empty arena holds it
+                s, E_FRAME_TOO_BIG, head, head, -1, end - cursor, arena.size)
             break
-        if status != CHAIN_END:
+        if status != RING_OK:
             break
-        if skip > 0:
-            status = fail(s, E_CHAIN_SHORT, head, head, -1, cur[CUR_TOTAL], hdr_len)
-            break
-        status = RING_OK
-        offsets[n], lengths[n] = start, cursor - start
-        nbytes += cursor - start
-        elem = ((used + 4) >> 2) + 2 * ((used_idx + n) & mask)
-        h32[elem], h32[elem + 1] = head, 0     # used elem {id, len}
+        offsets[n], lengths[n] = cursor, end - cursor
+        nbytes += end - cursor
+        cursor = end
+        put_used_elem(h32, used, (used_idx + n) & mask, head, 0)   # the device wrote 0
         n += 1
     s["frames"] += n
     s["bytes"] += nbytes
     published = publish_used(h16, log, s, avail, used, n)
     return (status if status != RING_OK else published), n
+
+
+depends_on(vring_tx_burst, memory, atomics, chain, errors, layout, log_kernels)
 
 
 def vring_tx_burst_py(host, regions, vq, log, arena, offsets, lengths, hdr_len, max_frames):
@@ -114,51 +148,26 @@ def vring_tx_burst_py(host, regions, vq, log, arena, offsets, lengths, hdr_len, 
         return status, 0
     mv, out = memoryview(host), memoryview(arena)
     frame_offsets, frame_lengths = memoryview(offsets), memoryview(lengths)
-    num = int(s["num"])
-    mask = num - 1
-    last, used_idx = int(s["last_avail_idx"]), int(s["used_idx"])
-    avail_idx = _U16.unpack_from(mv, avail + 2)[0]           # acquire in the kernel
-    ready = (avail_idx - last) & 0xFFFF
-    if ready > num:
-        return fail_py(s, E_AVAIL_IDX, -1, last, -1, avail_idx, num), 0
+    status, ready = avail_ready_py(mv, s, avail)
+    if status != RING_OK:
+        return status, 0
     limit = min(ready, max_frames, offsets.size, lengths.size)
+    last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
     n = cursor = nbytes = 0
     while n < limit:
-        slot = (last + n) & mask
-        head = _U16.unpack_from(mv, avail + 4 + 2 * slot)[0]
-        if head >= num:
-            status = fail_py(s, E_HEAD, -1, slot, -1, head, num)
+        status, head = avail_head_py(mv, s, avail, last + n)
+        if status != RING_OK:
             break
-        cur = chain_start_py(desc, num, head)
-        start, skip, count = cursor, hdr_len, 0
-        while True:
-            status, buf, gpa, length, cur = chain_next_py(mv, table, s, cur, False)
-            if status != RING_OK:
-                break
-            strip = min(skip, length)
-            skip -= strip
-            count = length - strip
-            if cursor + count > arena.size:
-                status = _ARENA_FULL
-                break
-            out[cursor:cursor + count] = mv[buf + strip:buf + length]
-            cursor += count
+        status, end = tx_copy_chain_py(mv, out, table, s, desc, head, arena, cursor, hdr_len)
         if status == _ARENA_FULL:
-            if n == 0:
-                status = fail_py(s, E_FRAME_TOO_BIG, head, head, -1,
-                                 cursor - start + count, arena.size)
-            else:
-                status = RING_OK
-            cursor = start
+            status = RING_OK if n else fail_py(
+                s, E_FRAME_TOO_BIG, head, head, -1, end - cursor, arena.size)
             break
-        if status != CHAIN_END:
+        if status != RING_OK:
             break
-        if skip > 0:
-            status = fail_py(s, E_CHAIN_SHORT, head, head, -1, cur[CUR_TOTAL], hdr_len)
-            break
-        status = RING_OK
-        frame_offsets[n], frame_lengths[n] = start, cursor - start
-        nbytes += cursor - start
+        frame_offsets[n], frame_lengths[n] = cursor, end - cursor
+        nbytes += end - cursor
+        cursor = end
         put_used_elem_py(mv, used, (used_idx + n) & mask, head, 0)
         n += 1
     s["frames"] += n

@@ -88,6 +88,7 @@ class Virtqueue:
         """Forget everything (the ring is unconfigured and no longer broken)."""
         self.state[0] = 0
         self.state[0]["err_head"] = self.state[0]["err_table"] = -1
+        self._num = 0
 
     def set_num(self, num: int) -> None:
         """SET_VRING_NUM: the queue size, a power of 2 from 1 to 32768."""
@@ -98,6 +99,7 @@ class Virtqueue:
                 f"from 1 to {VIRTQUEUE_MAX_SIZE}", queue=self.index, field="num",
                 value=num, limit=VIRTQUEUE_MAX_SIZE)
         self.state[0]["num"] = num
+        self._num = int(num)
 
     def set_addr(self, desc: int, avail: int, used: int, log_guest_addr: int = 0,
                  flags: int = 0, *, memory=None) -> None:
@@ -152,29 +154,34 @@ class Virtqueue:
         (0 keeps them). Raises a RingError subclass if the guest broke a rule
         (``err.frames`` frames were still taken).
         """
-        arena.clear()
-        if not self._runnable():
+        arena.count = 0
+        if not (self.enabled and self._num):
             return 0
         host, table = memory.kernel_args()
         status, n = _IMPLS[impl][0](
             host, table, self.state, _log_array(log), arena.buf, arena.offsets,
-            arena.lengths, self._hdr_len(hdr_len),
-            arena.max_frames if max_frames is None else int(max_frames))
+            arena.lengths, hdr_len, arena.offsets.size if max_frames is None else max_frames)
         arena.count = n
-        self._check(status, n)
+        if status != RING_OK:
+            self._raise(status, n, hdr_len)
         return n
 
     def rx_burst(self, memory, arena: FrameArena, *, log=None, hdr_len: int = 10,
                  mrg_rxbuf: bool = False, impl: str = "numba") -> int:
         """Write the arena's frames into guest RX buffers; returns how many
-        were done (delivered, or dropped when too big without MRG_RXBUF)."""
-        if not self._runnable() or arena.count == 0:
+        were done (delivered, or dropped when too big without MRG_RXBUF).
+
+        ``hdr_len``: the virtio-net header written before each frame (10, or
+        12 with VERSION_1 or MRG_RXBUF; 0 for none).
+        """
+        if not (self.enabled and self._num) or arena.count == 0:
             return 0
         host, table = memory.kernel_args()
         status, n = _IMPLS[impl][1](
             host, table, self.state, _log_array(log), arena.buf, arena.offsets,
-            arena.lengths, arena.count, self._hdr_len(hdr_len), int(bool(mrg_rxbuf)))
-        self._check(status, n)
+            arena.lengths, arena.count, hdr_len, 1 if mrg_rxbuf else 0)
+        if status != RING_OK:
+            self._raise(status, n, hdr_len)
         return n
 
     def take_call(self) -> bool:
@@ -193,22 +200,11 @@ class Virtqueue:
         """The error that broke the ring, or None."""
         return ring_error(self.state[0], self.index, self.name) if self.broken else None
 
-    def _runnable(self) -> bool:
-        if self.broken:
-            raise self.error
-        return self.enabled and self.num > 0
-
-    @staticmethod
-    def _hdr_len(hdr_len: int) -> int:
-        if not 0 <= hdr_len <= MAX_HDR_LEN:
-            raise ValueError(f"hdr_len = {hdr_len}: must be 0..{MAX_HDR_LEN}")
-        return int(hdr_len)
-
-    def _check(self, status: int, n: int) -> None:
-        if status == RING_OK:
-            return
+    def _raise(self, status: int, n: int, hdr_len: int) -> None:
         if status == E_ARENA:
-            raise ValueError("the frame arena is inconsistent (a frame outside its buffer)")
+            raise ValueError(f"queue {self.index}: the frame arena is inconsistent (a frame "
+                             f"outside its buffer) or hdr_len = {hdr_len} is not in "
+                             f"0..{MAX_HDR_LEN}")
         err = ring_error(self.state[0], self.index, self.name)
         err.frames = n
         raise err
