@@ -96,8 +96,10 @@ VHOST_OPS_TABLE: tuple[OpInfo, ...] = (
     _op("vhost_set_log_base", True, "VHOST_SET_LOG_BASE", True, ("SET_LOG_BASE",),
         migration=True,
         note="migration step 1: where to write the dirty-page bitmap (a memfd with LOG_SHMFD)"),
-    _op("vhost_set_mem_table", True, "VHOST_SET_MEM_TABLE", True, ("SET_MEM_TABLE",),
-        migration=True, note="guest RAM regions, one fd each"),
+    _op("vhost_set_mem_table", True, "VHOST_SET_MEM_TABLE", True,
+        ("SET_MEM_TABLE", "ADD_MEM_REG", "REM_MEM_REG"), migration=True,
+        note="guest RAM regions, one fd each; with CONFIGURE_MEM_SLOTS QEMU sends the "
+             "changes instead, one ADD_MEM_REG / REM_MEM_REG per region"),
     _op("vhost_set_vring_addr", True, "VHOST_SET_VRING_ADDR", True, ("SET_VRING_ADDR",),
         migration=True,
         note="desc/avail/used as front-end virtual addresses, log_guest_addr as a GPA; "

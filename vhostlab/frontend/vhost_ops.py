@@ -274,7 +274,11 @@ class VhostOps:
         back-end acks it. vhost-kernel: VHOST_SET_MEM_TABLE. Called by
         vhost_dev_start() and by vhost_commit() when the memory map changes.
         Migration: the destination maps its RAM in vhost_dev_start() before
-        its rings start.
+        its rings start. With the protocol feature CONFIGURE_MEM_SLOTS, QEMU's
+        vhost_user_set_mem_table sends only the difference instead: one
+        ADD_MEM_REG per new region and one REM_MEM_REG per region gone (a real
+        QEMU 7.2 does so with this kit's back-end; this front-end keeps the
+        seed's SET_MEM_TABLE).
         """
         entries = tuple(mem.memory_table() if hasattr(mem, "memory_table") else mem)
         table = MemoryTable(tuple(MemoryRegion(r.guest_phys_addr, r.memory_size,
