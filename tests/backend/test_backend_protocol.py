@@ -3,18 +3,15 @@ dirty logging, REPLY_ACK, refused requests and malformed messages."""
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import time
 
-import numpy as np
 import pytest
 
-from test_backend_scripted import RING_NUM, ReplyTimeout, ScriptedFrontend
+from test_backend_scripted import RING_NUM, ScriptedFrontend
 from vhostlab.backend import BackendServer
 from vhostlab.dirtylog import DirtyLog
-from vhostlab.protocol import (ConfigSpace, Feature, IotlbMsg, ProtocolFeature, Request, U64,
-                               VringState)
+from vhostlab.protocol import ConfigSpace, Feature, IotlbMsg, Request, U64, VringState
 from vhostlab.ring import VirtqueueDriver
 
 HDR = 12                        # VERSION_1 is acked: 12-byte virtio-net header
@@ -410,3 +407,143 @@ def test_hostile_guest_breaks_only_its_ring(make_server):
         got: list[bytes] = []
         assert wait_until(lambda: got.extend(guest.receive()) or got == [b"z" * 64])
         assert fe.send(Request.GET_VRING_BASE, VringState(1, 0)).payload.num == 0
+
+
+# -- notification suppression and merged buffers -----------------------------------
+def _guest_with(fe: ScriptedFrontend, features: int, event_idx: bool = False) -> Guest:
+    g = Guest.__new__(Guest)
+    g.fe = fe
+    g.drivers = [VirtqueueDriver(fe.memory, RING_NUM, fe.ring_gpas(i)[0], event_idx=event_idx)
+                 for i in range(2)]
+    g.info = fe.start(features=features)
+    fe.sync()
+    g.kick = {i: k for i, (k, c) in g.info["rings"].items()}
+    g.call = {i: c for i, (k, c) in g.info["rings"].items()}
+    return g
+
+
+def test_no_interrupt_flag_suppresses_calls(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = _guest_with(fe, Feature.VHOST_USER_F_PROTOCOL_FEATURES | Feature.VIRTIO_F_VERSION_1)
+        tx = guest.drivers[1]
+        tx.views.avail_flags[0] = 1                   # VRING_AVAIL_F_NO_INTERRUPT
+        guest.transmit(frames_of(4))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 4)
+        assert srv.snapshot().counters["calls"] == 0
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(guest.call[1])
+        tx.views.avail_flags[0] = 0
+        guest.transmit(frames_of(1))
+        assert wait_until(lambda: srv.snapshot().counters["calls"] == 1)
+        assert os.eventfd_read(guest.call[1]) == 1
+
+
+def test_event_idx_publishes_avail_event_and_honours_used_event(make_server):
+    srv = make_server()
+    features = (Feature.VHOST_USER_F_PROTOCOL_FEATURES | Feature.VIRTIO_F_VERSION_1
+                | Feature.VIRTIO_RING_F_EVENT_IDX)
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = _guest_with(fe, features, event_idx=True)
+        assert "VIRTIO_RING_F_EVENT_IDX" in srv.snapshot().feature_names
+        tx = guest.drivers[1]
+        tx.views.used_event[0] = 100                  # "interrupt me once used passes 100"
+        guest.transmit(frames_of(5))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 5)
+        assert int(tx.views.avail_event[0]) == 5      # "kick me when avail passes 5"
+        # The first publish always calls (no previous signal); then used_event rules.
+        calls = srv.snapshot().counters["calls"]
+        guest.transmit(frames_of(5))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 10)
+        assert srv.snapshot().counters["calls"] == calls   # used 10 has not passed 100
+        tx.views.used_event[0] = 10
+        guest.transmit(frames_of(1))
+        assert wait_until(lambda: srv.snapshot().counters["calls"] == calls + 1)
+
+
+def test_mergeable_rx_buffers_carry_a_big_frame_across_chains(make_server):
+    srv = make_server()
+    features = (Feature.VHOST_USER_F_PROTOCOL_FEATURES | Feature.VIRTIO_F_VERSION_1
+                | Feature.VIRTIO_NET_F_MRG_RXBUF)
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = _guest_with(fe, features)
+        rx = guest.drivers[0]
+        for i in range(8):
+            rx.add_buffer([(RX_BUF_GPA + i * 4096, 512, True)])
+        rx.publish()
+        big = frames_of(1, 1400)[0]
+        srv.inject([big])
+        assert wait_until(lambda: srv.snapshot().counters["guest_rx_frames"] == 1)
+        used = rx.get_used()
+        assert [length for _, length in used] == [512, 512, 12 + 1400 - 1024]
+        first = fe.memory.read(RX_BUF_GPA + used[0][0] * 4096, 512)
+        assert struct.unpack_from("<H", first, 10)[0] == 3     # num_buffers
+        data = b"".join(fe.memory.read(RX_BUF_GPA + h * 4096, n) for h, n in used)
+        assert data[12:] == big
+
+
+# -- a bug in one place costs one connection or one ring, not the server ------------
+def test_an_internal_error_costs_one_connection(make_server, monkeypatch):
+    from vhostlab.backend import handlers
+    srv = make_server()
+
+    def broken(dev, msg, fds):
+        raise ZeroDivisionError("on purpose")
+    monkeypatch.setitem(handlers.HANDLERS, Request.SET_OWNER, broken)
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.send(Request.SET_OWNER)
+        assert fe.closed_by_peer()
+    assert any("internal error" in e for e in srv.snapshot().counters["errors"])
+    with ScriptedFrontend(srv.socket_path) as fe:
+        assert fe.send(Request.GET_FEATURES).payload.value
+
+
+def test_an_internal_error_in_the_datapath_costs_one_ring(make_server, monkeypatch):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+
+        def failing_send(arena, pair):
+            raise RuntimeError("wire on fire")
+        monkeypatch.setattr(srv.wire, "send", failing_send)
+        guest.transmit(frames_of(1))
+        assert wait_until(lambda: srv.snapshot().vrings[1].error is not None)
+        assert "wire on fire" in srv.snapshot().vrings[1].error
+        guest.post_rx(1)
+        srv.inject([b"still" * 12])
+        got: list[bytes] = []
+        assert wait_until(lambda: got.extend(guest.receive()) or got == [b"still" * 12])
+
+
+def test_backlog_of_several_injections_drains_in_one_go(make_server):
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = Guest(fe)
+        batches = [frames_of(3, 70 + k) for k in range(4)]
+        for batch in batches:                      # four waiting arenas, no buffers yet
+            srv.inject(batch)
+        assert wait_until(lambda: srv.snapshot().vrings[0].started)
+        time.sleep(0.05)
+        guest.post_rx(12)                          # one kick: all twelve must arrive
+        got: list[bytes] = []
+        assert wait_until(lambda: got.extend(guest.receive()) or len(got) == 12)
+        assert got == [f for batch in batches for f in batch]
+
+
+def test_dispatch_checks_every_request_the_same_way_before_its_handler():
+    """Messages built in a notebook reach `dispatch` without the parser: same checks."""
+    from vhostlab.backend import VhostUserNetDevice, dispatch
+    from vhostlab.protocol import Message
+    dev = VhostUserNetDevice()
+    efd = os.eventfd(0)
+    # A kick without its fd, a GET_FEATURES with an fd, a payload of the wrong type.
+    nofd = dispatch(dev, Message(Request.SET_VRING_KICK, 1, U64(0), ()))
+    assert nofd.error and nofd.error.field == "fds" and nofd.error.value == 0
+    extra = dispatch(dev, Message(Request.GET_FEATURES, 1, None, (efd,)))
+    assert extra.error and extra.error.field == "fds"
+    with pytest.raises(OSError):
+        os.fstat(efd)                              # refused, and its fd closed
+    wrong = dispatch(dev, Message(Request.SET_VRING_NUM, 1, U64(256), ()))
+    assert wrong.error and wrong.error.field == "payload" and "VringState" in str(wrong.error)
+    ok = dispatch(dev, Message(Request.GET_FEATURES, 1, None, ()))
+    assert ok.error is None and ok.payload.value == dev.offered_features

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import struct
 
 from test_backend_protocol import Guest, frames_of, open_fds, wait_until

@@ -103,7 +103,8 @@ def test_serve_exits_zero_on_signal_with_its_json_line(serve, sig):
     with ScriptedFrontend(sock) as fe:
         guest = Guest(fe)
         guest.transmit(frames_of(4))
-        time.sleep(0.2)
+        used: list = []
+        assert wait_until(lambda: used.extend(guest.drivers[1].get_used()) or len(used) == 4)
         proc.send_signal(sig)
         summary, _ = finish(proc)
         del guest

@@ -13,7 +13,7 @@ from test_backend_protocol import Guest, frames_of, make_server, wait_until  # n
 from test_backend_scripted import ScriptedFrontend
 from vhostlab.backend import BackendServer
 from vhostlab.protocol import (Feature, MemoryRegion, ProtocolFeature, Request,
-                               SingleMemoryRegion, U64, VringState)
+                               SingleMemoryRegion, VringState)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")

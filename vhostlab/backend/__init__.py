@@ -1,31 +1,46 @@
 """The vhost-user-net back-end: a device QEMU and DPDK can both drive.
 
-    BackendServer(socket_path, ...)   the server: start()/stop() in a thread, or run()
-    VhostUserNetDevice                the device state (features, memory, log, vrings)
-    handlers.HANDLERS                 one handler per request id, one signature
-    MessageTrace / TraceRecord        every message in and out
-    SinkWire, LoopbackWire, PcapWire  where guest TX frames go
+In a notebook (the server runs in a background thread)::
 
-`python -m vhostlab.backend.serve --socket PATH` runs it as a process.
+    from vhostlab.backend import BackendServer
+
+    srv = BackendServer(wire="loopback").start()   # private socket dir, mode 0600
+    srv.socket_path                                # give this to QEMU or DPDK
+    snap = srv.snapshot()                          # immutable: memory, vrings, log, counters
+    snap.trace[-1].fields                          # the last message, decoded
+    srv.inject([frame], queue_pair=0)              # frames toward the guest's RX ring
+    srv.stop()
+
+As a process: ``vhostlab serve --socket PATH`` (``python -m vhostlab.backend.serve``).
+
+Pieces, bottom up:
+
+    transport   the socket: private directory, SO_PEERCRED, SCM_RIGHTS fd passing
+    device      the device state (libvhost-user's VuDev / VuVirtq)
+    handlers    one handler per request id, one signature, one dispatch table
+    rings       vhost-user ring messages to vhostlab.ring, and the datapath
+    wire        where guest TX frames go: sink, loopback, pcap
+    trace       every message in and out
+    server      the selector loop, start/stop, snapshot, inject
+    serve       the command line; bench_dpdk: DPDK's virtio-user against us and itself
 """
 from vhostlab.backend.device import Counters, VhostUserNetDevice, Vring
 from vhostlab.backend.errors import (BackendError, PeerCredentialsError, RequestError,
                                      SocketPathError, TransportError)
-from vhostlab.backend.handlers import HANDLERS, FdBag, Outcome, dispatch
+from vhostlab.backend.handlers import FAILURE_REPLIES, HANDLERS, FdBag, Outcome, dispatch
 from vhostlab.backend.server import BackendServer
 from vhostlab.backend.snapshot import DeviceSnapshot, LogSnapshot, RegionSnapshot, VringSnapshot
 from vhostlab.backend.trace import MessageTrace, TraceRecord
 from vhostlab.backend.transport import PeerCredentials, check_peer, listen_unix, peer_credentials
-from vhostlab.backend.wire import (LoopbackWire, PcapWire, SinkWire, Wire, make_wire,
-                                   rarp_frame, read_pcap)
+from vhostlab.backend.wire import (LoopbackWire, PcapWire, SinkWire, Wire, make_wire, rarp_frame,
+                                   read_pcap)
 
 __all__ = [
     "BackendServer", "VhostUserNetDevice", "Vring", "Counters",
     "BackendError", "PeerCredentialsError", "RequestError", "SocketPathError", "TransportError",
-    "HANDLERS", "FdBag", "Outcome", "dispatch",
+    "HANDLERS", "FAILURE_REPLIES", "FdBag", "Outcome", "dispatch",
     "DeviceSnapshot", "LogSnapshot", "RegionSnapshot", "VringSnapshot",
     "MessageTrace", "TraceRecord",
     "PeerCredentials", "check_peer", "listen_unix", "peer_credentials",
-    "Wire", "SinkWire", "LoopbackWire", "PcapWire", "make_wire", "rarp_frame",
-    "read_pcap",
+    "Wire", "SinkWire", "LoopbackWire", "PcapWire", "make_wire", "rarp_frame", "read_pcap",
 ]

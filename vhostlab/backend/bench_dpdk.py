@@ -88,7 +88,8 @@ def pps_samples(output: str, field: str = "Tx-pps") -> list[int]:
 
 def steady_rate(samples: list[int]) -> float:
     """Median of the samples after the warm-up, ignoring the idle ones before traffic."""
-    started = [s for s in samples if s > 0]
+    first = next((i for i, s in enumerate(samples) if s > 0), len(samples))
+    started = samples[first:]
     kept = started[WARMUP_SAMPLES:] or started
     return float(statistics.median(kept)) if kept else 0.0
 
@@ -116,6 +117,17 @@ def _read(path: str) -> str:
         return f.read().decode(errors="replace")
 
 
+def _traffic(log_path: str, proc: subprocess.Popen, duration: float,
+             timeout: float = 90.0) -> None:
+    """Wait until the sender reports traffic (set-up can take seconds), then `duration` more."""
+    deadline = time.monotonic() + timeout
+    while not any(pps_samples(_read(log_path))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no traffic from testpmd (see {log_path})")
+        time.sleep(0.2)
+    time.sleep(duration)
+
+
 def measure_ours(testpmd: str, workdir: str, duration: float = DURATION) -> dict:
     """virtio-user -> this back-end (`vhostlab serve --mode poll`)."""
     sock = os.path.join(workdir, "ours.sock")
@@ -126,7 +138,7 @@ def measure_ours(testpmd: str, workdir: str, duration: float = DURATION) -> dict
         _wait_for(sock, serve)
         tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}o"),
                    os.path.join(workdir, "tx-ours"))
-        time.sleep(duration)
+        _traffic(os.path.join(workdir, "tx-ours"), tx, duration)
         stop(tx)
         serve.wait(30)
     finally:
@@ -150,7 +162,7 @@ def measure_dpdk(testpmd: str, workdir: str, duration: float = DURATION) -> dict
         _wait_for(sock, rx)
         tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}d"),
                    os.path.join(workdir, "tx-dpdk"))
-        time.sleep(duration)
+        _traffic(os.path.join(workdir, "tx-dpdk"), tx, duration)
         stop(tx)
         stop(rx)
     finally:

@@ -55,6 +55,10 @@ VIRTIO_NET_S_LINK_UP = 1
 NET_CONFIG = struct.Struct("<6sHHHIBBHI")
 NET_CONFIG_MAC = (0, 6)                         # the only field a driver may write
 
+# Plain-int masks for the datapath: IntFlag arithmetic costs microseconds a burst.
+F_LOG_ALL = int(Feature.VHOST_F_LOG_ALL)
+F_MODERN_HDR = int(Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_NET_F_MRG_RXBUF)
+
 OFFERED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.LOG_SHMFD | ProtocolFeature.RARP
     | ProtocolFeature.REPLY_ACK | ProtocolFeature.NET_MTU | ProtocolFeature.CONFIG
@@ -151,6 +155,7 @@ class VhostUserNetDevice:
         self.wire = None                                  # set by the server
         self.watch: Callable[[int, Vring], None] = lambda fd, vring: None
         self.unwatch: Callable[[int], None] = lambda fd: None
+        self.tx_arena = None                              # made by the datapath on first use
         self.backlog: list[deque] = [deque() for _ in range(queue_pairs)]
         self.backlog_frames = [0] * queue_pairs
         self._init_session()
@@ -181,21 +186,20 @@ class VhostUserNetDevice:
 
     # -- negotiated state -------------------------------------------------------
     def has_feature(self, bit: int) -> bool:
-        return bool(self.features & bit)
+        return bool(self.features & int(bit))
 
     def has_protocol_feature(self, bit: int) -> bool:
-        return bool(self.protocol_features & bit)
+        return bool(self.protocol_features & int(bit))
 
     @property
     def hdr_len(self) -> int:
         """virtio-net header size: 12 with VERSION_1 or MRG_RXBUF, else 10 (virtio spec 5.1.6)."""
-        modern = Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_NET_F_MRG_RXBUF
-        return 12 if self.features & modern else 10
+        return 12 if self.features & F_MODERN_HDR else 10
 
     @property
     def logging(self) -> bool:
         """Whether writes must be logged: VHOST_F_LOG_ALL negotiated and a log mapped."""
-        return bool(self.features & Feature.VHOST_F_LOG_ALL) and self.log is not None \
+        return bool(self.features & F_LOG_ALL) and self.log is not None \
             and not self.break_logging
 
     def config_bytes(self) -> bytes:

@@ -17,6 +17,7 @@ spec, with the index checks libvhost-user forgets in a few handlers.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,10 +30,12 @@ from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
 from vhostlab.backend.wire import rarp_frame
 from vhostlab.memory import (VHOST_USER_MAX_RAM_SLOTS, GuestMemory, GuestMemoryError,
                              MemoryRegion)
-from vhostlab.ring import FrameArena
 from vhostlab.protocol import (ConfigSpace, CryptoSession, Feature, LogArea, MemoryTable,
                                Message, ProtocolFeature, Request, SingleMemoryRegion, U64,
-                               VringAddr, VringState)
+                               VringAddr, VringState, expected_fds)
+from vhostlab.ring import FrameArena
+
+log = logging.getLogger("vhostlab.backend")
 
 # SET_CONFIG flags (vhost-user.rst "Virtio device config space").
 VHOST_SET_CONFIG_TYPE_FRONTEND = 0
@@ -114,6 +117,19 @@ def _vring_file(dev: VhostUserNetDevice, msg: Message, fds: FdBag) -> tuple[Vrin
     vring = _vring(dev, msg, word.vring_index)
     _fd_count(msg, fds, 0 if word.vring_nofd else 1)
     return vring, (-1 if word.vring_nofd else _eventfd(msg, fds))
+
+
+def _check_shape(msg: Message, fds: FdBag) -> None:
+    """The checks every request gets before its handler: payload type and fd count
+    as the protocol table says (the parser checked them too; a Message built in a
+    notebook and handed to `dispatch` did not come through the parser)."""
+    allowed = msg.spec.payload
+    if not any(msg.payload is None if kind is None else isinstance(msg.payload, kind)
+               for kind in allowed):
+        names = " or ".join("none" if k is None else k.__name__ for k in allowed)
+        raise _refuse(msg, "payload", type(msg.payload).__name__, names)
+    low, high = expected_fds(msg.spec.fds, msg.payload)
+    _fd_count(msg, fds, low, high)
 
 
 def _not_for_net(dev: VhostUserNetDevice, msg: Message, fds: FdBag, owner: str) -> None:
@@ -234,7 +250,6 @@ def rem_mem_reg(dev, msg, fds):
     if dev.memory is None:
         raise _refuse(msg, "guest_phys_addr", r.guest_phys_addr, "a mapped region",
                       "no memory is mapped")
-    rings.unmap_all(dev)          # ring views must go before their pages can
     try:
         dev.memory.remove_region(MemoryRegion(r.guest_phys_addr, r.memory_size,
                                               r.userspace_addr, r.mmap_offset))
@@ -279,6 +294,7 @@ def set_vring_addr(dev, msg, fds):
     addr = _payload(msg, VringAddr)
     vring = _vring(dev, msg, addr.index)
     rings.set_addr(dev, msg, vring, addr)
+    rings.start(dev, vring)          # a started ring may have waited for its addresses
     return None
 
 
@@ -528,9 +544,14 @@ def dispatch(dev: VhostUserNetDevice, msg: Message) -> Outcome:
     """Run the request's handler; close every fd it did not keep."""
     bag = FdBag(msg.fds)
     try:
+        _check_shape(msg, bag)
         handler = HANDLERS[msg.request]
         return Outcome(payload=handler(dev, msg, bag))
     except RequestError as exc:
         return Outcome(error=exc)
+    except Exception as exc:         # a bug must cost one connection, not the server
+        log.exception("%s handler failed", msg.request.name)
+        return Outcome(error=RequestError(msg.request.name, "handler", type(exc).__name__,
+                                          "no internal error", f"internal error: {exc}"))
     finally:
         bag.close_rest()

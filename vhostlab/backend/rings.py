@@ -28,6 +28,7 @@ counted, and signalled on the err eventfd; every other ring runs on.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -40,6 +41,8 @@ from vhostlab.protocol import Feature, LogArea, Message, VringAddr
 from vhostlab.ring import (FrameArena, RingError, Virtqueue, vring_avail_size,
                            vring_desc_size, vring_used_size)
 
+logger = logging.getLogger("vhostlab.backend")
+
 # What the ring layer implements, so the device may offer it.
 RING_FEATURES = int(Feature.VIRTIO_RING_F_EVENT_IDX | Feature.VIRTIO_RING_F_INDIRECT_DESC
                     | Feature.VIRTIO_NET_F_MRG_RXBUF)
@@ -47,14 +50,13 @@ TX_BURST = 256                     # chains per TX burst
 TX_ARENA_BYTES = 1 << 20           # holds a 64 KiB GSO frame many times over
 BURSTS_PER_SERVICE = 64            # then other rings get their turn
 
-_tx_arena = None
 
-
-def _arena() -> FrameArena:
-    global _tx_arena
-    if _tx_arena is None:
-        _tx_arena = FrameArena(TX_ARENA_BYTES, TX_BURST)
-    return _tx_arena
+def _arena(dev: VhostUserNetDevice) -> FrameArena:
+    """The device's TX arena (one per device: two back-ends in one process, as in the
+    migration labs, run in two threads)."""
+    if dev.tx_arena is None:
+        dev.tx_arena = FrameArena(TX_ARENA_BYTES, TX_BURST)
+    return dev.tx_arena
 
 
 # -- control: memory, log, ring configuration --------------------------------------
@@ -80,12 +82,8 @@ def remap(dev: VhostUserNetDevice) -> None:
             continue
         try:
             _map(dev, vring, vring.addr)
-        except (GuestMemoryError, RingError) as exc:
+        except (GuestMemoryError, RingError, RequestError) as exc:
             _broken(dev, vring, f"vring {vring.index} after a memory table change: {exc}")
-
-
-def unmap_all(dev: VhostUserNetDevice) -> None:
-    """Nothing to drop: Virtqueue objects hold no view of guest memory."""
 
 
 def replace_log(dev: VhostUserNetDevice, msg: Message, area: LogArea, fd: int) -> None:
@@ -184,22 +182,32 @@ def _signal(fd: int) -> None:
 
 
 def _call(dev: VhostUserNetDevice, vring: Vring) -> None:
+    """Signal the call eventfd if the burst decided the driver wants an interrupt."""
     if vring.ring.take_call() and vring.call_fd >= 0:
         _signal(vring.call_fd)
         dev.counters.calls += 1
 
 
 def _popcount(dev: VhostUserNetDevice, log) -> int:
+    """Dirty pages in the log now: the difference over a burst is the pages it dirtied
+    (pages already dirty, or cleared by QEMU meanwhile, are not counted twice)."""
     return int(np.bitwise_count(log.bitmap).sum()) if log is not None else 0
 
 
 def service(dev: VhostUserNetDevice, vring: Vring) -> bool:
     """Run the ring's bursts; True if work is left for the next turn."""
-    if not _runnable(dev, vring):
+    try:
+        if vring.is_rx:
+            return _service_rx(dev, vring.queue_pair)
+        if not _runnable(dev, vring):
+            return False
+        return _service_tx(dev, vring)
+    except Exception as exc:        # a bug must cost one ring, not the server
+        logger.exception("vring %d failed", vring.index)
+        vring.started = False
+        _broken(dev, vring, f"vring {vring.index}: internal error: "
+                            f"{exc.__class__.__name__}: {exc}")
         return False
-    if vring.is_rx:
-        return _service_rx(dev, vring.queue_pair)
-    return _service_tx(dev, vring)
 
 
 def poll_all(dev: VhostUserNetDevice) -> bool:
@@ -212,31 +220,31 @@ def poll_all(dev: VhostUserNetDevice) -> bool:
 
 
 def _service_tx(dev: VhostUserNetDevice, vring: Vring) -> bool:
-    vq, arena, log = vring.ring, _arena(), _log(dev)
+    vq, arena, log, hdr_len = vring.ring, _arena(dev), _log(dev), dev.hdr_len
+    state = vq.state[0]                 # the kernels' counters, read once a burst
     before = _popcount(dev, log)
     for _ in range(BURSTS_PER_SERVICE):
-        frames0, bytes0 = vq.frames, vq.bytes
-        error = None
+        bytes0, error = int(state["bytes"]), None
         try:
-            vq.tx_burst(dev.memory, arena, log=log, hdr_len=dev.hdr_len, max_frames=TX_BURST)
+            n = vq.tx_burst(dev.memory, arena, log=log, hdr_len=hdr_len, max_frames=TX_BURST)
         except RingError as exc:
-            error = exc
-        n = vq.frames - frames0
+            error, n = exc, exc.frames
         if n:
             dev.counters.guest_tx_frames += n
-            dev.counters.guest_tx_bytes += vq.bytes - bytes0
+            dev.counters.guest_tx_bytes += int(state["bytes"]) - bytes0
             if vring.enabled:
                 dev.wire.send(arena, vring.queue_pair)
             else:
                 dev.counters.dropped += n
-        _call(dev, vring)
+            _call(dev, vring)
         if error is not None:
             _broken(dev, vring, str(error))
             break
-        if n == 0 or vq.avail_pending == 0:
+        if n < TX_BURST and not state["avail_pending"]:
             break
-    dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
-    return _runnable(dev, vring) and vq.avail_pending > 0
+    if log is not None:
+        dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
+    return error is None and bool(state["avail_pending"])
 
 
 def deliver(dev: VhostUserNetDevice, arena: FrameArena, pair: int) -> None:
@@ -271,9 +279,11 @@ def _copy_arena(arena: FrameArena, count: int) -> FrameArena:
 
 
 def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
-    vring = dev.vrings[2 * pair]
     backlog = dev.backlog[pair]
-    if not backlog or not vring.enabled or not _runnable(dev, vring):
+    if not backlog:
+        return False
+    vring = dev.vrings[2 * pair]
+    if not vring.enabled or not _runnable(dev, vring):
         return False
     vq, log = vring.ring, _log(dev)
     before = _popcount(dev, log)
@@ -291,22 +301,14 @@ def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
         dev.counters.dropped += vq.dropped - dropped0
         _call(dev, vring)
         dev.backlog_frames[pair] -= done
-        if done >= arena.count:
-            backlog.popleft()
-        else:
-            arena.drop_front(done)
         if error is not None:
+            arena.drop_front(done)
             _broken(dev, vring, str(error))
             break
-        if done == 0 or arena.count:
-            break                       # the guest has no more RX buffers posted
-    dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
+        if done < arena.count:          # the guest ran out of RX buffers:
+            arena.drop_front(done)      # the rest waits for its next kick
+            break
+        backlog.popleft()
+    if log is not None:
+        dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
     return False
-
-
-def drop_backlog(dev: VhostUserNetDevice) -> None:
-    """Frames still waiting when the front-end leaves are dropped (and counted)."""
-    for pair, backlog in enumerate(dev.backlog):
-        dev.counters.dropped += dev.backlog_frames[pair]
-        backlog.clear()
-        dev.backlog_frames[pair] = 0

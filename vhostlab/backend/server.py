@@ -19,6 +19,7 @@ draw the device while it runs.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import selectors
@@ -26,6 +27,7 @@ import shutil
 import socket
 import threading
 import time
+import weakref
 from typing import Iterable, Sequence
 
 from vhostlab.backend import handlers, rings
@@ -36,14 +38,15 @@ from vhostlab.backend.trace import DEFAULT_MAXLEN, MessageTrace
 from vhostlab.backend.transport import (FdChannel, check_peer, close_fds, connect_unix,
                                         listen_unix, make_private_dir)
 from vhostlab.backend.wire import LoopbackWire, Wire, make_wire
-from vhostlab.ring import FrameArena
 from vhostlab.protocol import (HEADER_SIZE, BackendConnection, Message, ProtocolError,
                                ReplyKind, Request, parse_message, peek_header)
+from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
 
 RECONNECT_DELAY = 0.5          # client mode: wait between connection attempts
 POLLED_RING_INTERVAL = 0.001   # event mode with a ring the front-end asked us to poll
+POLL_SELECT_EVERY = 16         # poll mode: turns between looks at the socket and eventfds
 
 
 class _Connection:
@@ -55,7 +58,6 @@ class _Connection:
         self.proto = BackendConnection(offered_protocol_features)
         self.head = bytearray()       # bytes of the current message's header seen so far
         self.got = 0                  # bytes of the current message seen so far
-        self.fds: list[int] = []      # fds of the current (incomplete) message
 
     def wanted(self) -> int:
         """Bytes to read so that one read never crosses into the next message."""
@@ -89,6 +91,7 @@ class BackendServer:
                 raise ValueError("client mode needs the front-end's socket_path")
             self._own_dir = make_private_dir()
             socket_path = os.path.join(self._own_dir, "vhost-user.sock")
+            weakref.finalize(self, shutil.rmtree, self._own_dir, True)   # even if never started
         self.socket_path = socket_path
         self.client, self.mode, self.once = client, mode, once
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
@@ -109,9 +112,12 @@ class BackendServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list[tuple[FrameArena, int]] = []
-        self._pending_lock = threading.Lock()
+        # Guards _pending and the wake fd's life. Re-entrant: `vhostlab serve`
+        # calls stop() from a signal handler, in the thread that runs the loop.
+        self._wake_lock = threading.RLock()
         self._next_connect = 0.0
         self._served = 0
+        self._spins = 0
         self.peer = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -126,6 +132,7 @@ class BackendServer:
         self._open()
         self._thread = threading.Thread(target=self._serve, name="vhostlab-backend", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)      # a notebook kernel that exits takes the server down
         return self
 
     def run(self) -> None:
@@ -137,6 +144,7 @@ class BackendServer:
         """Stop serving, close the connection, release the device, remove the socket."""
         self._stop.set()
         self._wake()
+        atexit.unregister(self.stop)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -152,6 +160,8 @@ class BackendServer:
         return self._conn is not None
 
     def _open(self) -> None:
+        if self._stop.is_set():
+            raise BackendError("this server was stopped; make a new BackendServer")
         self._selector = selectors.DefaultSelector()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._wake_fd, selectors.EVENT_READ, ("wake", None))
@@ -178,7 +188,8 @@ class BackendServer:
 
     def _close_all(self) -> None:
         with self.lock:
-            self._disconnect("server stopping") if self._conn else None
+            if self._conn is not None:
+                self._disconnect("server stopping")
             self.device.release()
             if self._listener is not None:
                 self._listener.close()
@@ -190,9 +201,10 @@ class BackendServer:
             if self._selector is not None:
                 self._selector.close()
                 self._selector = None
-            if self._wake_fd >= 0:
-                close_fds([self._wake_fd])
-                self._wake_fd = -1
+            with self._wake_lock:             # no other thread may write to it after this
+                if self._wake_fd >= 0:
+                    close_fds([self._wake_fd])
+                    self._wake_fd = -1
             self.wire.close()
             self.trace.close()
             if self._own_dir is not None:
@@ -203,7 +215,25 @@ class BackendServer:
     def _turn(self) -> None:
         if self.client and self._conn is None:
             self._try_connect()
-        for key, _ in self._selector.select(self._timeout()):
+        self._spins += 1
+        if self.mode == "poll":
+            # Poll mode looks at the socket and eventfds only every few turns:
+            # a select() per burst would cost as much as the burst itself.
+            if self._spins % POLL_SELECT_EVERY == 0:
+                self._handle_events(self._selector.select(0))
+            if self._selector is not None and not self._stop.is_set():
+                with self.lock:
+                    rings.poll_all(self.device)
+            return
+        self._handle_events(self._selector.select(self._timeout()))
+        if self._selector is not None and self._has_polled_rings():
+            with self.lock:
+                rings.poll_all(self.device)
+
+    def _handle_events(self, events) -> None:
+        for key, _ in events:
+            if self._selector is None or self._stop.is_set():
+                return
             if self._selector.get_map().get(key.fd) is not key:
                 continue            # unregistered by an earlier event of this batch
             kind, obj = key.data
@@ -215,15 +245,8 @@ class BackendServer:
                 self._on_readable(obj)
             elif kind == "kick":
                 self._on_kick(obj, key.fd)
-            if self._selector is None or self._stop.is_set():
-                return
-        if self.mode == "poll" or self._has_polled_rings():
-            with self.lock:
-                rings.poll_all(self.device)
 
     def _timeout(self) -> float | None:
-        if self.mode == "poll":
-            return 0
         if self.client and self._conn is None:
             return max(0.0, self._next_connect - time.monotonic())
         return POLLED_RING_INTERVAL if self._has_polled_rings() else None
@@ -233,19 +256,19 @@ class BackendServer:
         return any(v.started and v.kick_fd < 0 for v in self.device.vrings)
 
     def _wake(self) -> None:
-        fd = self._wake_fd
-        if fd >= 0:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass
+        with self._wake_lock:
+            if self._wake_fd >= 0:
+                try:
+                    os.eventfd_write(self._wake_fd, 1)
+                except OSError:             # saturated, or closing under a signal handler
+                    pass
 
     def _on_wake(self) -> None:
         try:
             os.eventfd_read(self._wake_fd)
         except BlockingIOError:
             pass
-        with self._pending_lock:
+        with self._wake_lock:
             pending, self._pending = self._pending, []
         with self.lock:
             for batch, pair in pending:
@@ -297,8 +320,7 @@ class BackendServer:
             self.peer = None
             self._selector.unregister(conn.channel.sock)
             conn.channel.close()
-            close_fds(conn.fds)
-            close_fds(conn.proto.reset())
+            close_fds(conn.proto.reset())     # fds of a message that never completed
             self.device.release()
             if self._listener is not None and not self._stop.is_set():
                 self._selector.register(self._listener, selectors.EVENT_READ, ("listen", None))
@@ -319,7 +341,6 @@ class BackendServer:
             close_fds(fds)
             self._disconnect("closed the connection")
             return
-        conn.fds.extend(fds)
         if conn.got < HEADER_SIZE:
             conn.head += data[: HEADER_SIZE - conn.got]
         conn.got += len(data)
@@ -327,12 +348,20 @@ class BackendServer:
             messages = conn.proto.receive_data(data, fds)
         except ProtocolError as exc:
             self.trace.record("in", _request_name(conn.head), {}, bytes(conn.head),
-                              len(conn.fds), conn.number, error=str(exc))
+                              len(conn.proto.pending_fds), conn.number, error=str(exc))
             self._fail(conn, f"malformed message: {exc}")
             return
-        for msg in messages:
-            conn.head, conn.got, conn.fds = bytearray(), 0, []
-            if not self._handle(conn, msg):
+        for i, msg in enumerate(messages):
+            conn.head, conn.got = bytearray(), 0
+            try:
+                alive = self._handle(conn, msg)
+            except Exception as exc:        # a bug must cost one connection, not the server
+                log.exception("handling %s failed", msg.request.name)
+                alive = False
+                self._fail(conn, f"internal error on {msg.request.name}: {exc}")
+            if not alive:
+                for rest in messages[i + 1:]:
+                    close_fds(rest.fds)     # parsed but never handled
                 return
 
     def _fail(self, conn: _Connection, why: str) -> None:
@@ -426,7 +455,7 @@ class BackendServer:
         frames = [bytes(f) for f in frames]
         if not frames:
             return 0
-        with self._pending_lock:
+        with self._wake_lock:
             self._pending.append((FrameArena.from_frames(frames), queue_pair))
         self._wake()
         return len(frames)

@@ -88,20 +88,28 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def listen_unix(path: str, backlog: int = 4) -> socket.socket:
-    """Bind and listen on `path` inside a private directory; the socket file gets mode 0600."""
+    """Listen on `path` inside a private directory; the socket file gets mode 0600.
+
+    The socket is bound under a temporary name, made 0600, put in the
+    listening state and only then renamed to `path`: whoever sees `path`
+    (QEMU, DPDK, a test) can connect at once.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     check_private_dir(directory)
     _remove_stale_socket(path)
+    staging = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}")
+    _remove_stale_socket(staging)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
-        # The directory already keeps others out; chmod before listen() so the
-        # socket is never connectable with the umask's looser mode.
-        os.chmod(path, SOCKET_MODE)
+        sock.bind(staging)
+        os.chmod(staging, SOCKET_MODE)
         sock.listen(backlog)
+        os.rename(staging, path)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
+        if os.path.lexists(staging):
+            os.unlink(staging)
         raise SocketPathError(f"cannot listen on {path!r}: {exc.strerror or exc}") from exc
     return sock
 
