@@ -1,0 +1,39 @@
+"""nbgrader itself accepts the instructor notebooks, and makes the same
+student version as `vhostlab assign` (needs the optional `[nbgrader]` extra)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vhostlab.exercises import notebook as nbg
+from vhostlab.exercises.assign import release_notebook
+
+nbgrader = pytest.importorskip(
+    "nbgrader", reason="nbgrader is not installed; pip install -e '.[nbgrader]' to run this")
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "labs" / "exercises" / "source"
+READY = sorted(p.parent.name for p in SOURCE.glob("*/*.ipynb"))
+
+
+@pytest.mark.parametrize("name", READY)
+def test_nbgrader_generate_assignment_accepts_the_source(name, tmp_path):
+    from nbgrader.apps import NbGraderAPI
+    from traitlets.config import Config
+
+    shutil.copytree(SOURCE / name, tmp_path / "source" / name)
+    config = Config()
+    config.CourseDirectory.root = str(tmp_path)
+    config.CourseDirectory.db_url = f"sqlite:///{tmp_path / 'gradebook.db'}"
+    api = NbGraderAPI(config=config)
+    generate = getattr(api, "generate_assignment", None) or api.assign
+    result = generate(name, force=True)
+    assert result["success"], result.get("error", "") + result.get("log", "")
+    theirs = nbg.read(tmp_path / "release" / name / f"{name}.ipynb")
+    ours = release_notebook(nbg.read(SOURCE / name / f"{name}.ipynb"))
+    assert [(c.cell_type, c.source) for c in theirs.cells] == \
+        [(c.cell_type, c.source) for c in ours.cells]
+    for t, o in zip(theirs.cells, ours.cells):
+        assert t.metadata.get("nbgrader", {}).get("grade_id") == nbg.grade_id(o)

@@ -1,0 +1,40 @@
+"""The exercises the kit ships, by name, and `bind` for notebooks.
+
+Each exercise lives in its own module (``ex_<name>.py``) that declares its
+questions as data (checks.Question); modules load on first use, so a
+notebook pays only for the layers its exercise touches.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from vhostlab.exercises.checks import BoundExercise, Exercise
+
+__all__ = ["EXERCISES", "load", "bind"]
+
+EXERCISES = {
+    "vhost_message": "vhostlab.exercises.ex_vhost_message",
+    "descriptor_chain": "vhostlab.exercises.ex_descriptor_chain",
+    "dirty_log": "vhostlab.exercises.ex_dirty_log",
+    "vring_base": "vhostlab.exercises.ex_vring_base",
+    "broken_migration": "vhostlab.exercises.ex_broken_migration",
+}
+
+
+def load(name: str) -> Exercise:
+    """The Exercise called `name`; KeyError names the ones that exist."""
+    try:
+        module = EXERCISES[name]
+    except KeyError:
+        raise KeyError(f"no exercise {name!r}; there are {sorted(EXERCISES)}") from None
+    return importlib.import_module(module).EXERCISE
+
+
+def bind(name: str, namespace: Mapping[str, Any]) -> BoundExercise:
+    """Tie exercise `name` to a notebook's namespace: ``ex = bind(name, globals())``.
+
+    ``ex.q1.check()`` then looks the learner's definitions up in that
+    namespace each time it runs, so re-running a cell is enough.
+    """
+    return BoundExercise(load(name), namespace)
