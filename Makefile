@@ -1,5 +1,7 @@
 # Two commands do all the set-up from a fresh clone: `make demo` and `make test`.
-# `make install` is the idempotent step both use.
+# `make install` is the idempotent step both use. The test extras include
+# nbgrader, so CI shows that nbgrader's own generate_assignment accepts the
+# exercise sources; learners and Binder do not need it.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -24,10 +26,10 @@ system-packages:
 	    echo "To install them: sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)"; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,nbgrader]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 

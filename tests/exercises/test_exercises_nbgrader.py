@@ -2,7 +2,9 @@
 student version as `vhostlab assign` (needs the optional `[nbgrader]` extra)."""
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ READY = sorted(p.parent.name for p in SOURCE.glob("*/*.ipynb"))
 
 
 @pytest.mark.parametrize("name", READY)
-def test_nbgrader_generate_assignment_accepts_the_source(name, tmp_path):
+def test_nbgrader_generate_assignment_accepts_the_source(name, tmp_path, monkeypatch):
+    # nbgrader runs its gradebook migrations with the `alembic` command, which
+    # sits beside this interpreter, not necessarily on PATH.
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     from nbgrader.apps import NbGraderAPI
     from traitlets.config import Config
 
