@@ -12,6 +12,8 @@ import queue
 import time
 from typing import Callable
 
+from vhostlab.frontend.demo import SEED_STEPS  # the seed's own words, one copy
+
 from .errors import QemuError
 from .launcher import require_qemu
 from .migration import MigrationConfig, ProgressEvent, QemuMigration, RoundSnapshot
@@ -22,16 +24,6 @@ EXIT_OK, EXIT_SETUP, EXIT_CORRUPTED = 0, 2, 3
 VHOST_F_LOG_ALL = 1 << 26
 MiB = 1 << 20
 
-# The seed document's own words for the three steps (section 2, "Live migration").
-SEED_STEPS = (
-    ("At first, QEMU needs to specify memory address for vhost backend to write "
-     "dirty page bitmap.", "vhost_dev_start()->vhost_set_log_base()"),
-    ("And then, QEMU needs to notify vhost backend to start writing dirty page bitmap.",
-     "vhost_log_global_start()->vhost_migration_log()->vhost_dev_set_log()"
-     "->vhost_dev_set_features()->vhost_set_features()"),
-    ("At last, QEMU needs to stop vhost backend and synchronize dirty page memory.",
-     "vhost_dev_stop()->vhost_virtqueue_stop()->vhost_get_vring_base()"),
-)
 STEP_NOTES = {
     1: "The device already runs, so vhost_log_global_start() -> vhost_migration_log() "
        "-> vhost_dev_log_resize() sends it, before step 2:",
