@@ -120,8 +120,10 @@ def vring_view(guest, backend, queue: int, title: str | None = None):
         from vhostlab.ring import vring_views
         q = guest.queues[queue]
 
-        def ring():
-            return vring_views(guest.memory, q.num, q.desc, q.avail, q.used)
+        def ring():        # guest memory, and what only the driver knows
+            return {"views": vring_views(guest.memory, q.num, q.desc, q.avail, q.used),
+                    "last_used_idx": q.last_used_idx, "in_flight": tuple(q.inflight),
+                    "gpas": {"desc": q.desc, "avail": q.avail, "used": q.used}}
 
     def state():
         return backend.snapshot(trace=False).vrings[queue]
@@ -512,7 +514,7 @@ class LabMigration:
         return self._summary
 
     def rounds(self) -> list:
-        """The per-round snapshots so far (QEMU: one per dirty-bitmap sync)."""
+        """The per-round snapshots so far (QEMU: one per dirty sync, or syncs, it saw)."""
         if self.frontend == "qemu":
             return list(self.impl.progress().rounds)
         return list(self.impl.snapshots)

@@ -5,7 +5,9 @@ socket), real memfd guest RAM and eventfds, and, where marked, a real QEMU.
 """
 from __future__ import annotations
 
+import html
 import os
+import re
 
 import pytest
 
@@ -93,6 +95,24 @@ def test_qemu_device_moves_frames_and_close_stops_qemu(requires_qemu, monkeypatc
         assert lab.close() == []
     assert pid not in labkit.child_processes()
     assert lab.leftovers() == []
+
+
+def test_vring_view_of_the_builtin_guest_lists_its_descriptors_first(lab):
+    dev = lab.start_device(frontend="builtin")
+    dev.transmit([FRAME] * 4)
+    assert dev.wait_wire(4) == [FRAME] * 4
+    assert labkit.wait_until(lambda: dev.guest.used_idx(1) == 4)
+    view = dev.vring_view(1)
+    page = view.to_html()
+    text = html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+    heads = [int(h) for h in view.snapshot().avail_ring[:4]]
+    assert heads == [255, 254, 253, 252]            # this driver hands out the top first
+    listed = re.findall(r"<tr[^>]*><td><span[^>]*>(\d+)</span></td>.*?<td>([^<]*)</td></tr>",
+                        page)
+    assert listed == [(str(h), "used, not reaped") for h in sorted(heads)]
+    assert "\u22ef 0\u2013251 not shown 252 " in text and "252 unused descriptors" in text
+    assert "last_used_idx 0 (the driver's; 4 not yet reaped)" in text
+    assert "4 chains in flight" in text and "last_avail_idx 4 (0 waiting" in text
 
 
 def test_logging_window_turns_logging_on_and_off(lab):

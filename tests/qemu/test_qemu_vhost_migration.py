@@ -103,7 +103,13 @@ def test_demo_json_summary(requires_qemu, monkeypatch):
     assert code == 0, "\n".join(lines)
     assert summary["frontend"] == "qemu" and summary["integrity"] == "ok"
     assert summary["migration"]["status"] == "completed"
-    assert summary["migration"]["rounds"] == summary["dirty_sync_count"] >= 3
+    per_round = summary["migration"]["per_round"]
+    assert summary["migration"]["rounds"] == len(per_round) and summary["dirty_sync_count"] >= 3
+    assert [r["round"] for r in per_round] == list(range(1, len(per_round) + 1))
+    assert [n for r in per_round for n in r["syncs"]] == \
+        list(range(1, summary["dirty_sync_count"] + 1))
+    assert [r["status"] for r in per_round] == ["active"] * (len(per_round) - 1) + ["completed"]
+    assert sum(r["bytes_sent"] for r in per_round) == summary["migration"]["transferred"]
     assert summary["frames"]["lost"] == summary["frames"]["corrupted"] == 0
     assert summary["frames"]["sent"] == summary["frames"]["delivered"] > 0
     for d in summary["frames_by_direction"].values():

@@ -5,6 +5,8 @@ the protocol layer from real message bytes, as the migration code sees them.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -102,6 +104,10 @@ def test_capture_wire_keeps_frames_and_rarp_is_recognised():
 def test_round_snapshot_lists_logged_pages():
     bitmap = np.zeros(16, np.uint8)
     bitmap[0], bitmap[3] = 0b101, 0x80                                  # pages 0, 2, 31
-    snap = RoundSnapshot(2, 0.5, "active", 1, 2, 3, bitmap.tobytes(), 3, 0, 0, 0)
+    snap = RoundSnapshot(round=2, dirty_sync_count=3, time=0.5, status="active",
+                         transferred=1, remaining=2, dirty_pages_rate=3,
+                         log_bitmap=bitmap.tobytes(), pages_logged=3, syncs=(2, 3))
     assert list(snap.logged_pages()) == [0, 2, 31]
-    assert "log_bitmap" not in snap.summary()
+    summary = snap.summary()
+    assert "log_bitmap" not in summary and summary["syncs"] == [2, 3]
+    assert json.loads(json.dumps(summary)) == summary

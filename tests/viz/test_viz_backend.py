@@ -81,7 +81,12 @@ def test_stepper_walks_the_start_and_views_follow_the_backend(lab):
     shown = _text(rx.to_html())
     assert "avail.idx 8" in shown and "used.idx 3" in shown
     assert "last_avail_idx 3 (5 waiting for the device)" in shown
-    assert "driver's last used 0 (3 not yet reaped)" in shown
+    assert "last_used_idx 0 (the driver's; 3 not yet reaped)" in shown
+    assert "8 chains in flight" in shown             # the guest driver's own list
+    # All 8 descriptors are in use: 3 returned to the driver, 5 waiting for the device.
+    states = re.findall(r"head (\d+), #1 (used, not reaped|pending)", shown)
+    assert sorted(s for _h, s in states) == ["pending"] * 5 + ["used, not reaped"] * 3
+    assert "0 unused descriptors not shown" in shown
     stepper.run_all()
     assert stepper.done, stepper.log
     shown = _text(stepper._area.value)

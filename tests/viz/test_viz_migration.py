@@ -74,6 +74,11 @@ def test_timeline_table_holds_the_round_snapshots(migrated):
     for row, nxt in zip(rows, mig.snapshots[1:]):
         assert int(row[5]) == nxt.pages_copied
     assert rows[-1][5] == "0"                       # nothing left after stop-and-copy
+    data = MigrationTimelineView(mig).data()
+    assert [r["stopped"] for r in data["rows"]] == [False] * mig.rounds + [True]
+    assert data["downtime_s"] == mig.downtime_s > 0
+    assert f"downtime {mig.downtime_s * 1e3:.1f} ms" in _text(page)
+    assert "dirty sync (QEMU)" not in page          # the built-in has no QEMU sync count
     png = MigrationTimelineView(mig).png()
     img = decode_png(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300

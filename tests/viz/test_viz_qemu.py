@@ -48,12 +48,32 @@ def test_views_follow_a_real_qemu_migration(qemu_migration):
     rounds = result.rounds
     assert rounds
     data = MigrationTimelineView(mig).data()
-    assert [r["round"] for r in data["rows"]] == [r.dirty_sync_count for r in rounds]
-    assert [r["remaining"] for r in data["rows"]] == [r.remaining // 4096 for r in rounds]
-    assert [r["log_dirty"] for r in data["rows"]] == [r.pages_logged for r in rounds]
-    assert sum(r["bytes"] for r in data["rows"]) == rounds[-1].transferred
+    rows, ram = data["rows"], result.final_query["ram"]
+    assert [r["round"] for r in rows] == list(range(1, len(rounds) + 1))
+    # Every dirty sync QEMU announced (MIGRATION_PASS) is in exactly one round.
+    passes = [e["data"]["pass"] for e in result.events if e["event"] == "MIGRATION_PASS"]
+    assert [n for r in rounds for n in r.syncs] == passes == \
+        list(range(1, result.dirty_sync_count + 1))
+    assert [r["syncs"] for r in rows] == [
+        str(r.syncs[0]) if len(r.syncs) == 1 else f"{r.syncs[0]}-{r.syncs[-1]}" for r in rounds]
+    # Pages and bytes sent per round add up to query-migrate's totals.
+    assert [r["copied"] for r in rows] == [r.pages_sent for r in rounds]
+    assert sum(r["copied"] for r in rows) == ram["normal"] + ram["duplicate"]
+    assert sum(r["bytes"] for r in rows) == ram["transferred"]
+    assert [r["log_dirty"] for r in rows] == [r.pages_logged for r in rounds]
+    assert [r["guest_dirty"] for r in rows] == [None] * len(rounds)
+    # What was left after a round is what QEMU still had to send at the next sync.
+    for row, nxt in zip(rows[:-2], rounds[1:]):
+        assert row["remaining"] == nxt.remaining // 4096
+    assert rows[-1]["remaining"] == 0 and rows[-1]["phase"] == "completed"
+    assert len(rows) < 2 or rows[-2]["remaining"] is None   # QEMU's last sync is not readable
+    assert rows[-1]["stopped"] and rounds[-1].downtime_bytes == ram["downtime-bytes"]
+    page = _text(MigrationTimelineView(mig).to_html())
     downtime = result.final_query["downtime"]
-    assert f"downtime {downtime:.1f} ms" in _text(MigrationTimelineView(mig).to_html())
+    assert f"downtime {downtime:.1f} ms" in page
+    assert "by the guest" not in page.split("QEMU counts the pages the guest dirtied")[0]
+    assert f"{ram['downtime-bytes']} bytes went out with the guest stopped" in page
+    assert "QEMU counts the pages the guest dirtied and those the vhost log named" in page
     logged = [i for i, r in enumerate(rounds) if r.pages_logged]
     assert logged, "the source back-end logged no page during the migration"
     r = logged[0]
@@ -84,6 +104,9 @@ def test_ring_memory_and_trace_views_of_a_real_qemu(requires_qemu):
         for head in heads:
             d = snap.desc[head]
             assert f"{int(d['addr']):#x}" in text and f" {int(d['len'])} " in text
+        listed = re.findall(r"<tr[^>]*><td><span[^>]*>(\d+)</span></td>", tx.to_html())
+        assert [int(i) for i in listed] == sorted(heads)        # only the two in use
+        assert "254 unused descriptors not shown" in text
         # QEMU's memory table as the back-end mapped it: the pc machine's regions
         rows = _text(MemoryMapView(server).to_html())
         assert "0x0 0xbffff 0xc0000 (768 KiB)" in rows

@@ -25,6 +25,13 @@ rounds, as QEMU's precopy does:
    resumes on the destination's RAM and reads the frames the source back-end
    had put in its RX buffers, now from the destination's memory.
 
+The downtime (``downtime_s``) is the time the guest could not run: from
+the moment the source begins ``vhost_dev_stop`` to the moment the
+destination's ``vhost_dev_start`` has returned. (A real QEMU reports its
+own in query-migrate's ``downtime``, measured on the source.) The
+page-by-page comparison of the two RAMs at switch-over is the kit's
+integrity check, not part of a migration, so its time is left out.
+
 Integrity is checked, not assumed: every frame carries its own identity and
 content (frames.py); every RX frame the back-ends delivered must be read by
 the guest intact from guest memory, every TX frame must reach a wire exactly
@@ -33,6 +40,7 @@ once, and at switch-over the two RAMs must be equal page for page.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,6 +107,10 @@ class RoundSnapshot:
                 "pages_from_vhost_log": self.pages_from_vhost_log,
                 "rx_frames_after_copy": self.rx_frames_after_copy,
                 "tx_frames_after_copy": self.tx_frames_after_copy}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 3)
 
 
 def ram_pages(memory: GuestMemory) -> np.ndarray:
@@ -186,6 +198,9 @@ class BuiltinMigration:
     pages_mismatched: np.ndarray | None = None
     rarp_frames: int = 0
     status: str = "not started"
+    downtime_s: float | None = field(default=None, init=False)
+    total_time_s: float | None = field(default=None, init=False)
+    ram_compare_s: float = field(default=0.0, init=False)   # the check, not in the downtime
 
     def __post_init__(self) -> None:
         self.src = self._side("source")
@@ -195,6 +210,7 @@ class BuiltinMigration:
         self._seq = {RX: 0, TX: 0}
         self._lengths = np.random.default_rng(2020)
         self._pending_log = np.zeros(0, np.int64)   # pages from the final sync in vhost_log_put
+        self._t_begin = self._t_stop = None         # time.monotonic() at migrate, at the stop
 
     def _side(self, name: str) -> _Side:
         wire = CaptureWire()
@@ -250,6 +266,7 @@ class BuiltinMigration:
     def begin(self) -> None:
         """Migration starts: vhost_log_global_start on the source (SET_LOG_BASE, LOG_ALL, F_LOG)."""
         self.status = "active"
+        self._t_begin = time.monotonic()
         self.guest.take_guest_dirty()        # QEMU's bitmap starts all dirty: round 1 copies all
         self.src.dev.vhost_log_global_start()
 
@@ -316,6 +333,7 @@ class BuiltinMigration:
         dev = self.src.dev
         sink: list[np.ndarray] = []
         dev.dirty_sink = sink.append
+        self._t_stop = time.monotonic()                # the guest stops running here
         bases = dev.vhost_dev_stop(self.guest)
         dev.dirty_sink = None
         self._pending_log = (np.concatenate(sink).astype(np.int64) if sink
@@ -326,8 +344,10 @@ class BuiltinMigration:
         """Stop-and-copy: the pages still dirty, then compare the two RAMs."""
         snap = self.copy_round("stop-and-copy")
         self.src.dev.vhost_log_global_stop()
+        t0 = time.monotonic()
         self.pages_mismatched = compare_pages(self.src.memory, self.dst.memory,
                                               ram_pages(self.src.memory))
+        self.ram_compare_s = time.monotonic() - t0
         return snap
 
     def start_destination_device(self) -> None:
@@ -335,6 +355,11 @@ class BuiltinMigration:
         self.guest.move_to(self.dst.memory)
         dev = self.dst.dev
         dev.vhost_net_start(self.guest)
+        resumed = time.monotonic()                     # the guest runs on the destination
+        if self._t_stop is not None:
+            self.downtime_s = resumed - self._t_stop - self.ram_compare_s
+        if self._t_begin is not None:
+            self.total_time_s = resumed - self._t_begin
         dev.vhost_ops.vhost_migration_done(GUEST_MAC)
         self.status = "completed"
 
@@ -398,6 +423,9 @@ class BuiltinMigration:
                           "per_round": [s.summary() for s in self.snapshots]},
             "vhost_log": {"pages_logged": src.pages_logged if src else 0,
                           "syncs": src.syncs if src else 0},
+            # vhost_dev_stop on the source to vhost_dev_start done on the destination
+            "downtime_ms": _ms(self.downtime_s),
+            "total_time_ms": _ms(self.total_time_s),
             "frames": frames,
             "rarp_frames": self.rarp_frames,
             "problems": list(self.problems),

@@ -32,12 +32,11 @@ back-ends serve from background threads of this process.
    source returned from GET_VRING_BASE; then more frames both ways on the
    destination.
 
-Per round the orchestrator keeps a :class:`RoundSnapshot`: query-migrate's
-RAM counters and the vhost log as the source back-end marked it. QEMU
-clears the log at each sync, so the log is read at every step of the
-traffic loop and the readings are ORed until dirty-sync-count changes: the
-bitmap of a round is what the back-end marked between two observed syncs
-(marks made just before a sync and after the last reading are missed).
+Per round (a dirty-bitmap sync and what QEMU sends until the next) the
+orchestrator keeps a :class:`RoundSnapshot`, reading the vhost log and
+query-migrate every ``tick``; QEMU clears the log at each sync, so the log's
+readings are ORed until the sync count changes (marks made just before a
+sync and after the last reading are missed).
 
 Everything runs in one background thread (:meth:`QemuMigration.start`), so
 a notebook cell stays responsive; :meth:`QemuMigration.progress` returns a
@@ -50,7 +49,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -106,13 +105,26 @@ class MigrationConfig:
 
 @dataclass(frozen=True)
 class RoundSnapshot:
-    """One observed bitmap sync: query-migrate's RAM counters and the vhost log.
+    """One pre-copy round: a dirty-bitmap sync and what QEMU sent after it.
 
-    ``dirty_sync_count`` is the count QEMU reported when this snapshot was
-    taken; ``log_bitmap`` holds the pages the source back-end marked in the
-    vhost log since the previous snapshot (bit ``p % 8`` of byte ``p // 8``).
+    Read just after the sync: ``dirty_sync_count``, ``time`` (s since
+    migrate), ``transferred``, ``remaining`` (bytes still dirty), the pages
+    the source back-end marked in the vhost log since the previous sync
+    (``log_bitmap``: bit ``p % 8`` of byte ``p // 8``; ``pages_logged``) and
+    what the guest did meanwhile. QEMU counts the guest's dirty pages and the
+    log's together: there is no "dirtied by the guest" number.
+
+    Over the round (query-migrate deltas, from the reading that saw its sync
+    to the one that saw the next; round 1 from migrate; the last round, whose
+    sync no reading sees before its pages are out, from the reading before):
+    ``pages_sent`` (normal + duplicate), ``zero_pages``, ``bytes_sent``;
+    ``remaining_after`` (bytes dirty at the next sync; 0 after the last round,
+    None if unknown); ``downtime_bytes`` (sent with the guest stopped) and
+    ``status`` when it ended. ``syncs``: the syncs it stands for (several when
+    they fell between two readings); ``note`` explains those and the last.
     """
 
+    round: int
     dirty_sync_count: int
     time: float                   # s since migrate
     status: str
@@ -121,20 +133,45 @@ class RoundSnapshot:
     dirty_pages_rate: int
     log_bitmap: bytes
     pages_logged: int
-    guest_bytes_written: int
-    rx_frames: int
-    tx_frames: int
+    guest_bytes_written: int = 0
+    rx_frames: int = 0
+    tx_frames: int = 0
+    syncs: tuple[int, ...] = ()
+    pages_sent: int = 0
+    zero_pages: int = 0
+    bytes_sent: int = 0
+    remaining_after: int | None = None
+    downtime_bytes: int | None = None
+    note: str = ""
 
     def summary(self) -> dict:
         """JSON-ready, without the bitmap."""
-        return {k: getattr(self, k) for k in (
-            "dirty_sync_count", "time", "status", "transferred", "remaining",
-            "dirty_pages_rate", "pages_logged", "guest_bytes_written", "rx_frames", "tx_frames")}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "log_bitmap"}
+        return {**out, "syncs": list(self.syncs)}
 
     def logged_pages(self) -> np.ndarray:
         """Page numbers set in :attr:`log_bitmap`."""
         bits = np.unpackbits(np.frombuffer(self.log_bitmap, np.uint8), bitorder="little")
         return np.flatnonzero(bits)
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """query-migrate's RAM counters at one reading (``pages``: normal + duplicate)."""
+
+    status: str = "none"
+    dirty_sync_count: int = 0
+    transferred: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    remaining: int = 0
+
+    @classmethod
+    def of(cls, q: dict) -> "_Reading":
+        ram = {k: int(v) for k, v in q.get("ram", {}).items() if isinstance(v, (int, float))}
+        return cls(q.get("status", "none"), ram.get("dirty-sync-count", 0),
+                   ram.get("transferred", 0), ram.get("normal", 0) + ram.get("duplicate", 0),
+                   ram.get("duplicate", 0), ram.get("remaining", 0))
 
 
 @dataclass(frozen=True)
@@ -211,7 +248,7 @@ class MigrationResult:
         return {
             "frontend": "qemu",
             "qemu_version": self.qemu_version,
-            "migration": {"status": self.status, "rounds": self.dirty_sync_count,
+            "migration": {"status": self.status, "rounds": len(self.rounds),
                           "max_bandwidth": self.config.max_bandwidth,
                           "downtime_limit": self.config.downtime_limit,
                           "transferred": q.get("ram", {}).get("transferred"),
@@ -275,6 +312,10 @@ class QemuMigration:
         self._thread: threading.Thread | None = None
         self._trace_seq = {"source": 0, "destination": 0}
         self._acc_log: np.ndarray | None = None
+        self._reading, self._reading_at = _Reading(), 0.0   # the last query-migrate
+        self._starts: list[_Reading] = []                   # each round's first reading
+        self._before_last = self._reading                   # the one before the last round
+        self._ended = False
         self._round_stats = [0, 0, 0]           # guest bytes, rx frames, tx frames
         self._rx_unread = 0                     # RX frames delivered, not read by the guest
         self.dirtier: GuestDirtier | None = None
@@ -443,43 +484,89 @@ class QemuMigration:
         self._await_switch_over()
 
     def _poll(self) -> str:
-        """Read the vhost log and query-migrate; close a round when the sync count moved."""
+        """Read the vhost log and query-migrate; a new round when the sync count moved."""
         self._new_messages()
         snap = self.src.server.snapshot(trace=False).log
         if snap is not None:
             bits = np.frombuffer(snap.bitmap, np.uint8)
-            if self._acc_log is None or self._acc_log.size != bits.size:
-                self._acc_log = bits.copy()
-            else:
-                self._acc_log |= bits
+            same = self._acc_log is not None and self._acc_log.size == bits.size
+            self._acc_log = self._acc_log | bits if same else bits.copy()
         q = self.src.qemu.qmp.query_migrate()
+        now, at = _Reading.of(q), time.monotonic()
         with self._lock:
-            before = int(self._query.get("ram", {}).get("dirty-sync-count", 0))
             self._query = q
-        count = int(q.get("ram", {}).get("dirty-sync-count", 0))
-        status = q.get("status", "none")
-        if count != before or (status in FINAL_STATES and count):
-            self._close_round(q, count, status)
-        return status
+        seen = self._rounds[-1].dirty_sync_count if self._rounds else 0
+        if now.dirty_sync_count > seen:
+            self._open_round(q, now, seen, at)
+        elif self._rounds:
+            self._count(-1, now)
+        if now.status in FINAL_STATES and self._rounds and not self._ended:
+            self._end_rounds(q, now)
+        self._reading, self._reading_at = now, at
+        return now.status
 
-    def _close_round(self, q: dict, count: int, status: str) -> None:
-        if self._rounds and self._rounds[-1].dirty_sync_count == count:
-            return
-        ram = q.get("ram", {})
+    def _replace(self, i: int, **changes) -> None:
+        with self._lock:
+            self._rounds[i] = replace(self._rounds[i], **changes)
+
+    def _open_round(self, q: dict, now: _Reading, seen: int, at: float) -> None:
+        """QEMU synced since the last reading: the round before ends, a new one begins, here."""
+        if self._rounds:
+            self._count(-1, now, status=self._rounds[-1].status)
+            self._replace(-1, remaining_after=now.remaining)
+        syncs = tuple(range(seen + 1, now.dirty_sync_count + 1))
+        note = ""
+        if len(syncs) > 1:
+            since = at - (self._reading_at or self._t_migrate)
+            note = (f"dirty syncs {syncs[0]} to {syncs[-1]} came between two readings of "
+                    f"query-migrate {since * 1e3:.0f} ms apart: one round for them")
         bitmap = self._acc_log if self._acc_log is not None else np.zeros(0, np.uint8)
         snap = RoundSnapshot(
-            dirty_sync_count=count, time=round(time.monotonic() - self._t_migrate, 4),
-            status=status, transferred=int(ram.get("transferred", 0)),
-            remaining=int(ram.get("remaining", 0)),
-            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            round=len(self._rounds) + 1, dirty_sync_count=now.dirty_sync_count,
+            time=round(at - self._t_migrate, 4), status=now.status,
+            transferred=now.transferred, remaining=now.remaining,
+            dirty_pages_rate=int(q.get("ram", {}).get("dirty-pages-rate", 0)),
             log_bitmap=bitmap.tobytes(), pages_logged=int(np.bitwise_count(bitmap).sum()),
             guest_bytes_written=self._round_stats[0], rx_frames=self._round_stats[1],
-            tx_frames=self._round_stats[2])
+            tx_frames=self._round_stats[2], syncs=syncs, note=note)
         self._acc_log = None
         self._round_stats = [0, 0, 0]
+        # Round 1 counts from migrate (QEMU's counters start at 0 there).
+        self._starts.append(now if self._rounds else _Reading())
+        self._before_last = self._reading
         with self._lock:
             self._rounds.append(snap)
-        self._emit("round", f"dirty sync {count}", snap)
+        self._count(-1, now)
+        self._emit("round", f"dirty sync {now.dirty_sync_count}", self._rounds[-1])
+
+    def _count(self, i: int, end: _Reading, status: str | None = None) -> None:
+        """Round ``i``'s counters, from its first reading to ``end``."""
+        start = self._starts[i]
+        self._replace(i, status=status or end.status, pages_sent=end.pages - start.pages,
+                      zero_pages=end.zero_pages - start.zero_pages,
+                      bytes_sent=end.transferred - start.transferred)
+
+    def _end_rounds(self, q: dict, now: _Reading) -> None:
+        """The migration ended; if it completed, its last round went with the guest stopped
+        (QEMU holds its main lock from the STOP until the last pages are out)."""
+        self._ended = True
+        if now.status != "completed":
+            return
+        before = ""
+        if len(self._rounds) > 1:
+            self._starts[-1] = self._before_last
+            self._count(-2, self._before_last, status=self._rounds[-2].status)
+            self._replace(-2, remaining_after=None)
+            before = f" (left after round {len(self._rounds) - 1})"
+        self._count(-1, now)
+        stopped = q.get("ram", {}).get("downtime-bytes")
+        note = ("the guest stopped (STOP) before the last sync; QEMU answers query-migrate "
+                f"again only once it has sent what that sync found, so that count{before} "
+                "is not known" + ("" if stopped is None else
+                                  f"; {stopped} bytes went out with the guest stopped "
+                                  "(downtime-bytes)"))
+        self._replace(-1, remaining_after=0, downtime_bytes=stopped,
+                      note="; ".join(filter(None, (self._rounds[-1].note, note))))
 
     def _check_status(self, status: str) -> None:
         if status in ("failed", "cancelled"):

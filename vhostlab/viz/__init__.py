@@ -10,10 +10,13 @@ show in JupyterLab, Voila, nbconvert HTML and GitHub's notebook preview:
 - ``TraceView``: the vhost-user messages (time, direction, request, decoded
   fields, raw bytes in a hex dump on demand);
 - ``MemoryMapView``: the memory table (GPA, front-end address, mmap offset);
-- ``VirtqueueView``: descriptor table with chains, avail and used rings,
-  ``last_avail_idx`` and the used index as pointers;
+- ``VirtqueueView``: avail and used rings with their four pointers
+  (avail.idx, last_avail_idx, used.idx, last_used_idx), the chains, and the
+  descriptors in use or recently used (``descriptor_states``), sized for a
+  notebook;
 - ``DirtyBitmapView``: the dirty log, one pixel per 4 KiB page, per round;
-- ``MigrationTimelineView``: pages per round, bytes sent, downtime;
+- ``MigrationTimelineView``: pages per round, bytes sent, the rounds sent
+  with the guest stopped and the downtime;
 - ``VhostOpsTableView``: each VhostOps op, its message and its ioctl;
 - ``CallTimelineView``: the vhost.c functions a front-end entered, nested,
   with the messages each one sent.
@@ -43,7 +46,7 @@ from .opstable import VhostOpsTableView
 from .png import decode_png, figure_png, rgb_png
 from .timeline import MigrationTimelineView, round_numbers
 from .trace import TraceView, trace_records
-from .virtqueue import RingSnapshot, VirtqueueView, ring_snapshot
+from .virtqueue import RingSnapshot, VirtqueueView, descriptor_states, ring_snapshot
 from .widgets import LiveView, RoundSlider, Stepper, WidgetView, progress, watch_migration
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "WidgetView",
     "bitmap_rgb",
     "decode_png",
+    "descriptor_states",
     "dirty_counts",
     "dirty_ranges",
     "figure_png",

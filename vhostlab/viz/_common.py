@@ -35,6 +35,10 @@ CSS = """
 .vhl pre {margin: 2px 0; font-size: 11px;}
 .vhl details summary {cursor: pointer; color: #555;}
 .vhl .ptr {font-weight: bold; color: #c01c28;}
+.vhl table.ring td {text-align: right; padding: 1px 3px; min-width: 2.2em;}
+.vhl table.ring th {padding: 1px 3px; font-weight: normal; color: #666; text-align: right;}
+.vhl table.ring .ptr {font-size: 10px; white-space: nowrap; text-align: left;}
+.vhl table.ring .muted {font-size: 10px;}
 .vhl .mig {background: #fff3cd;}
 </style>
 """

@@ -43,7 +43,9 @@ class RingSnapshot:
     ``last_avail_idx`` is the device's counter (None if the source is the
     driver's view); ``last_used_idx`` is the driver's (None if the source is
     the device's view). ``desc`` has the fields addr, len, flags, next;
-    ``used_ring`` has id, len.
+    ``used_ring`` has id, len. ``in_flight``: the heads of the chains the
+    driver has given the device and not taken back (None if the source does
+    not say).
     """
 
     num: int
@@ -59,6 +61,7 @@ class RingSnapshot:
     index: int | None = None
     gpas: dict | None = None
     error: str | None = None
+    in_flight: tuple[int, ...] | None = None
 
 
 def _structured(arr: Any, dtype: np.dtype) -> np.ndarray:
@@ -195,14 +198,28 @@ def ring_snapshot(source: Any, state: Any = None, memory: Any = None) -> RingSna
     index = None if index is None else as_int(index)
     last_avail = _first(scal, "last_avail_idx")
     last_used = _first([src, views], "last_used_idx", "last_seen_used")
+    in_flight = _in_flight(src)
     return RingSnapshot(
         num=as_int(num) if num is not None else len(desc), desc=desc,
         avail_flags=a_flags, avail_idx=(a_idx or 0) & 0xFFFF, avail_ring=a_ring,
         used_flags=u_flags, used_idx=(u_idx or 0) & 0xFFFF, used_ring=u_ring,
         last_avail_idx=None if last_avail is None else as_int(last_avail) & 0xFFFF,
         last_used_idx=None if last_used is None else as_int(last_used) & 0xFFFF,
-        index=index, gpas=_gpas(src, st),
+        index=index, gpas=_gpas(src, st), in_flight=in_flight,
         error=_ring_error(st, index) if st is not None else _ring_error(src, index))
+
+
+def _in_flight(src: Any) -> tuple[int, ...] | None:
+    """The driver's in-flight heads: a tuple of them, or the keys of a head -> buffer dict."""
+    value = field(src, "in_flight", "inflight", default=None)
+    if isinstance(value, dict):
+        value = value.keys()
+    if value is None or callable(value) or isinstance(value, (str, bytes)):
+        return None
+    try:
+        return tuple(sorted(int(v) for v in value))
+    except (TypeError, ValueError):
+        return None
 
 
 def walk_chain(desc: np.ndarray, head: int, num: int) -> tuple[list[int], str | None]:
@@ -240,6 +257,65 @@ def _pending(a: int, b: int) -> int:
     return (b - a) & 0xFFFF
 
 
+def _window(end: int, count: int) -> list[int]:
+    """The ``count`` ring positions (u16 counters) just before ``end``, oldest first."""
+    return [(end - count + k) & 0xFFFF for k in range(max(0, count))]
+
+
+def _state_windows(snap: RingSnapshot, recent: int) -> list[tuple[str, list[int]]]:
+    """(state, heads) in claiming order, read from the rings' indices."""
+    num = max(1, snap.num)
+
+    def avail(positions: list[int]) -> list[int]:
+        return [int(snap.avail_ring[p % num]) for p in positions if p % num < len(snap.avail_ring)]
+
+    a, u, la, lu = snap.avail_idx, snap.used_idx, snap.last_avail_idx, snap.last_used_idx
+    out: list[tuple[str, list[int]]] = []
+    if lu is not None and _pending(lu, u) <= num:
+        # virtio 2.7.8: the used ring from the driver's last_used_idx to used.idx
+        out.append(("used, not reaped", [int(snap.used_ring[p % num]["id"]) for p in
+                                         _window(u, _pending(lu, u)) if p % num < len(
+                                             snap.used_ring)]))
+    if la is not None and _pending(la, a) <= num:
+        out.append(("pending", avail(_window(a, _pending(la, a)))))
+    if la is not None and _pending(u, la) <= num:
+        # taken and not yet returned (the back-ends here return chains in order)
+        out.append(("taken by the device", avail(_window(la, _pending(u, la)))))
+    if snap.in_flight is not None:
+        out.append(("in flight", list(snap.in_flight)))
+    elif la is None and _pending(u, a) <= num:
+        out.append(("in flight", avail(_window(a, _pending(u, a)))))
+    out.append(("recently used", avail(_window(a, min(recent, num, a)))[::-1]))
+    return out
+
+
+def descriptor_states(snap: RingSnapshot, recent: int = 16) -> dict[int, tuple[str, int, int]]:
+    """Descriptors in use or recently used: index -> (state, head, position in the chain).
+
+    In use: chains returned and not reaped (used ring, last_used_idx to
+    used.idx), waiting for the device (avail ring, last_avail_idx to
+    avail.idx), taken by the device and not returned (avail ring, used.idx
+    to last_avail_idx), or in flight as the driver says. Recently used: the
+    chains of the last ``recent`` avail entries. The dict is in that order
+    (the most interesting first). A chain walk stops at a descriptor
+    already claimed or out of range, so the work stays within ``num`` steps
+    in all, whatever the guest wrote.
+    """
+    num = min(snap.num, len(snap.desc))
+    out: dict[int, tuple[str, int, int]] = {}
+    if num <= 0:
+        return out
+    for state, heads in _state_windows(snap, recent):
+        for head in heads:
+            i, pos = head, 0
+            while 0 <= i < num and i not in out:
+                out[i] = (state, head, pos)
+                if not int(snap.desc[i]["flags"]) & VRING_DESC_F_NEXT:
+                    break
+                i, pos = int(snap.desc[i]["next"]), pos + 1
+    return out
+
+
 class VirtqueueView(View):
     """Descriptor table, chains, avail and used rings of one split virtqueue.
 
@@ -249,12 +325,18 @@ class VirtqueueView(View):
     errors) if ``source`` lacks it; ``memory``: the guest memory to map the
     ring from when ``source`` is the device's state (a Virtqueue, a
     back-end's VringSnapshot). All are read at every render.
-    ``max_desc`` caps the table rows, ``max_chains`` the chains drawn.
+
+    Sized for a notebook: the rings are drawn ``ring_columns`` slots a row,
+    and only the rows that hold a pointer or a recent entry (all of them
+    with ``ring_window=False``); the descriptor table lists the descriptors
+    in use or recently used (see ``descriptor_states``), at most
+    ``max_desc``, and says how many it leaves out. ``max_chains`` caps the
+    chains drawn (and what counts as recent).
     """
 
     def __init__(self, source: Any, state: Any = None, memory: Any = None,
-                 title: str | None = None, max_desc: int = 256, max_chains: int = 16,
-                 ring_columns: int = 32) -> None:
+                 title: str | None = None, max_desc: int = 32, max_chains: int = 16,
+                 ring_columns: int = 16, ring_window: bool = True) -> None:
         self.source = source
         self.state = state
         self.memory = memory
@@ -262,13 +344,18 @@ class VirtqueueView(View):
         self.max_desc = max_desc
         self.max_chains = max_chains
         self.ring_columns = ring_columns
+        self.ring_window = ring_window
 
     def snapshot(self) -> RingSnapshot:
         """The ring as it is now."""
         return ring_snapshot(self.source, self.state, self.memory)
 
     def chains(self, snap: RingSnapshot) -> list[dict]:
-        """The chains of the latest avail entries, newest last, marked pending or taken."""
+        """The chains of the latest avail entries, newest last, marked pending or taken.
+
+        An entry whose head a later entry reuses is given no chain (its
+        problem says so): the descriptors now hold the later chain.
+        """
         num = snap.num
         if num <= 0 or len(snap.avail_ring) == 0:
             return []
@@ -280,19 +367,26 @@ class VirtqueueView(View):
         if snap.last_avail_idx is not None:
             if min(_pending(snap.last_avail_idx, snap.avail_idx), num) > count:
                 end = (snap.last_avail_idx + count) & 0xFFFF
-        out = []
-        for k in range(count, 0, -1):
+        out, newer = [], set()
+        for k in range(1, count + 1):           # newest first: a newer chain wins a descriptor
             slot_idx = (end - k) & 0xFFFF
             head = int(snap.avail_ring[slot_idx % num]) if slot_idx % num < len(
                 snap.avail_ring) else -1
-            chain, problem = walk_chain(snap.desc, head, num)
             pending = None
             if snap.last_avail_idx is not None:
                 pending = _pending(snap.last_avail_idx, slot_idx) < _pending(
                     snap.last_avail_idx, snap.avail_idx)
+            if head in newer:
+                # The driver got this chain back and reused its head in a later
+                # entry: the table now holds the later chain, not this one.
+                out.append({"avail_idx": slot_idx, "head": head, "chain": [],
+                            "problem": "reused by a later entry", "pending": pending})
+                continue
+            chain, problem = walk_chain(snap.desc, head, num)
+            newer.update(chain)
             out.append({"avail_idx": slot_idx, "head": head, "chain": chain,
                         "problem": problem, "pending": pending})
-        return out
+        return out[::-1]
 
     def to_html(self) -> str:
         snap = self.snapshot()
@@ -300,7 +394,7 @@ class VirtqueueView(View):
         title = self.title or (f"virtqueue {snap.index}" if snap.index is not None
                                else "virtqueue")
         return wrap(self._summary(snap) + self._rings_html(snap) + self._chains_svg(chains)
-                    + self._chain_list(chains) + self._desc_table(snap, chains), title)
+                    + self._chain_list(chains) + self._desc_table(snap), title)
 
     def _summary(self, snap: RingSnapshot) -> str:
         facts = [f"num {snap.num}", f"avail.idx {snap.avail_idx}", f"used.idx {snap.used_idx}"]
@@ -309,8 +403,11 @@ class VirtqueueView(View):
                          f"({_pending(snap.last_avail_idx, snap.avail_idx)} waiting for the "
                          f"device)")
         if snap.last_used_idx is not None:
-            facts.append(f"driver's last used {snap.last_used_idx} "
-                         f"({_pending(snap.last_used_idx, snap.used_idx)} not yet reaped)")
+            facts.append(f"last_used_idx {snap.last_used_idx} "
+                         f"(the driver's; {_pending(snap.last_used_idx, snap.used_idx)} not "
+                         "yet reaped)")
+        if snap.in_flight is not None:
+            facts.append(f"{len(snap.in_flight)} chains in flight")
         if snap.avail_flags & VRING_AVAIL_F_NO_INTERRUPT:
             facts.append("avail.flags NO_INTERRUPT")
         if snap.used_flags & VRING_USED_F_NO_NOTIFY:
@@ -320,44 +417,81 @@ class VirtqueueView(View):
         err = f"<div class='bad'>ring broken: {esc(snap.error)}</div>" if snap.error else ""
         return f"<div>{esc('; '.join(facts))}</div>{err}"
 
-    def _ring_grid(self, cells: list[str], marks: dict[int, list[str]], shade: set[int],
-                   caption: str) -> str:
-        cols = self.ring_columns
-        rows = []
-        for start in range(0, len(cells), cols):
+    def _ring_grid(self, cells: list[tuple[str, str, bool]], marks: dict[int, list[str]],
+                   shade: set[int], keep: set[int], caption: str) -> str:
+        """``cells``: (HTML, tooltip, is zero) per slot; rows without a slot in
+        ``keep`` fold into one line (unless ``ring_window`` is off)."""
+        cols, num = max(1, self.ring_columns), len(cells)
+        head = "<tr><th>slot</th>" + "".join(f"<th>+{c}</th>" for c in range(min(cols, num)))
+        rows, folded = [head + "</tr>"], []
+
+        def fold() -> None:
+            if folded:
+                first, last = folded[0], min(folded[-1] + cols, num) - 1
+                zero = all(cells[k][2] for k in range(first, last + 1))
+                rows.append(f"<tr class='muted'><td colspan='{min(cols, num) + 1}'>\u22ef slots "
+                            f"{first}\u2013{last} not shown: no pointer and no recent entry"
+                            f"{', all 0' if zero else ''}</td></tr>")
+                folded.clear()
+
+        for start in range(0, num, cols):
+            slots = range(start, min(start + cols, num))
+            if self.ring_window and not keep.intersection(slots):
+                folded.append(start)
+                continue
+            fold()
             tds = []
-            for slot in range(start, min(start + cols, len(cells))):
-                ptr = "".join(f"<div class='ptr'>\u25bc {esc(m)}</div>" for m in marks.get(slot, []))
+            for slot in slots:
+                ptr = "".join(f"<div class='ptr'>\u25b2 {esc(m)}</div>"
+                              for m in marks.get(slot, []))
                 bg = " style='background:#fff3cd'" if slot in shade else ""
-                tds.append(f"<td title='slot {slot}'{bg}>{ptr}<span class='muted'>{slot}:</span>"
-                           f" {cells[slot]}</td>")
-            rows.append("<tr>" + "".join(tds) + "</tr>")
-        return f"<table><caption>{esc(caption)}</caption>{''.join(rows)}</table>"
+                tds.append(f"<td title='{esc(cells[slot][1])}'{bg}>{cells[slot][0]}{ptr}</td>")
+            rows.append(f"<tr><th>{start}</th>{''.join(tds)}</tr>")
+        fold()
+        return f"<table class='ring'><caption>{esc(caption)}</caption>{''.join(rows)}</table>"
 
     def _rings_html(self, snap: RingSnapshot) -> str:
-        num = min(snap.num, len(snap.avail_ring), len(snap.used_ring), 1024)
+        num = min(snap.num, len(snap.avail_ring), len(snap.used_ring), 1024)   # slots drawn
         if num <= 0:
             return ""
-        amarks: dict[int, list[str]] = {}
-        amarks.setdefault(snap.avail_idx % snap.num, []).append("avail.idx")
+        ring, recent = snap.num, min(self.max_chains, num)                       # the modulus
+        a, u, la, lu = snap.avail_idx, snap.used_idx, snap.last_avail_idx, snap.last_used_idx
+        amarks: dict[int, list[str]] = {a % ring: ["avail.idx"]}
         shade: set[int] = set()
-        if snap.last_avail_idx is not None:
-            amarks.setdefault(snap.last_avail_idx % snap.num, []).append("last_avail_idx")
-            n = _pending(snap.last_avail_idx, snap.avail_idx)
-            shade = {(snap.last_avail_idx + k) % snap.num for k in range(min(n, snap.num))}
-        acells = [str(int(h)) for h in snap.avail_ring[:num]]
-        avail = self._ring_grid(acells, amarks, shade, "avail ring (head descriptor per slot; "
-                                "shaded: waiting for the device)")
-        umarks: dict[int, list[str]] = {snap.used_idx % snap.num: ["used.idx"]}
+        akeep = {p % ring for p in _window(a, min(recent, a))}
+        if la is not None:
+            amarks.setdefault(la % ring, []).append("last_avail_idx")
+            shade = {p % ring for p in _window(a, min(_pending(la, a), ring))}
+        acells = [(str(int(h)), f"avail.ring[{k}] = {int(h)}", not int(h))
+                  for k, h in enumerate(snap.avail_ring[:num])]
+        avail = self._ring_grid(acells, amarks, shade, akeep | set(amarks) | shade,
+                                "avail ring: the head of a chain per slot; shaded: published, "
+                                "waiting for the device")
+        umarks: dict[int, list[str]] = {u % ring: ["used.idx"]}
         ushade: set[int] = set()
+        if lu is not None:
+            umarks.setdefault(lu % ring, []).append("last_used_idx")
+            ushade = {p % ring for p in _window(u, min(_pending(lu, u), ring))}
+        ukeep = {p % ring for p in _window(u, min(recent, u))} | set(umarks) | ushade
+        ucells = [(f"{int(e['id'])}<div class='muted'>{int(e['len'])}</div>",
+                   f"used.ring[{k}] = {{id {int(e['id'])}, len {int(e['len'])}}}",
+                   not (int(e["id"]) or int(e["len"])))
+                  for k, e in enumerate(snap.used_ring[:num])]
+        used = self._ring_grid(ucells, umarks, ushade, ukeep,
+                               "used ring: id (the chain's head) above len per slot; shaded: "
+                               "returned, not yet reaped by the driver")
+        return avail + used + self._pointer_legend(snap)
+
+    @staticmethod
+    def _pointer_legend(snap: RingSnapshot) -> str:
+        said = ["avail.idx: the slot the driver fills next"]
+        if snap.last_avail_idx is not None:
+            said.append("last_avail_idx: the slot the device takes next (what GET_VRING_BASE "
+                        "returns)")
+        said.append("used.idx: the slot the device fills next")
         if snap.last_used_idx is not None:
-            umarks.setdefault(snap.last_used_idx % snap.num, []).append("last_used_idx")
-            n = _pending(snap.last_used_idx, snap.used_idx)
-            ushade = {(snap.last_used_idx + k) % snap.num for k in range(min(n, snap.num))}
-        ucells = [f"{int(e['id'])}/{int(e['len'])}" for e in snap.used_ring[:num]]
-        used = self._ring_grid(ucells, umarks, ushade, "used ring (id/len per slot; shaded: "
-                               "not yet reaped by the driver)")
-        return avail + used
+            said.append("last_used_idx: the entry the driver reaps next")
+        return f"<div class='muted'>\u25b2 {esc('; '.join(said))}</div>"
 
     def _chains_svg(self, chains: list[dict]) -> str:
         if not chains:
@@ -403,26 +537,35 @@ class VirtqueueView(View):
                          f"{esc(state)}{bad}</li>")
         return f"<div>chains:<ul>{''.join(items)}</ul></div>" if items else ""
 
-    def _desc_table(self, snap: RingSnapshot, chains: list[dict]) -> str:
-        where: dict[int, tuple[int, int]] = {}
-        for c in chains:
-            for pos, d in enumerate(c["chain"]):
-                where.setdefault(d, (c["head"], pos))
-        rows, classes = [], []
-        n = min(snap.num, len(snap.desc), self.max_desc)
-        for i in range(n):
-            d = snap.desc[i]
-            flags = int(d["flags"])
-            member = where.get(i)
-            chain = "" if member is None else f"head {member[0]}, #{member[1] + 1}"
-            style = "" if member is None else (
-                f" style='background:{CHAIN_COLOURS[member[0] % len(CHAIN_COLOURS)]}'")
-            rows.append([f"<span{style}>{i}</span>", esc(fmt_hex(int(d["addr"]))),
-                         str(int(d["len"])), esc(desc_flags(flags)), str(int(d["next"])),
-                         esc(chain)])
-            classes.append("" if int(d["addr"]) or int(d["len"]) else "muted")
-        more = ""
-        if min(snap.num, len(snap.desc)) > n:
-            more = f"<div class='muted'>{min(snap.num, len(snap.desc)) - n} more descriptors</div>"
-        return table(["desc", "addr", "len", "flags", "next", "chain"], rows,
-                     caption="descriptor table", row_classes=classes) + more
+    def _desc_table(self, snap: RingSnapshot) -> str:
+        states = descriptor_states(snap, self.max_chains)
+        n = min(snap.num, len(snap.desc))
+        shown = sorted(list(states)[:max(0, self.max_desc)])
+        rows: list[list[str]] = []
+        classes: list[str] = []
+
+        def gap(first: int, last: int) -> None:
+            if first <= last:
+                rows.append(["\u22ef", "", "", "", "", esc(f"{first}\u2013{last} not shown"), ""])
+                classes.append("muted")
+
+        prev = -1
+        for i in shown:
+            gap(prev + 1, i - 1)
+            d, (state, head, pos) = snap.desc[i], states[i]
+            colour = CHAIN_COLOURS[head % len(CHAIN_COLOURS)]
+            rows.append([f"<span style='background:{colour}'>{i}</span>",
+                         esc(fmt_hex(int(d["addr"]))), str(int(d["len"])),
+                         esc(desc_flags(int(d["flags"]))), str(int(d["next"])),
+                         esc(f"head {head}, #{pos + 1}"), esc(state)])
+            classes.append("muted" if state == "recently used" else "")
+            prev = i
+        gap(prev + 1, n - 1)
+        notes = [f"{n - len(states)} unused descriptors not shown"]
+        if len(states) > len(shown):
+            notes.append(f"{len(states) - len(shown)} more in use or recently used not shown "
+                         f"(max_desc {self.max_desc})")
+        return table(["desc", "addr", "len", "flags", "next", "chain", "state"], rows,
+                     caption="descriptor table: in use or recently used",
+                     row_classes=classes) + \
+            f"<div class='muted'>{esc('; '.join(notes))}</div>"

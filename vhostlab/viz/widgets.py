@@ -220,7 +220,8 @@ class RoundSlider(WidgetView):
     def _numbers_html(self, r: int, rounds: list[Any]) -> str:
         if not rounds:
             return "<div class='muted'>no rounds yet</div>"
-        return rounds_table([rows_of(rounds)[r - 1]])
+        rows = rows_of(rounds)
+        return rounds_table([rows[r - 1]], rows, explain=False)
 
     def _draw(self) -> None:
         rounds = self.rounds()
