@@ -165,7 +165,8 @@ def run_demo(as_json: bool = False, break_logging: bool = False,
 def _report(summary: dict, out: Callable[[str], None]) -> None:
     f, mig, log = summary["frames"], summary["migration"], summary["vhost_log"]
     out("")
-    out(f"migration {mig['status']} in {mig['rounds']} rounds; vhost log: "
+    out(f"migration {mig['status']} in {mig['rounds']} rounds, downtime "
+        f"{summary['downtime_ms']:.1f} ms of {summary['total_time_ms']:.0f} ms; vhost log: "
         f"{log['pages_logged']} pages in {log['syncs']} syncs"
         + (" (back-ends told to skip dirty logging)" if summary["break_logging"] else ""))
     out(f"frames: sent {f['sent']}, delivered {f['delivered']}, lost {f['lost']}, "
