@@ -11,8 +11,9 @@ import struct
 
 from vhostlab.protocol import (ConfigSpace, CryptoSession, InflightArea,
                                IotlbMsg, LogArea, MemoryRegion, MemoryTable,
-                               Request, SingleMemoryRegion, U64, VringAddr,
-                               VringState, VHOST_IOTLB_UPDATE)
+                               Request, SharedObject, SingleMemoryRegion,
+                               TransferDeviceState, U64, VringAddr, VringState,
+                               VHOST_IOTLB_UPDATE)
 
 R = Request
 HVA = 0x7F0000000000
@@ -68,6 +69,9 @@ SAMPLE_REQUESTS: dict[Request, tuple[object, int]] = {
     R.REM_MEM_REG: (SingleMemoryRegion(REGION_HIGH), 0),
     R.SET_STATUS: (U64(0xF), 0),
     R.GET_STATUS: (None, 0),
+    R.GET_SHARED_OBJECT: (SharedObject(bytes(range(16))), 0),
+    R.SET_DEVICE_STATE_FD: (TransferDeviceState(0, 0), 1),
+    R.CHECK_DEVICE_STATE: (None, 0),
 }
 
 # Replies with data of their own; every other request's reply is a u64 status.
@@ -82,6 +86,9 @@ SAMPLE_DATA_REPLIES: dict[Request, tuple[object, int]] = {
     R.GET_INFLIGHT_FD: (InflightArea(0x4000, 0, 2, 256), 1),
     R.GET_MAX_MEM_SLOTS: (U64(509), 0),
     R.GET_STATUS: (U64(0xF), 0),
+    R.GET_SHARED_OBJECT: (SharedObject(bytes(range(16))), 1),
+    R.SET_DEVICE_STATE_FD: (U64(0x100), 0),          # success, no fd of its own
+    R.CHECK_DEVICE_STATE: (U64(0), 0),
 }
 
 

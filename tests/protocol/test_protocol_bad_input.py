@@ -69,7 +69,7 @@ def test_reply_flags_must_be_exactly_0x5(flags: int) -> None:
     rejects(u64_msg(R.GET_FEATURES, 0, flags), field="flags", limit=0x5)
 
 
-@pytest.mark.parametrize("request_id", [0, 41, 43, 0xFFFFFFFF])
+@pytest.mark.parametrize("request_id", [0, 44, 99, 0xFFFFFFFF])
 def test_unknown_request_id(request_id: int) -> None:
     rejects(header(request_id, 1, 0), request=request_id, field="request",
             value=request_id)
@@ -269,3 +269,54 @@ def test_header_errors_name_a_known_request() -> None:
     assert err.request == "SET_MEM_TABLE" and str(err).startswith("SET_MEM_TABLE:")
     err = rejects(header(99, 0x3, 0), field="flags")
     assert err.request == 99
+
+
+# -- what the messages say -----------------------------------------------------------
+@pytest.mark.parametrize("data, nfds, text", [
+    (header(R.SET_LOG_BASE, 1, 16) + struct.pack("<QQ", 8192, 0), 0,
+     "SET_LOG_BASE: fds=0: expected exactly 1 fd, got 0 (limit: 1)"),
+    (header(R.SET_FEATURES, 1, 16) + bytes(15), 0,
+     "SET_FEATURES: size=16: header promises 16 payload bytes but only 15 arrived "
+     "(limit: 15)"),
+    (u64_msg(R.SET_FEATURES, 0) + b"\0\0", 0,
+     "SET_FEATURES: trailing=2: 2 bytes arrived after the 8-byte payload the header "
+     "promised (limit: 0)"),
+    (header(R.SET_VRING_NUM, 1, 4) + bytes(4), 0,
+     "SET_VRING_NUM: size=4: expected a payload of 8 bytes, got 4 (limit: '8')"),
+    (mem_table([region(i << 32, 0x1000) for i in range(3)]), 2,
+     "SET_MEM_TABLE: fds=2: expected exactly 3 fds (one per memory region), got 2 "
+     "(limit: 3)"),
+    (u64_msg(R.SET_VRING_KICK, 0x101), 1,
+     "SET_VRING_KICK: fds=1: expected exactly 0 fds (bit 8, no fd, is set), got 1 "
+     "(limit: 0)"),
+    (header(R.SET_OWNER, 1, 0), 9,
+     "SET_OWNER: fds=9: 9 fds arrived; no message may carry more than 8 (limit: 8)"),
+    (header(44, 1, 0), 0,
+     "44: request=44: request id 44 is not a front-end request of the spec "
+     "(known: 1..43) (limit: '1..43')"),
+    (header(R.GET_FEATURES, 0xD, 0), 0,
+     "GET_FEATURES: flags=13: a reply must carry flags exactly 0x5 (version 1 + reply), "
+     "this one has 0xd (limit: 5)"),
+    (header(R.GET_FEATURES, 1, 5000), 0,
+     "GET_FEATURES: size=5000 (0x1388): header promises 5000 payload bytes; no message "
+     "may be larger than 4096 (limit: 4096 (0x1000))"),
+])
+def test_messages_say_what_was_expected_and_what_came(data, nfds, text) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_message(data, tuple(range(10, 10 + nfds)))
+    assert str(info.value) == text
+
+
+def test_fd_counts_can_be_left_to_the_device() -> None:
+    """check_fd_count=False: a back-end that checks fds per request (and answers
+    need_reply with a failure) gets the message; the hard limit of 8 stays."""
+    data = header(R.SET_LOG_BASE, 9, 16) + struct.pack("<QQ", 8192, 0)
+    msg = parse_message(data, (), check_fd_count=False)
+    assert msg.request is R.SET_LOG_BASE and msg.fds == () and msg.need_reply
+    rejects(data, ())
+    with pytest.raises(ProtocolError) as info:
+        parse_message(header(R.SET_OWNER, 1, 0), tuple(range(9)), check_fd_count=False)
+    assert info.value.field == "fds" and info.value.value == 9
+    with pytest.raises(ProtocolError) as info:        # payload rules still apply
+        parse_message(u64_msg(R.SET_VRING_CALL, 0x200), (), check_fd_count=False)
+    assert info.value.field == "u64"

@@ -51,8 +51,9 @@ def test_feature_bits_and_meanings() -> None:
             F.VIRTIO_F_ACCESS_PLATFORM, F.VIRTIO_F_RING_PACKED,
             F.VIRTIO_F_IN_ORDER) == tuple(
         1 << b for b in (24, 26, 27, 28, 29, 30, 32, 33, 34, 35))
-    assert [int(p).bit_length() - 1 for p in P] == list(range(19))
+    assert [int(p).bit_length() - 1 for p in P] == list(range(20))
     assert P.LOG_SHMFD == 2 and P.REPLY_ACK == 8 and P.SHARED_OBJECT == 1 << 18
+    assert P.DEVICE_STATE == 1 << 19
     assert set(FEATURE_MEANING) == set(F) and set(PROTOCOL_FEATURE_MEANING) == set(P)
 
 

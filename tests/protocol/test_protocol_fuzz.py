@@ -15,7 +15,8 @@ from vhostlab.protocol import (BackendConnection, ConfigSpace, CryptoSession,
                                FdRule, FrontendConnection, InflightArea,
                                IotlbMsg, LogArea, MAX_AREA_SIZE, Message,
                                MemoryRegion, MemoryTable, ProtocolError,
-                               Request, SingleMemoryRegion, U64, VringAddr,
+                               Request, SharedObject, SingleMemoryRegion,
+                               TransferDeviceState, U64, VringAddr,
                                VringState, expected_fds, parse_message,
                                spec_of)
 
@@ -95,6 +96,8 @@ PAYLOADS = {
     CryptoSession: st.builds(CryptoSession, u64, st.binary(max_size=64),
                              st.integers(-2 ** 63, 2 ** 63 - 1)),
     InflightArea: inflights(),
+    SharedObject: st.builds(SharedObject, st.binary(min_size=16, max_size=16)),
+    TransferDeviceState: st.builds(TransferDeviceState, u32, u32),
 }
 
 

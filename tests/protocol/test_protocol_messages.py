@@ -16,8 +16,10 @@ from vhostlab.protocol.recorded import QEMU_7_2_SEQUENCE
 
 
 def test_request_ids_are_the_specs() -> None:
-    assert [r.value for r in Request] == list(range(1, 41))
+    assert [r.value for r in Request] == list(range(1, 44))
     assert Request.GET_FEATURES == 1 and Request.GET_STATUS == 40
+    assert (Request.GET_SHARED_OBJECT, Request.SET_DEVICE_STATE_FD,
+            Request.CHECK_DEVICE_STATE) == (41, 42, 43)
     assert (Request.POSTCOPY_ADVISE, Request.POSTCOPY_LISTEN,
             Request.POSTCOPY_END) == (28, 29, 30)
     assert Request.SET_BACKEND_REQ_FD == 21 and Request.VRING_KICK == 35

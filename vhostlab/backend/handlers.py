@@ -10,10 +10,15 @@ should be set to zero on success or non-zero on failure").
 
 Fds: `fds` is an `FdBag`; a handler `take`s the fds it keeps, and every
 fd not taken is closed after the handler returns, whether it succeeded
-or not (DPDK CVE-2019-14818 leaked them on error paths).
+or not (DPDK CVE-2019-14818 leaked them on error paths). Memory and log
+fds are only peeked at: mapped, then closed, as libvhost-user does. The
+fd count is a per-request check here (as DPDK's validate_msg_fds()), so a
+request with the wrong fds and need_reply gets a failure status.
 
-Semantics follow QEMU's subprojects/libvhost-user/libvhost-user.c and the
-spec, with the index checks libvhost-user forgets in a few handlers.
+Semantics follow the spec, QEMU's subprojects/libvhost-user/libvhost-user.c
+and DPDK's lib/vhost/vhost_user.c, with the index checks libvhost-user
+forgets in a few handlers. Where they differ the choice is said in place
+(RESET_OWNER, SET_FEATURES on running rings, GET_QUEUE_NUM in queue pairs).
 """
 from __future__ import annotations
 
@@ -30,9 +35,9 @@ from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
 from vhostlab.backend.wire import rarp_frame
 from vhostlab.memory import (VHOST_USER_MAX_RAM_SLOTS, GuestMemory, GuestMemoryError,
                              MemoryRegion)
-from vhostlab.protocol import (ConfigSpace, CryptoSession, Feature, LogArea, MemoryTable,
-                               Message, ProtocolFeature, Request, SingleMemoryRegion, U64,
-                               VringAddr, VringState, expected_fds)
+from vhostlab.protocol import (VRING_NOFD_MASK, ConfigSpace, CryptoSession, Feature, LogArea,
+                               MemoryTable, Message, ProtocolFeature, Request, SharedObject,
+                               SingleMemoryRegion, U64, VringAddr, VringState, expected_fds)
 from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
@@ -82,7 +87,9 @@ def _payload(msg: Message, kind: type):
 def _fd_count(msg: Message, fds: FdBag, low: int, high: int | None = None) -> None:
     high = low if high is None else high
     if not low <= len(fds) <= high:
-        raise _refuse(msg, "fds", len(fds), low if low == high else f"{low}..{high}")
+        wanted = f"exactly {low}" if low == high else f"{low} to {high}"
+        raise _refuse(msg, "fds", len(fds), low if low == high else f"{low}..{high}",
+                      f"expected {wanted} fd(s), got {len(fds)}")
 
 
 def _gate(dev: VhostUserNetDevice, msg: Message, bit: ProtocolFeature) -> None:
@@ -154,6 +161,15 @@ def set_features(dev, msg, fds):
     if extra:
         raise _refuse(msg, "u64", value, hex(dev.offered_features),
                       f"bits {hex(extra)} were not offered")
+    changed = (dev.features ^ value) & ~int(Feature.VHOST_F_LOG_ALL)
+    started = [v.index for v in dev.vrings if v.started]
+    if changed and started:
+        # As DPDK's vhost_user_set_features: while rings run only VHOST_F_LOG_ALL
+        # may change (live migration turns it on and off); anything else, such
+        # as the net header size, would change under frames in flight.
+        raise _refuse(msg, "u64", value, f"only bit 26 (VHOST_F_LOG_ALL) may change",
+                      f"bits {hex(changed)} changed while vrings {started} are started; "
+                      "stop them with GET_VRING_BASE first")
     dev.features = value
     if not value & Feature.VHOST_USER_F_PROTOCOL_FEATURES:
         # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring
@@ -186,7 +202,8 @@ def set_owner(dev, msg, fds):
 
 def reset_owner(dev, msg, fds):
     # Deprecated: "It is recommended that back-ends either ignore this message,
-    # or use it to disable all rings."
+    # or use it to disable all rings." libvhost-user disables them; DPDK resets
+    # the whole device, the reading the spec warns "would lead to bugs".
     for vring in dev.vrings:
         vring.enabled = False
     return None
@@ -262,12 +279,17 @@ def rem_mem_reg(dev, msg, fds):
 
 # -- dirty log -----------------------------------------------------------------------
 def set_log_base(dev, msg, fds):
+    # Without LOG_SHMFD the log would be QEMU's private memory; QEMU blocks
+    # migration then and never sends this.
     _gate(dev, msg, ProtocolFeature.LOG_SHMFD)
     area = _payload(msg, LogArea)
     _fd_count(msg, fds, 1)
+    # Mapped, then the fd is closed with the bag, as libvhost-user does after mmap.
     rings.replace_log(dev, msg, area, fds.peek(0))
-    # With LOG_SHMFD, QEMU waits for this reply (vhost_user_set_log_base).
-    return U64(0)
+    # With LOG_SHMFD, QEMU waits for a reply (vhost_user_set_log_base): the
+    # server sends u64 0 for success. QEMU does not look at the value, so a
+    # refusal is never sent as a reply here: the server closes the connection.
+    return None
 
 
 def set_log_fd(dev, msg, fds):
@@ -304,7 +326,7 @@ def set_vring_base(dev, msg, fds):
     _refuse_stopped_only(msg, vring)
     if state.num > 0xFFFF:
         raise _refuse(msg, "num", state.num, 0xFFFF, "a split ring index is 16 bits")
-    rings.set_base(vring, state.num)
+    rings.set_base(dev, vring, state.num)
     return None
 
 
@@ -469,6 +491,18 @@ def gpu_set_socket(dev, msg, fds):
     _not_for_net(dev, msg, fds, "vhost-user-gpu devices")
 
 
+def get_shared_object(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.SHARED_OBJECT)
+
+
+def set_device_state_fd(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.DEVICE_STATE)
+
+
+def check_device_state(dev, msg, fds):
+    _gate(dev, msg, ProtocolFeature.DEVICE_STATE)
+
+
 def postcopy_advise(dev, msg, fds):
     _gate(dev, msg, ProtocolFeature.PAGEFAULT)
 
@@ -508,6 +542,8 @@ HANDLERS: dict[Request, Handler] = {
     R.GPU_SET_SOCKET: gpu_set_socket, R.RESET_DEVICE: reset_device, R.VRING_KICK: vring_kick,
     R.GET_MAX_MEM_SLOTS: get_max_mem_slots, R.ADD_MEM_REG: add_mem_reg,
     R.REM_MEM_REG: rem_mem_reg, R.SET_STATUS: set_status, R.GET_STATUS: get_status,
+    R.GET_SHARED_OBJECT: get_shared_object, R.SET_DEVICE_STATE_FD: set_device_state_fd,
+    R.CHECK_DEVICE_STATE: check_device_state,
 }
 del R
 
@@ -529,6 +565,15 @@ FAILURE_REPLIES: dict[Request, Callable[[Message], object]] = {
     # These always answer with a u64 status; non-zero is failure.
     Request.IOTLB_MSG: lambda msg: U64(1),
     Request.POSTCOPY_END: lambda msg: U64(1),
+    Request.CHECK_DEVICE_STATE: lambda msg: U64(1),
+    # "Bits 0-7 are 0 on success, and non-zero on error. Bit 8 is the invalid
+    # FD flag ... The back-end must not both indicate an error and return a
+    # file descriptor."
+    Request.SET_DEVICE_STATE_FD: lambda msg: U64(1 | VRING_NOFD_MASK),
+    # libvhost-user answers an unknown UUID with the request's payload and no
+    # fd; QEMU then reports "Failed to get dmabuf fd".
+    Request.GET_SHARED_OBJECT: lambda msg: msg.payload if isinstance(msg.payload, SharedObject)
+    else None,
 }
 
 

@@ -37,7 +37,7 @@ from vhostlab.backend.device import RX_BACKLOG_FRAMES, VhostUserNetDevice, Vring
 from vhostlab.backend.errors import RequestError
 from vhostlab.dirtylog import DirtyLog, DirtyLogError
 from vhostlab.memory import GuestMemory, GuestMemoryError, UnmappedAddressError
-from vhostlab.protocol import Feature, LogArea, Message, VringAddr
+from vhostlab.protocol import VHOST_LOG_PAGE, Feature, LogArea, Message, VringAddr
 from vhostlab.ring import (FrameArena, RingError, Virtqueue, vring_avail_size,
                            vring_desc_size, vring_used_size)
 
@@ -87,15 +87,44 @@ def remap(dev: VhostUserNetDevice) -> None:
 
 
 def replace_log(dev: VhostUserNetDevice, msg: Message, area: LogArea, fd: int) -> None:
-    """SET_LOG_BASE: map the log QEMU shares (the fd stays the caller's)."""
+    """SET_LOG_BASE: map the log QEMU shares (the fd stays the caller's).
+
+    Refused, keeping the old log, if a ring that logs its used ring
+    (VHOST_VRING_F_LOG) would fall outside the new one.
+    """
     try:
         new = DirtyLog.from_fd(fd, area.mmap_size, area.mmap_offset)
     except DirtyLogError as exc:
         raise RequestError(msg.request.name, "mmap_size", area.mmap_size,
                            "a mappable log", str(exc)) from None
+    try:
+        for vring in dev.vrings:
+            if vring.addr is not None and vring.addr.log_enabled:
+                check_used_log(msg, vring.addr, vring.num, new.pages, "mmap_size")
+    except RequestError:
+        new.close()
+        raise
     old, dev.log = dev.log, new
     if old is not None:
         old.close()
+
+
+def check_used_log(msg: Message, addr: VringAddr, num: int, pages: int,
+                   field: str = "log_guest_addr") -> None:
+    """The used ring, logged at log_guest_addr, must lie inside a log of `pages` pages.
+
+    vhost-user.rst "Migration": log_guest_addr "might be outside the legal
+    guest physical address range ..., but the bit offset of the last byte of
+    the ring must fall within the size supplied by VhostUserLog."
+    """
+    last_page = (addr.log_guest_addr + vring_used_size(num) - 1) // VHOST_LOG_PAGE
+    if last_page >= pages:
+        value = addr.log_guest_addr if field == "log_guest_addr" else pages // 8
+        raise RequestError(
+            msg.request.name, field, value, f"a log covering page {last_page}",
+            f"vring {addr.index}'s used ring, logged at log_guest_addr "
+            f"{addr.log_guest_addr:#x}, ends in page {last_page} but the log covers "
+            f"pages 0..{pages - 1}")
 
 
 def _translate(dev: VhostUserNetDevice, msg: Message | None, field: str, uaddr: int,
@@ -127,13 +156,22 @@ def _map(dev: VhostUserNetDevice, vring: Vring, addr: VringAddr,
 
 
 def set_addr(dev: VhostUserNetDevice, msg: Message, vring: Vring, addr: VringAddr) -> None:
-    """SET_VRING_ADDR: translate desc/avail/used (front-end addresses) and map the ring."""
+    """SET_VRING_ADDR: translate desc/avail/used (front-end addresses) and map the ring.
+
+    Also on a started ring: QEMU turns VHOST_VRING_F_LOG on and off this way
+    while the ring runs, and Linux vhost, DPDK and libvhost-user all accept
+    new addresses there too (re-translated and checked like the first ones).
+    """
     if vring.num == 0:
         raise RequestError(msg.request.name, "index", vring.index, "a ring with a size",
                            "SET_VRING_NUM must come first")
     if dev.memory is None:
         raise RequestError(msg.request.name, "desc_user_addr", addr.desc_user_addr,
                            "a memory table", "no SET_MEM_TABLE yet")
+    if addr.log_enabled and dev.log is not None and not dev.log.closed:
+        # The log may come later (QEMU's vhost_dev_start sends it last); once
+        # there is one, a ring that logs must fit in it.
+        check_used_log(msg, addr, vring.num, dev.log.pages)
     try:
         _map(dev, vring, addr, msg)
     except RingError as exc:
@@ -141,13 +179,26 @@ def set_addr(dev: VhostUserNetDevice, msg: Message, vring: Vring, addr: VringAdd
                            str(exc)) from None
 
 
-def set_base(vring: Vring, num: int) -> None:
-    """SET_VRING_BASE: the next avail entry to take; a broken ring starts afresh."""
+def set_base(dev: VhostUserNetDevice, vring: Vring, num: int) -> None:
+    """SET_VRING_BASE: the next avail entry to take; a broken ring starts afresh.
+
+    Only last_avail_idx comes with the message: "The device is supposed to
+    read the next index in the Used Ring from the respective vring structure
+    in guest memory" (vhost-user.rst, SET_VRING_BASE). SET_VRING_ADDR reads
+    it; a ring already mapped reads it again here.
+    """
     vring.base = num
     if vring.ring is not None and vring.ring.broken:
         vring.ring, vring.error = None, None
-    if vring.ring is not None:
-        vring.ring.set_base(num)
+    vq = vring.ring
+    if vq is None:
+        return
+    vq.set_base(num)
+    if dev.memory is not None and not dev.memory.closed:
+        try:
+            vq.state[0]["used_idx"] = int.from_bytes(dev.memory.read(vq.used + 2, 2), "little")
+        except GuestMemoryError as exc:
+            _broken(dev, vring, f"vring {vring.index}: used ring unreadable: {exc}")
 
 
 def start(dev: VhostUserNetDevice, vring: Vring) -> None:

@@ -55,7 +55,10 @@ class _Connection:
     def __init__(self, number: int, sock: socket.socket, offered_protocol_features: int):
         self.number = number
         self.channel = FdChannel(sock)
-        self.proto = BackendConnection(offered_protocol_features)
+        # Fd counts are checked per request (handlers.dispatch), as DPDK's
+        # validate_msg_fds() does: a request with need_reply and the wrong fds
+        # then gets a failure status, as REPLY_ACK demands, not a closed socket.
+        self.proto = BackendConnection(offered_protocol_features, check_fd_counts=False)
         self.head = bytearray()       # bytes of the current message's header seen so far
         self.got = 0                  # bytes of the current message seen so far
 
@@ -397,13 +400,19 @@ class BackendServer:
     def _reply_bytes(proto: BackendConnection, msg: Message, outcome) -> bytes | None:
         """The reply to send (b"": none); None when a refusal can only close the connection.
 
-        Success: requests with a reply of their own get it; the others get a
-        u64 0 when the front-end waits for one (need_reply, or SET_LOG_BASE
-        with LOG_SHMFD). Refusal: the request's own failure reply if the spec
-        defines one (GET_CONFIG: empty payload; IOTLB_MSG: non-zero u64;
-        CREATE_CRYPTO_SESSION: negative id); else a non-zero u64 if
-        need_reply is set; else the connection is closed (as DPDK does), so
-        that e.g. a refused SET_LOG_BASE is never mistaken for logging.
+        Success: requests with a reply of their own get it (also with
+        need_reply: "unless the message already has an explicit reply body");
+        the others get a u64 0 when the front-end waits for one (need_reply,
+        or SET_LOG_BASE with LOG_SHMFD). Refusal: the request's own failure
+        reply if the spec defines one (GET_CONFIG: empty payload; IOTLB_MSG,
+        POSTCOPY_END, CHECK_DEVICE_STATE: non-zero u64; SET_DEVICE_STATE_FD:
+        non-zero with the no-fd bit; CREATE_CRYPTO_SESSION: negative id;
+        GET_SHARED_OBJECT: no fd); else a non-zero u64 if need_reply is set;
+        else the connection is closed, as DPDK's vhost_user_msg_handler does,
+        so that e.g. a refused SET_LOG_BASE (whose reply QEMU reads without
+        looking at the value) is never mistaken for logging. Requests whose
+        reply is data and has no failure form (GET_VRING_BASE, GET_FEATURES,
+        ...) are refused by closing too: a made-up value would be worse.
         """
         if outcome.error is None:
             if msg.spec.reply is ReplyKind.DATA:

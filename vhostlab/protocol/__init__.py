@@ -22,8 +22,8 @@ from .message import (Header, Message, parse_backend_message, parse_message,
                       peek_header)
 from .payloads import (ConfigSpace, CryptoSession, InflightArea, IotlbMsg,
                        LogArea, MemoryRegion, MemoryTable, Payload,
-                       SharedObject, SingleMemoryRegion, U64, VringAddr,
-                       VringArea, VringState, VHOST_IOTLB_ACCESS_FAIL,
+                       SharedObject, SingleMemoryRegion, TransferDeviceState,
+                       U64, VringAddr, VringArea, VringState, VHOST_IOTLB_ACCESS_FAIL,
                        VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS,
                        VHOST_IOTLB_UPDATE)
 from .requests import (BACKEND_REQUESTS, REQUESTS, BackendRequest, FdRule,
@@ -49,7 +49,8 @@ __all__ = [
     # payloads
     "ConfigSpace", "CryptoSession", "InflightArea", "IotlbMsg", "LogArea",
     "MemoryRegion", "MemoryTable", "Payload", "SharedObject",
-    "SingleMemoryRegion", "U64", "VringAddr", "VringArea", "VringState",
+    "SingleMemoryRegion", "TransferDeviceState", "U64", "VringAddr", "VringArea",
+    "VringState",
     "VHOST_IOTLB_ACCESS_FAIL", "VHOST_IOTLB_INVALIDATE", "VHOST_IOTLB_MISS",
     "VHOST_IOTLB_UPDATE",
     # the request table

@@ -27,7 +27,8 @@ from typing import Sequence
 from .constants import FLAG_REPLY, HEADER_SIZE
 from .errors import ProtocolError
 from .features import Feature, ProtocolFeature
-from .message import Header, Message, parse_message, peek_header, reply_types_for
+from .message import (Header, Message, parse_message, peek_header, reply_types_for,
+                      unknown_request)
 from .payloads import U64, MemoryTable
 from .requests import Request, ReplyKind
 
@@ -40,9 +41,7 @@ def _request_of(header: Header) -> Request:
     try:
         return Request(header.request)
     except ValueError:
-        raise ProtocolError("unknown request id", request=header.request,
-                            field="request", value=header.request,
-                            limit=f"{min(Request)}..{max(Request)}") from None
+        raise unknown_request(header.request) from None
 
 
 def _is_postcopy_ack(msg: Message) -> bool:
@@ -110,7 +109,8 @@ class _Connection:
         failed and every later call raises too, until ``reset()``.
         """
         if self._error is not None:
-            raise ProtocolError("connection failed earlier; reset() first",
+            raise ProtocolError("the connection failed earlier; call reset() "
+                                "before feeding more data",
                                 field="state", value="failed",
                                 limit=str(self._error)) from self._error
         chunk_start = self._offset + len(self._buffer)
@@ -121,8 +121,8 @@ class _Connection:
         out: list[Message] = []
         try:
             while (msg := self._next_message()) is not None:
-                self._on_message(msg)
-                out.append(msg)
+                out.append(msg)           # first: a message _on_message refuses
+                self._on_message(msg)     # still hands its fds back below
         except ProtocolError as err:
             self._error = err
             for msg in out:
@@ -212,24 +212,32 @@ class BackendConnection(_Connection):
     GET_PROTOCOL_FEATURES; a SET_PROTOCOL_FEATURES enabling anything else
     is a ProtocolError. ``offered_features``, if given, is checked the
     same way against SET_FEATURES.
+
+    ``check_fd_counts=False`` hands out requests whatever number of fds
+    (up to VHOST_USER_MAX_FDS) came with them, for a device that checks
+    the count per request (DPDK's validate_msg_fds(), libvhost-user's
+    handlers) and so can answer need_reply with a failure status.
     """
 
     def __init__(self, offered_protocol_features: int = 0, *,
-                 offered_features: int | None = None) -> None:
+                 offered_features: int | None = None,
+                 check_fd_counts: bool = True) -> None:
         super().__init__()
         self.offered_protocol_features = ProtocolFeature(offered_protocol_features)
         self.offered_features = None if offered_features is None \
             else Feature(offered_features)
+        self.check_fd_counts = check_fd_counts
 
     def _check_header(self, header: Header) -> None:
         request = _request_of(header)
         if header.flags & FLAG_REPLY:
-            raise ProtocolError("a reply where a request was expected",
+            raise ProtocolError("a back-end receives requests, but this message "
+                                "has the reply bit (0x4) set",
                                 request=request.name, field="flags",
                                 value=header.flags, limit="no reply bit (0x4)")
 
     def _parse(self, data: bytes, fds: list[int]) -> Message:
-        return parse_message(data, fds)
+        return parse_message(data, fds, check_fd_count=self.check_fd_counts)
 
     def _on_message(self, msg: Message) -> None:
         if msg.request is Request.SET_PROTOCOL_FEATURES:
@@ -237,7 +245,9 @@ class BackendConnection(_Connection):
         elif msg.request is Request.SET_FEATURES and self.offered_features is not None:
             extra = msg.payload.value & ~int(self.offered_features)
             if extra:
-                raise ProtocolError("enables features the back-end did not offer",
+                raise ProtocolError(f"enables bits 0x{extra:x}, which the back-end "
+                                    f"did not offer (it offered "
+                                    f"0x{int(self.offered_features):x})",
                                     request=msg.request.name, field="u64",
                                     value=msg.payload.value,
                                     limit=int(self.offered_features))
@@ -245,8 +255,11 @@ class BackendConnection(_Connection):
 
     def _check_protocol_features(self, value: int) -> None:
         name = Request.SET_PROTOCOL_FEATURES.name
-        if value & ~int(self.offered_protocol_features):
-            raise ProtocolError("enables protocol features the back-end did not offer",
+        extra = value & ~int(self.offered_protocol_features)
+        if extra:
+            raise ProtocolError(f"enables protocol bits 0x{extra:x}, which the "
+                                f"back-end did not offer (it offered "
+                                f"0x{int(self.offered_protocol_features):x})",
                                 request=name, field="u64", value=value,
                                 limit=int(self.offered_protocol_features))
         # "It is also considered an error to negotiate this feature without
@@ -254,7 +267,8 @@ class BackendConnection(_Connection):
         # VHOST_USER_PROTOCOL_F_REPLY_ACK" (In-band notifications).
         if value & ProtocolFeature.INBAND_NOTIFICATIONS and \
                 value & _INBAND_NEEDS != _INBAND_NEEDS:
-            raise ProtocolError("INBAND_NOTIFICATIONS needs BACKEND_REQ and REPLY_ACK",
+            raise ProtocolError("INBAND_NOTIFICATIONS was negotiated without "
+                                "BACKEND_REQ and REPLY_ACK, which it needs",
                                 request=name, field="u64", value=value,
                                 limit=int(_INBAND_NEEDS | ProtocolFeature.INBAND_NOTIFICATIONS))
 
@@ -336,17 +350,19 @@ class FrontendConnection(_Connection):
     def _check_header(self, header: Header) -> None:
         request = _request_of(header)
         if not header.flags & FLAG_REPLY:
-            raise ProtocolError("a request on the front-end channel (back-end "
-                                "requests use the BACKEND_REQ channel)",
+            raise ProtocolError("expected a reply (flags 0x5) but a request "
+                                "came; back-end requests use the BACKEND_REQ "
+                                "channel",
                                 request=request.name, field="flags",
                                 value=header.flags, limit=0x5)
         if not self._expected:
-            raise ProtocolError("a reply nobody is waiting for",
+            raise ProtocolError("a reply came but nobody is waiting for one",
                                 request=request.name, field="request",
                                 value=int(request), limit="no reply expected")
         wanted = self._expected[0][0]
         if request is not wanted:
-            raise ProtocolError("reply to the wrong request", request=request.name,
+            raise ProtocolError(f"expected the reply to {wanted.name}, got a "
+                                f"reply to {request.name}", request=request.name,
                                 field="request", value=int(request),
                                 limit=f"{int(wanted)} ({wanted.name})")
 

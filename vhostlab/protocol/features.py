@@ -97,6 +97,7 @@ class ProtocolFeature(enum.IntFlag):
     STATUS = 1 << 16
     XEN_MMAP = 1 << 17
     SHARED_OBJECT = 1 << 18
+    DEVICE_STATE = 1 << 19
 
 
 F = Feature
@@ -174,6 +175,7 @@ PROTOCOL_FEATURE_MEANING: dict[ProtocolFeature, str] = {
     P.STATUS: "virtio device status through SET/GET_STATUS",
     P.XEN_MMAP: "memory regions carry Xen mmap flags",
     P.SHARED_OBJECT: "virtio shared objects (dma-buf) by UUID",
+    P.DEVICE_STATE: "the back-end's internal state migrates through SET_DEVICE_STATE_FD",
 }
 del P
 

@@ -50,24 +50,32 @@ def peek_header(data: bytes) -> Header:
     Raises ProtocolError.
     """
     if len(data) < HEADER_SIZE:
-        raise ProtocolError("short header", field="header", value=len(data),
-                            limit=HEADER_SIZE)
+        raise ProtocolError(f"a header is {HEADER_SIZE} bytes but only "
+                            f"{len(data)} arrived", field="header",
+                            value=len(data), limit=HEADER_SIZE)
     request, flags, size = _HEADER.unpack_from(data)
     # "Lower 2 bits are the version (currently 0x01)"
     if flags & VERSION_MASK != VHOST_USER_VERSION:
-        raise ProtocolError("unsupported protocol version", request=request,
-                            field="flags", value=flags,
+        raise ProtocolError(f"version bits say {flags & VERSION_MASK}, expected "
+                            f"{VHOST_USER_VERSION} (the only protocol version)",
+                            request=request, field="flags", value=flags,
                             limit=f"version bits == {VHOST_USER_VERSION}")
     if flags & ~KNOWN_FLAGS:
-        raise ProtocolError("unknown flag bits", request=request,
+        raise ProtocolError(f"flag bits 0x{flags & ~KNOWN_FLAGS:x} are undefined; "
+                            "expected only the version (bits 0-1), reply (0x4) "
+                            "and need_reply (0x8)", request=request,
                             field="flags", value=flags,
                             limit=f"only bits 0-3 (0x{KNOWN_FLAGS:x})")
     if flags & FLAG_REPLY and flags != REPLY_FLAGS:
-        raise ProtocolError("reply flags must be exactly 0x5", request=request,
-                            field="flags", value=flags, limit=REPLY_FLAGS)
+        raise ProtocolError(f"a reply must carry flags exactly 0x{REPLY_FLAGS:x} "
+                            f"(version 1 + reply), this one has 0x{flags:x}",
+                            request=request, field="flags", value=flags,
+                            limit=REPLY_FLAGS)
     if size > MAX_PAYLOAD_SIZE:
-        raise ProtocolError("payload size too large", request=request,
-                            field="size", value=size, limit=MAX_PAYLOAD_SIZE)
+        raise ProtocolError(f"header promises {size} payload bytes; no message "
+                            f"may be larger than {MAX_PAYLOAD_SIZE}",
+                            request=request, field="size", value=size,
+                            limit=MAX_PAYLOAD_SIZE)
     return Header(request, flags, size)
 
 
@@ -208,6 +216,13 @@ def _u64_fields(request: AnyRequest, is_reply: bool, payload: U64,
     elif request in _VRING_FILES:
         out["index"] = payload.vring_index
         out["nofd"] = payload.vring_nofd
+    elif request is Request.SET_DEVICE_STATE_FD and is_reply:
+        # "Bits 0-7 are 0 on success, and non-zero on error. Bit 8 is the
+        # invalid FD flag"
+        out["status"] = "success" if payload.value & VRING_IDX_MASK == 0 else "failure"
+        out["nofd"] = payload.vring_nofd
+    elif request is Request.CHECK_DEVICE_STATE and is_reply:
+        out["status"] = "success" if payload.value == 0 else "failure"
     elif request is Request.SEND_RARP:
         mac = payload.value.to_bytes(8, "little")[:6]
         out["mac"] = ":".join(f"{b:02x}" for b in mac)
@@ -223,30 +238,47 @@ def _unpack_payload(types: tuple, body: bytes) -> Payload | None:
         elif kind.accepts_size(n):
             return kind.unpack(body)
     rules = " or ".join("0" if k is None else k.size_text() for k in types)
-    raise ProtocolError("payload size wrong for this message", field="size",
-                        value=n, limit=rules)
+    raise ProtocolError(f"expected a payload of {rules} bytes, got {n}",
+                        field="size", value=n, limit=rules)
 
 
-def _check_fds(rule: FdRule, payload: Payload | None, nfds: int) -> None:
+def _expected_fds_text(rule: FdRule, low: int, high: int) -> str:
+    """Plain words for what ``rule`` allows: "exactly 1 fd", "0 or 1 fd"..."""
+    if low != high:
+        return f"{low} or {high} fd" if high == low + 1 else f"{low} to {high} fds"
+    text = f"exactly {low} fd{'' if low == 1 else 's'}"
+    if rule is FdRule.PER_REGION:
+        return f"{text} (one per memory region)"
+    if rule in (FdRule.VRING, FdRule.STATUS_FD):
+        return f"{text} (bit 8, no fd, is {'set' if low == 0 else 'clear'})"
+    return text
+
+
+def _check_fds(rule: FdRule, payload: Payload | None, nfds: int,
+               check_count: bool = True) -> None:
     if nfds > VHOST_USER_MAX_FDS:
-        raise ProtocolError("too many fds", field="fds", value=nfds,
-                            limit=VHOST_USER_MAX_FDS)
+        raise ProtocolError(f"{nfds} fds arrived; no message may carry more "
+                            f"than {VHOST_USER_MAX_FDS}", field="fds",
+                            value=nfds, limit=VHOST_USER_MAX_FDS)
     low, high = expected_fds(rule, payload)
-    if not low <= nfds <= high:
+    if check_count and not low <= nfds <= high:
         limit = low if low == high else f"{low}..{high}"
-        raise ProtocolError(f"wrong fd count ({rule.value})", field="fds",
-                            value=nfds, limit=limit)
+        raise ProtocolError(f"expected {_expected_fds_text(rule, low, high)}, "
+                            f"got {nfds}", field="fds", value=nfds, limit=limit)
     if rule is FdRule.VRING and isinstance(payload, U64):
         # "Bits (0-7) of the payload contain the vring index. Bit 8 is the
         # invalid FD flag." Nothing else may be set.
-        if payload.value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
-            raise ProtocolError("unknown bits beside the vring index",
+        extra = payload.value & ~(VRING_IDX_MASK | VRING_NOFD_MASK)
+        if extra:
+            raise ProtocolError(f"bits 0x{extra:x} are set; only bits 0-7 (the "
+                                "vring index) and bit 8 (no fd) are defined",
                                 field="u64", value=payload.value,
                                 limit=VRING_IDX_MASK | VRING_NOFD_MASK)
 
 
 def _parse(data: bytes, fds: Sequence[int], enum_cls: type,
-           table: dict, reply_payload: tuple | None) -> Message:
+           table: dict, reply_payload: tuple | None,
+           check_fd_count: bool = True) -> Message:
     data = bytes(data)
     try:
         header = peek_header(data)
@@ -259,34 +291,35 @@ def _parse(data: bytes, fds: Sequence[int], enum_cls: type,
     try:
         request = enum_cls(header.request)
     except ValueError:
-        raise ProtocolError("unknown request id", request=header.request,
-                            field="request", value=header.request,
-                            limit=f"{min(enum_cls)}..{max(enum_cls)}") from None
+        raise unknown_request(header.request, enum_cls) from None
     spec: RequestSpec = table[request]
     try:
         body = data[HEADER_SIZE:]
         if len(body) < header.size:
-            raise ProtocolError("payload shorter than the size field",
-                                field="size", value=header.size,
-                                limit=len(body))
+            raise ProtocolError(f"header promises {header.size} payload bytes "
+                                f"but only {len(body)} arrived", field="size",
+                                value=header.size, limit=len(body))
         if len(body) > header.size:
-            raise ProtocolError("trailing bytes after the payload",
-                                field="trailing", value=len(body) - header.size,
-                                limit=0)
+            raise ProtocolError(f"{len(body) - header.size} bytes arrived after "
+                                f"the {header.size}-byte payload the header "
+                                "promised", field="trailing",
+                                value=len(body) - header.size, limit=0)
         is_reply = bool(header.flags & FLAG_REPLY)
         if is_reply:
             types = reply_payload or spec.reply_payload
         else:
             types = spec.payload
         payload = _unpack_payload(types, body)
-        _check_fds(spec.reply_fds if is_reply else spec.fds, payload, len(fds))
+        _check_fds(spec.reply_fds if is_reply else spec.fds, payload, len(fds),
+                   check_fd_count)
     except ProtocolError as err:
         raise err.with_request(request.name) from None
     return Message(request, header.flags, payload, tuple(fds))
 
 
 def parse_message(data: bytes, fds: Sequence[int] = (), *,
-                  reply_payload: tuple | None = None) -> Message:
+                  reply_payload: tuple | None = None,
+                  check_fd_count: bool = True) -> Message:
     """Parse exactly one complete front-end-channel message.
 
     ``data`` holds header and payload, nothing more; ``fds`` are the fds
@@ -295,16 +328,31 @@ def parse_message(data: bytes, fds: Sequence[int] = (), *,
     narrows which reply payload types are accepted, for a caller that
     knows what it is waiting for.
 
+    ``check_fd_count=False`` leaves the number of fds to the caller (more
+    than VHOST_USER_MAX_FDS is still refused): a back-end that checks it per
+    request, as DPDK's validate_msg_fds() does, can then answer a request
+    with need_reply and the wrong fds with a failure status (REPLY_ACK)
+    instead of dropping the connection.
+
     Returns a Message. Raises ProtocolError, naming the request, field,
     value and limit, and nothing else. Never closes the fds.
     """
-    return _parse(data, fds, Request, REQUESTS, reply_payload)
+    return _parse(data, fds, Request, REQUESTS, reply_payload, check_fd_count)
 
 
 def parse_backend_message(data: bytes, fds: Sequence[int] = ()) -> Message:
     """Like ``parse_message``, for the back-end channel (BACKEND_REQ):
     back-end requests and the front-end's replies to them."""
     return _parse(data, fds, BackendRequest, BACKEND_REQUESTS, None)
+
+
+def unknown_request(request_id: int, enum_cls: type = Request) -> ProtocolError:
+    """The error for a request id that ``enum_cls`` does not define."""
+    known = f"{min(enum_cls)}..{max(enum_cls)}"
+    channel = "front-end" if enum_cls is Request else "back-end"
+    return ProtocolError(f"request id {request_id} is not a {channel} request "
+                         f"of the spec (known: {known})", request=request_id,
+                         field="request", value=request_id, limit=known)
 
 
 def reply_types_for(spec: RequestSpec, postcopy: bool) -> tuple:

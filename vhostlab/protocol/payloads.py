@@ -26,7 +26,7 @@ __all__ = [
     "Payload", "U64", "VringState", "VringAddr", "MemoryRegion",
     "MemoryTable", "SingleMemoryRegion", "LogArea", "IotlbMsg",
     "ConfigSpace", "CryptoSession", "InflightArea", "VringArea",
-    "SharedObject", "VHOST_IOTLB_MISS", "VHOST_IOTLB_UPDATE",
+    "SharedObject", "TransferDeviceState", "VHOST_IOTLB_MISS", "VHOST_IOTLB_UPDATE",
     "VHOST_IOTLB_INVALIDATE", "VHOST_IOTLB_ACCESS_FAIL",
 ]
 
@@ -47,20 +47,21 @@ def _check_int(owner: str, name: str, value: Any, bits: int,
                signed: bool = False) -> int:
     """Return ``value`` as a plain int, or raise if it does not fit."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"{owner}.{name} must be an int",
-                            field=name, value=value)
+        raise ProtocolError(f"{owner}.{name} must be an int, got "
+                            f"{type(value).__name__}", field=name, value=value)
     low, high = (-(1 << bits - 1), (1 << bits - 1) - 1) if signed \
         else (0, (1 << bits) - 1)
     if not low <= value <= high:
         kind = f"{'s' if signed else 'u'}{bits}"
-        raise ProtocolError(f"does not fit a {kind}", field=name,
-                            value=value, limit=high)
+        raise ProtocolError(f"expected a {kind} ({low}..{high}), got {value}",
+                            field=name, value=value, limit=high)
     return int(value)
 
 
 def _check_bytes(owner: str, name: str, value: Any) -> bytes:
     if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ProtocolError(f"{owner}.{name} must be bytes",
+        raise ProtocolError(f"{owner}.{name} must be bytes, got "
+                            f"{type(value).__name__}",
                             field=name, value=type(value).__name__)
     return bytes(value)
 
@@ -69,12 +70,13 @@ def _end_check(base_name: str, base: int, size_name: str, size: int) -> None:
     """Raise unless ``base + size`` stays within the 64-bit space."""
     if base + size > U64_END:
         raise ProtocolError(
-            f"{base_name} + {size_name} = 0x{base + size:x} runs past 2**64",
+            f"{base_name} + {size_name} = 0x{base + size:x} runs past 2**64 "
+            "(the range would wrap around)",
             field=base_name, value=base, limit=U64_END - size)
 
 
 def _size_error(cls: type, n: int, expected: Any) -> ProtocolError:
-    return ProtocolError(f"payload size does not fit {cls.__name__}",
+    return ProtocolError(f"a {cls.__name__} payload is {expected} bytes, got {n}",
                          field="size", value=n, limit=expected)
 
 
@@ -182,7 +184,9 @@ class VringAddr(Payload):
 
     def validate(self) -> None:
         if self.flags & ~VHOST_VRING_F_LOG:
-            raise ProtocolError("unknown vring address flag bits",
+            raise ProtocolError(f"flag bits 0x{self.flags & ~VHOST_VRING_F_LOG:x} "
+                                "are undefined; only VHOST_VRING_F_LOG (0x1) "
+                                "exists",
                                 field="flags", value=self.flags,
                                 limit=VHOST_VRING_F_LOG)
 
@@ -201,7 +205,8 @@ class MemoryRegion(Payload):
 
     def validate(self) -> None:
         if self.memory_size == 0:
-            raise ProtocolError("empty memory region", field="memory_size",
+            raise ProtocolError("memory_size is 0; a region must hold at least "
+                                "one byte", field="memory_size",
                                 value=0, limit=">= 1")
         for base in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
             _end_check(base, getattr(self, base), "memory_size", self.memory_size)
@@ -223,7 +228,8 @@ class MemoryTable(Payload):
         regions = tuple(self.regions)
         for r in regions:
             if not isinstance(r, MemoryRegion):
-                raise ProtocolError("MemoryTable.regions holds a non-region",
+                raise ProtocolError("MemoryTable.regions must hold MemoryRegion "
+                                    f"objects, got a {type(r).__name__}",
                                     field="regions", value=type(r).__name__)
         object.__setattr__(self, "regions", regions)
         object.__setattr__(self, "padding", _check_int(
@@ -253,12 +259,14 @@ class MemoryTable(Payload):
         nregions, padding = _TABLE_HEAD.unpack_from(data)
         # QEMU: VHOST_MEMORY_BASELINE_NREGIONS regions at most (one fd each).
         if nregions > VHOST_MEMORY_BASELINE_NREGIONS:
-            raise ProtocolError("too many memory regions", field="nregions",
-                                value=nregions,
+            raise ProtocolError(f"{nregions} regions; SET_MEM_TABLE carries at "
+                                f"most {VHOST_MEMORY_BASELINE_NREGIONS}",
+                                field="nregions", value=nregions,
                                 limit=VHOST_MEMORY_BASELINE_NREGIONS)
         expected = _TABLE_HEAD.size + nregions * _REGION_SIZE
         if len(data) != expected:
-            raise ProtocolError("payload size does not match nregions",
+            raise ProtocolError(f"{nregions} regions take {expected} payload "
+                                f"bytes, got {len(data)}",
                                 field="size", value=len(data), limit=expected)
         regions = tuple(
             MemoryRegion.unpack(data[off:off + _REGION_SIZE])
@@ -269,8 +277,9 @@ class MemoryTable(Payload):
 
     def validate(self) -> None:
         if self.nregions > VHOST_MEMORY_BASELINE_NREGIONS:
-            raise ProtocolError("too many memory regions", field="nregions",
-                                value=self.nregions,
+            raise ProtocolError(f"{self.nregions} regions; SET_MEM_TABLE carries "
+                                f"at most {VHOST_MEMORY_BASELINE_NREGIONS}",
+                                field="nregions", value=self.nregions,
                                 limit=VHOST_MEMORY_BASELINE_NREGIONS)
         spans = []
         for r in self.regions:
@@ -279,7 +288,8 @@ class MemoryTable(Payload):
         spans.sort()
         for (_, end), (start, _) in zip(spans, spans[1:]):
             if start < end:
-                raise ProtocolError("guest memory regions overlap",
+                raise ProtocolError(f"a region starting at 0x{start:x} overlaps "
+                                    f"the one before it, which ends at 0x{end:x}",
                                     field="guest_phys_addr", value=start,
                                     limit=end)
 
@@ -303,7 +313,8 @@ class SingleMemoryRegion(Payload):
 
     def __post_init__(self) -> None:
         if not isinstance(self.region, MemoryRegion):
-            raise ProtocolError("SingleMemoryRegion.region must be a MemoryRegion",
+            raise ProtocolError("SingleMemoryRegion.region must be a MemoryRegion, "
+                                f"got a {type(self.region).__name__}",
                                 field="region", value=type(self.region).__name__)
         object.__setattr__(self, "padding", _check_int(
             "SingleMemoryRegion", "padding", self.padding, 64))
@@ -347,10 +358,12 @@ class LogArea(Payload):
 
     def validate(self) -> None:
         if self.mmap_size == 0:
-            raise ProtocolError("empty dirty log", field="mmap_size",
+            raise ProtocolError("mmap_size is 0; the dirty log must be at "
+                                "least one byte", field="mmap_size",
                                 value=0, limit=">= 1")
         if self.mmap_size > MAX_AREA_SIZE:
-            raise ProtocolError("dirty log too large", field="mmap_size",
+            raise ProtocolError(f"a dirty log of {self.mmap_size} bytes is more "
+                                f"than the {MAX_AREA_SIZE} this side maps", field="mmap_size",
                                 value=self.mmap_size, limit=MAX_AREA_SIZE)
         # DPDK CVE-2020-10722: offset + size wrapped around and passed the check.
         _end_check("mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
@@ -400,10 +413,12 @@ class IotlbMsg(Payload):
 
     def validate(self) -> None:
         if not VHOST_IOTLB_MISS <= self.type <= VHOST_IOTLB_ACCESS_FAIL:
-            raise ProtocolError("unknown IOTLB message type", field="type",
+            raise ProtocolError(f"IOTLB type {self.type} is undefined; expected "
+                                "1 (miss) to 4 (access fail)", field="type",
                                 value=self.type, limit=VHOST_IOTLB_ACCESS_FAIL)
         if self.perm > VHOST_ACCESS_RW:
-            raise ProtocolError("unknown IOTLB permission bits", field="perm",
+            raise ProtocolError(f"IOTLB perm {self.perm} is undefined; expected "
+                                "0 (none) to 3 (read/write)", field="perm",
                                 value=self.perm, limit=VHOST_ACCESS_RW)
         _end_check("iova", self.iova, "size", self.size)
         _end_check("uaddr", self.uaddr, "size", self.size)
@@ -451,14 +466,19 @@ class ConfigSpace(Payload):
 
     def validate(self) -> None:
         if self.size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise ProtocolError("config access too large", field="size",
+            raise ProtocolError(f"a config access of {self.size} bytes; the config "
+                                f"space is at most {VHOST_USER_MAX_CONFIG_SIZE}",
+                                field="size",
                                 value=self.size, limit=VHOST_USER_MAX_CONFIG_SIZE)
         if self.size != len(self.payload):
-            raise ProtocolError("config size does not match the bytes carried",
+            raise ProtocolError(f"size says {self.size} config bytes but "
+                                f"{len(self.payload)} came with it",
                                 field="size", value=self.size,
                                 limit=len(self.payload))
         if self.offset + self.size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise ProtocolError("config access runs past the config space",
+            raise ProtocolError(f"offset {self.offset} + size {self.size} runs past "
+                                f"the {VHOST_USER_MAX_CONFIG_SIZE}-byte config "
+                                "space",
                                 field="offset", value=self.offset,
                                 limit=VHOST_USER_MAX_CONFIG_SIZE - self.size)
 
@@ -525,7 +545,8 @@ class InflightArea(Payload):
 
     def validate(self) -> None:
         if self.mmap_size > MAX_AREA_SIZE:
-            raise ProtocolError("inflight area too large", field="mmap_size",
+            raise ProtocolError(f"an inflight area of {self.mmap_size} bytes is "
+                                f"more than the {MAX_AREA_SIZE} this side maps", field="mmap_size",
                                 value=self.mmap_size, limit=MAX_AREA_SIZE)
         _end_check("mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
 
@@ -542,11 +563,14 @@ class VringArea(Payload):
 
     def validate(self) -> None:
         if self.u64 & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
-            raise ProtocolError("unknown bits beside the vring index",
+            extra = self.u64 & ~(VRING_IDX_MASK | VRING_NOFD_MASK)
+            raise ProtocolError(f"bits 0x{extra:x} are set; only bits 0-7 (the "
+                                "vring index) and bit 8 (no fd) are defined",
                                 field="u64", value=self.u64,
                                 limit=VRING_IDX_MASK | VRING_NOFD_MASK)
         if self.size > MAX_AREA_SIZE:
-            raise ProtocolError("host notifier area too large", field="size",
+            raise ProtocolError(f"a host notifier area of {self.size} bytes is "
+                                f"more than the {MAX_AREA_SIZE} this side maps", field="size",
                                 value=self.size, limit=MAX_AREA_SIZE)
         _end_check("offset", self.offset, "size", self.size)
 
@@ -560,7 +584,7 @@ class SharedObject(Payload):
     def __post_init__(self) -> None:
         uuid = _check_bytes("SharedObject", "uuid", self.uuid)
         if len(uuid) != 16:
-            raise ProtocolError("a UUID is 16 bytes", field="uuid",
+            raise ProtocolError(f"a UUID is 16 bytes, got {len(uuid)}", field="uuid",
                                 value=len(uuid), limit=16)
         object.__setattr__(self, "uuid", uuid)
 
@@ -580,3 +604,13 @@ class SharedObject(Payload):
         if len(data) != 16:
             raise _size_error(cls, len(data), 16)
         return cls(bytes(data))
+
+
+@dataclass(frozen=True)
+class TransferDeviceState(Payload):
+    """VhostUserTransferDeviceState (SET_DEVICE_STATE_FD): u32 direction
+    (0 save, 1 load) and u32 phase (0 stopped, the only one defined)."""
+
+    direction: int
+    phase: int
+    _FORMAT: ClassVar[struct.Struct] = struct.Struct("<II")

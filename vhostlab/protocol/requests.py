@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from .constants import VRING_NOFD_MASK
 from .payloads import (ConfigSpace, CryptoSession, InflightArea, IotlbMsg,
                        LogArea, MemoryTable, Payload, SharedObject,
-                       SingleMemoryRegion, U64, VringAddr, VringArea,
-                       VringState)
+                       SingleMemoryRegion, TransferDeviceState, U64, VringAddr,
+                       VringArea, VringState)
 
 __all__ = ["Request", "BackendRequest", "FdRule", "ReplyKind", "RequestSpec",
            "REQUESTS", "BACKEND_REQUESTS", "spec_of", "expected_fds"]
@@ -85,6 +85,9 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
 
 
 class BackendRequest(enum.IntEnum):
@@ -108,6 +111,7 @@ class FdRule(enum.Enum):
     PER_REGION = "one per memory region"
     VRING = "one, or none when bit 8 (no fd) is set"
     ZERO_OR_ONE = "none or one"
+    STATUS_FD = "one, or none when bit 8 (invalid fd) of the u64 status is set"
 
 
 class ReplyKind(enum.Enum):
@@ -204,6 +208,16 @@ REQUESTS: dict[Request, RequestSpec] = {
                         fds=K.ZERO_OR_ONE),
     R.SET_STATUS: _row(U64, "set the virtio device status byte"),
     R.GET_STATUS: _row(None, "read the virtio device status byte", reply=D),
+    # libvhost-user answers with the request's UUID, and the fd when it has one.
+    R.GET_SHARED_OBJECT: _row(SharedObject, "look up a shared object's dma-buf fd by UUID",
+                              reply=D, reply_payload=(SharedObject,),
+                              reply_fds=K.ZERO_OR_ONE),
+    # Reply u64: "Bits 0-7 are 0 on success ... Bit 8 is the invalid FD flag".
+    R.SET_DEVICE_STATE_FD: _row(TransferDeviceState,
+                                "channel for migrating the back-end's internal state",
+                                fds=K.ONE, reply=D, reply_fds=K.STATUS_FD),
+    R.CHECK_DEVICE_STATE: _row(None, "did the back-end take the migrated state? (0 = yes)",
+                               reply=D),
 }
 
 B = BackendRequest
@@ -240,8 +254,8 @@ def expected_fds(rule: FdRule, payload: Payload | None) -> tuple[int, int]:
     if rule is FdRule.PER_REGION:
         n = payload.nregions if isinstance(payload, MemoryTable) else 0
         return n, n
-    # FdRule.VRING: "Bit 8 is the invalid FD flag. This flag is set when
-    # there is no file descriptor in the ancillary data."
+    # FdRule.VRING / STATUS_FD: "Bit 8 is the invalid FD flag. This flag is
+    # set when there is no file descriptor in the ancillary data."
     word = payload.u64 if isinstance(payload, VringArea) else \
         payload.value if isinstance(payload, U64) else 0
     return (0, 0) if word & VRING_NOFD_MASK else (1, 1)
