@@ -484,18 +484,32 @@ def test_mergeable_rx_buffers_carry_a_big_frame_across_chains(make_server):
 
 # -- a bug in one place costs one connection or one ring, not the server ------------
 def test_an_internal_error_costs_one_connection(make_server, monkeypatch):
-    from vhostlab.backend import handlers
     srv = make_server()
 
     def broken(dev, msg, fds):
         raise ZeroDivisionError("on purpose")
-    monkeypatch.setitem(handlers.HANDLERS, Request.SET_OWNER, broken)
+    monkeypatch.setitem(srv.handlers, Request.SET_OWNER, broken)
     with ScriptedFrontend(srv.socket_path) as fe:
         fe.send(Request.SET_OWNER)
         assert fe.closed_by_peer()
     assert any("internal error" in e for e in srv.snapshot().counters["errors"])
     with ScriptedFrontend(srv.socket_path) as fe:
         assert fe.send(Request.GET_FEATURES).payload.value
+
+
+def test_handlers_given_to_one_server_stay_in_that_server(make_server):
+    calls = []
+
+    def get_features(dev, msg, fds):
+        calls.append(msg.request)
+        return U64(1 << 30)
+    mine = make_server(handlers={Request.GET_FEATURES: get_features})
+    other = make_server()
+    with ScriptedFrontend(mine.socket_path) as fe:
+        assert fe.send(Request.GET_FEATURES).payload.value == 1 << 30
+    with ScriptedFrontend(other.socket_path) as fe:
+        assert fe.send(Request.GET_FEATURES).payload.value != 1 << 30
+    assert calls == [Request.GET_FEATURES]
 
 
 def test_an_internal_error_in_the_datapath_costs_one_ring(make_server, monkeypatch):

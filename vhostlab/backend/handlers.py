@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from vhostlab.backend import rings
 from vhostlab.backend.device import (MAX_MTU, MIN_MTU, NET_CONFIG, NET_CONFIG_MAC,
@@ -35,9 +35,10 @@ from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
 from vhostlab.backend.wire import rarp_frame
 from vhostlab.memory import (VHOST_USER_MAX_RAM_SLOTS, GuestMemory, GuestMemoryError,
                              MemoryRegion)
-from vhostlab.protocol import (VRING_NOFD_MASK, ConfigSpace, CryptoSession, Feature, LogArea,
-                               MemoryTable, Message, ProtocolFeature, Request, SharedObject,
-                               SingleMemoryRegion, U64, VringAddr, VringState, expected_fds)
+from vhostlab.protocol import (VRING_NOFD_MASK, ConfigSpace, CryptoSession, Feature,
+                               InflightArea, LogArea, MemoryTable, Message, ProtocolFeature,
+                               Request, SharedObject, SingleMemoryRegion, U64, VringAddr,
+                               VringState, expected_fds)
 from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
@@ -99,6 +100,15 @@ def _gate(dev: VhostUserNetDevice, msg: Message, bit: ProtocolFeature) -> None:
             else "not offered by this net back-end"
         raise _refuse(msg, "protocol_features", dev.protocol_features, f"needs {bit.name}",
                       f"{bit.name} is {offered}")
+
+
+def _gate_offered(dev: VhostUserNetDevice, msg: Message, bit: ProtocolFeature) -> None:
+    """The gate the spec sets for GET_QUEUE_NUM, SEND_RARP, NET_SET_MTU and
+    RESET_DEVICE: `bit` "is present in VHOST_USER_GET_PROTOCOL_FEATURES" (set
+    by the back-end), whether or not the front-end acknowledged it."""
+    if not dev.offered_protocol_features & bit:
+        raise _refuse(msg, "protocol_features", dev.offered_protocol_features,
+                      f"offers {bit.name}", f"{bit.name} is not offered by this net back-end")
 
 
 def _vring(dev: VhostUserNetDevice, msg: Message, index: int) -> Vring:
@@ -210,7 +220,7 @@ def reset_owner(dev, msg, fds):
 
 
 def reset_device(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.RESET_DEVICE)
+    _gate_offered(dev, msg, ProtocolFeature.RESET_DEVICE)
     # "disable all rings and reset all internal device state to the initial
     # state ... The back-end retains ownership of the device."
     protocol_features = dev.protocol_features
@@ -345,6 +355,10 @@ def set_vring_kick(dev, msg, fds):
     # "The back-end must start ring upon receiving a kick"; with no fd
     # ("polling should be used instead") the server polls the ring.
     vring.started = True
+    if dev.features and not dev.has_feature(Feature.VHOST_USER_F_PROTOCOL_FEATURES):
+        # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring
+        # starts directly in the enabled state" (DPDK applies it here too).
+        vring.enabled = True
     if fd >= 0:
         dev.watch(fd, vring)
     rings.start(dev, vring)
@@ -391,14 +405,14 @@ def vring_kick(dev, msg, fds):
 
 
 def get_queue_num(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.MQ)
+    _gate_offered(dev, msg, ProtocolFeature.MQ)
     # vhost-user-net answers in queue pairs (QEMU compares it with queues=N).
     return U64(dev.queue_pairs)
 
 
 # -- net specifics -------------------------------------------------------------------
 def send_rarp(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.RARP)
+    _gate_offered(dev, msg, ProtocolFeature.RARP)
     # "The first 6 bytes of the payload contain the mac address of the guest"
     mac = _payload(msg, U64).value.to_bytes(8, "little")[:6]
     dev.wire.send(FrameArena.from_frames([rarp_frame(mac)]), 0)
@@ -407,7 +421,7 @@ def send_rarp(dev, msg, fds):
 
 
 def net_set_mtu(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.NET_MTU)
+    _gate_offered(dev, msg, ProtocolFeature.NET_MTU)
     mtu = _payload(msg, U64).value
     # "the back-end must respond with zero in case the specified MTU is valid"
     if not MIN_MTU <= mtu <= MAX_MTU:
@@ -558,9 +572,20 @@ def _failed_crypto(msg: Message):
     return CryptoSession(p.op_code, p.body, -1) if isinstance(p, CryptoSession) else None
 
 
+def _no_inflight(msg: Message):
+    p = msg.payload
+    # libvhost-user's failure form, and what QEMU's vhost_user_get_inflight_fd
+    # reads as "no inflight buffer": mmap_size 0 and no fd.
+    return InflightArea(0, 0, p.num_queues, p.queue_size) if isinstance(p, InflightArea) \
+        else None
+
+
 FAILURE_REPLIES: dict[Request, Callable[[Message], object]] = {
     # "vhost-user back-end uses zero length of payload to indicate an error"
     Request.GET_CONFIG: lambda msg: None,
+    Request.GET_INFLIGHT_FD: _no_inflight,
+    # No userfaultfd with the reply: QEMU's postcopy advise fails ("Failed to get ufd").
+    Request.POSTCOPY_ADVISE: lambda msg: None,
     Request.CREATE_CRYPTO_SESSION: _failed_crypto,
     # These always answer with a u64 status; non-zero is failure.
     Request.IOTLB_MSG: lambda msg: U64(1),
@@ -585,12 +610,17 @@ class Outcome:
     error: RequestError | None = None
 
 
-def dispatch(dev: VhostUserNetDevice, msg: Message) -> Outcome:
-    """Run the request's handler; close every fd it did not keep."""
+def dispatch(dev: VhostUserNetDevice, msg: Message,
+             table: Mapping[Request, Handler] = HANDLERS) -> Outcome:
+    """Run the request's handler from ``table``; close every fd it did not keep.
+
+    ``table`` is :data:`HANDLERS` unless a server was given its own entries
+    (an exercise puts a learner's GET_VRING_BASE in one server, not in all).
+    """
     bag = FdBag(msg.fds)
     try:
         _check_shape(msg, bag)
-        handler = HANDLERS[msg.request]
+        handler = table[msg.request]
         return Outcome(payload=handler(dev, msg, bag))
     except RequestError as exc:
         return Outcome(error=exc)

@@ -28,9 +28,9 @@ import socket
 import threading
 import time
 import weakref
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-from vhostlab.backend import handlers, rings
+from vhostlab.backend import handlers as _handlers, rings
 from vhostlab.backend.device import DEFAULT_MAC, DEFAULT_MTU, VhostUserNetDevice, Vring
 from vhostlab.backend.errors import BackendError, PeerCredentialsError, TransportError
 from vhostlab.backend.snapshot import DeviceSnapshot, take_snapshot
@@ -79,13 +79,16 @@ class BackendServer:
     mode: "event" (sleep until something happens) or "poll" (busy-poll rings).
     once: stop after the first front-end leaves.
     break_logging: skip dirty logging (the migration demo's negative control).
+    handlers: request -> handler entries that replace this server's defaults
+        (same signature as :data:`handlers.HANDLERS`); other servers keep theirs.
     """
 
     def __init__(self, socket_path: str | None = None, *, client: bool = False,
                  queue_pairs: int = 1, wire: str | Wire = "sink", mode: str = "event",
                  once: bool = False, break_logging: bool = False, trace_path: str | None = None,
                  trace_maxlen: int = DEFAULT_MAXLEN, allowed_uids: Iterable[int] | None = None,
-                 mac: bytes = DEFAULT_MAC, mtu: int = DEFAULT_MTU):
+                 mac: bytes = DEFAULT_MAC, mtu: int = DEFAULT_MTU,
+                 handlers: Mapping | None = None):
         if mode not in ("event", "poll"):
             raise ValueError(f"mode={mode!r}: expected 'event' or 'poll'")
         self._own_dir = None
@@ -97,6 +100,7 @@ class BackendServer:
             weakref.finalize(self, shutil.rmtree, self._own_dir, True)   # even if never started
         self.socket_path = socket_path
         self.client, self.mode, self.once = client, mode, once
+        self.handlers = {**_handlers.HANDLERS, **(handlers or {})}
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
         self.lock = threading.RLock()
         self.device = VhostUserNetDevice(queue_pairs, mac=mac, mtu=mtu,
@@ -378,7 +382,7 @@ class BackendServer:
             self.device.counters.messages[msg.request.name] += 1
             self.trace.record("in", msg.request.name, msg.fields(), msg.to_bytes(),
                               len(msg.fds), conn.number)
-            outcome = handlers.dispatch(self.device, msg)
+            outcome = _handlers.dispatch(self.device, msg, self.handlers)
             reply = self._reply_bytes(conn.proto, msg, outcome)
             if outcome.error is not None:
                 if reply is None:
@@ -418,7 +422,7 @@ class BackendServer:
             if msg.spec.reply is ReplyKind.DATA:
                 return proto.reply(msg, outcome.payload)
             return proto.ack(msg, 0)
-        failure = handlers.FAILURE_REPLIES.get(msg.request)
+        failure = _handlers.FAILURE_REPLIES.get(msg.request)
         if failure is not None:
             return proto.reply(msg, failure(msg))
         if msg.need_reply and msg.spec.reply is not ReplyKind.DATA:

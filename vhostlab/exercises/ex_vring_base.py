@@ -160,21 +160,7 @@ def apply_set_vring_base(dev: VhostUserNetDevice, vring: Vring, set_vring_base: 
         (original_set or handlers.set_vring_base)(dev, chosen, None)
 
 
-@contextlib.contextmanager
-def _handlers_installed(table: dict) -> Iterator[None]:
-    """Install `table` in the back-end's dispatch table; restore it afterwards.
-
-    The back-end has no per-server override, so the two entries are swapped
-    in the one table both in-process back-ends dispatch from, for as long as
-    the migration runs (both must run the learner's code: the source answers
-    GET_VRING_BASE, the destination SET_VRING_BASE).
-    """
-    saved = {req: handlers.HANDLERS[req] for req in table}
-    handlers.HANDLERS.update(table)
-    try:
-        yield
-    finally:
-        handlers.HANDLERS.update(saved)
+MIGRATION_WAIT_S = 3.0
 
 
 def migrate_with(get_vring_base: Callable, set_vring_base: Callable, *,
@@ -187,14 +173,18 @@ def migrate_with(get_vring_base: Callable, set_vring_base: Callable, *,
     with started_ring(5) as (dev, vring):
         get_vring_base(VringControl(dev, vring))
         set_vring_base(VringControl(dev, vring, settable=True), 5)
+    # Both back-ends run the learner's code: the source answers GET_VRING_BASE,
+    # the destination takes SET_VRING_BASE. Frames a wrong answer loses are
+    # waited for MIGRATION_WAIT_S, not the default 10 s.
     migration = BuiltinMigration(queue_size=queue_size, rounds=rounds,
-                                 frames_per_round=frames_per_round)
-    with _handlers_installed(learner_handlers(get_vring_base, set_vring_base)):
-        try:
-            return migration.run()
-        except Exception as exc:  # a learner bug can stall or break the migration
-            return {"integrity": "failed", "error": f"{type(exc).__name__}: {exc}",
-                    "frames": {"lost": None, "duplicated": None, "corrupted": None}}
+                                 frames_per_round=frames_per_round,
+                                 backend_handlers=learner_handlers(get_vring_base, set_vring_base),
+                                 wait_timeout=MIGRATION_WAIT_S)
+    try:
+        return migration.run()
+    except Exception as exc:  # a learner bug can stall or break the migration
+        return {"integrity": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "frames": {"lost": None, "duplicated": None, "corrupted": None}}
 
 
 # ---------------------------------------------------------------- a real started ring

@@ -183,7 +183,10 @@ class BuiltinMigration:
     ``run()`` does every phase. ``rounds`` live rounds precede the stop;
     ``frames_per_round`` frames go each way after each live copy (and once
     before and once after migration). ``break_logging`` makes both back-ends
-    skip dirty logging, so the check must fail.
+    skip dirty logging, so the check must fail. ``backend_handlers`` replaces
+    request handlers in both back-ends (an exercise runs a learner's
+    GET_VRING_BASE / SET_VRING_BASE there); ``wait_timeout`` bounds each wait
+    for frames, so a back-end that loses them costs seconds, not minutes.
     """
 
     ram_size: int = 16 << 20
@@ -191,6 +194,8 @@ class BuiltinMigration:
     frames_per_round: int = 16
     break_logging: bool = False
     queue_size: int = 256
+    backend_handlers: dict | None = None
+    wait_timeout: float = WAIT_TIMEOUT
     snapshots: list = field(default_factory=list)
     ops_called: list = field(default_factory=list)
     rx: FrameLedger = field(default_factory=lambda: FrameLedger.new(RX))
@@ -214,7 +219,8 @@ class BuiltinMigration:
 
     def _side(self, name: str) -> _Side:
         wire = CaptureWire()
-        server = BackendServer(None, wire=wire, break_logging=self.break_logging)
+        server = BackendServer(None, wire=wire, break_logging=self.break_logging,
+                               handlers=self.backend_handlers)
         return _Side(name, server, wire)
 
     def _guest(self, what: str, fn, *args, default=None):
@@ -305,12 +311,12 @@ class BuiltinMigration:
         side.server.inject(rx_frames)
         done = side.server.wait_for(lambda s: s.counters["guest_rx_frames"] >= rx0 + n
                                     and s.counters["guest_tx_frames"] >= tx0 + sent,
-                                    WAIT_TIMEOUT)
+                                    self.wait_timeout)
         if not done:
             c = side.server.snapshot(trace=False).counters
             self.problems.append(
                 f"{side.name} back-end took {c['guest_tx_frames'] - tx0} of {sent} TX and "
-                f"delivered {c['guest_rx_frames'] - rx0} of {n} RX frames in {WAIT_TIMEOUT} s")
+                f"delivered {c['guest_rx_frames'] - rx0} of {n} RX frames in {self.wait_timeout} s")
         self._guest("reap", self.guest.reap, TX_QUEUE)
         return n, sent
 
