@@ -16,8 +16,8 @@ from test_backend_protocol import (Guest, frames_of, make_server,  # noqa: F401
                                    open_fds, wait_until)
 from test_backend_scripted import ScriptedFrontend
 from vhostlab.dirtylog import DirtyLog
-from vhostlab.protocol import (Feature, LogArea, Message, ProtocolFeature, Request,
-                               SharedObject, TransferDeviceState, U64, VringState,
+from vhostlab.protocol import (Feature, InflightArea, LogArea, Message, ProtocolFeature,
+                               Request, SharedObject, TransferDeviceState, U64, VringState,
                                parse_message)
 
 NOFD = 0x100
@@ -242,6 +242,57 @@ def test_set_status_zero_before_get_vring_base_keeps_the_ring_position(make_serv
         assert fe.send(Request.GET_VRING_BASE, VringState(1, 0)).payload == VringState(1, 7)
 
 
+def test_without_protocol_features_a_started_ring_is_enabled(make_server):
+    """"If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring starts
+    directly in the enabled state": also when it starts again after RESET_OWNER
+    disabled every ring (SET_VRING_ENABLE is not available to such a front-end)."""
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        from test_backend_protocol import _guest_with
+        guest = _guest_with(fe, Feature.VIRTIO_F_VERSION_1)
+        guest.transmit(frames_of(2))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 2)
+        fe.send(Request.RESET_OWNER)
+        fe.sync()
+        assert not any(v.enabled for v in srv.snapshot().vrings)
+        fe.send(Request.GET_VRING_BASE, VringState(1, 0))
+        kick, _ = fe.start_ring(1, base=2)
+        fe.sync()
+        assert srv.snapshot().vrings[1].enabled
+        guest.kick[1] = kick
+        guest.transmit(frames_of(3))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 5)
+        assert srv.snapshot().counters["dropped"] == 0
+
+
+def test_a_restarted_ring_always_interrupts_first(make_server):
+    """GET_VRING_BASE forgets the last signalled used index (DPDK resets
+    signalled_used_valid, Linux's vhost_vq_init_access too): with EVENT_IDX the
+    first used buffer after a restart must signal, whatever used_event was."""
+    from test_backend_protocol import _guest_with
+    srv = make_server()
+    features = (Feature.VHOST_USER_F_PROTOCOL_FEATURES | Feature.VIRTIO_F_VERSION_1
+                | Feature.VIRTIO_RING_F_EVENT_IDX)
+    with ScriptedFrontend(srv.socket_path) as fe:
+        guest = _guest_with(fe, features, event_idx=True)
+        tx = guest.drivers[1]
+        guest.transmit(frames_of(2))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 2)
+        tx.views.used_event[0] = 1000                  # "do not interrupt me for a while"
+        guest.transmit(frames_of(2))
+        assert wait_until(lambda: srv.snapshot().counters["guest_tx_frames"] == 4)
+        calls = srv.snapshot().counters["calls"]
+        fe.send(Request.GET_VRING_BASE, VringState(1, 0))
+        kick, call = fe.eventfd(), fe.eventfd()       # restarted by kick and call alone
+        fe.send(Request.SET_VRING_KICK, U64(1), fds=[kick])
+        fe.send(Request.SET_VRING_CALL, U64(1), fds=[call])
+        fe.sync()
+        guest.kick[1] = kick
+        guest.transmit(frames_of(1))
+        assert wait_until(lambda: srv.snapshot().counters["calls"] == calls + 1)
+        assert os.eventfd_read(call) == 1
+
+
 @pytest.mark.parametrize("request_id, payload", [
     (Request.SET_VRING_NUM, VringState(2, 256)),
     (Request.SET_VRING_BASE, VringState(2, 0)),
@@ -304,3 +355,43 @@ def test_newer_requests_get_the_failure_the_spec_defines(make_server):
         assert raw_request(fe, Message.make(Request.CHECK_DEVICE_STATE)).payload.value != 0
         assert any("DEVICE_STATE" in e for e in errors(srv))
         assert fe.send(Request.GET_FEATURES).payload.value
+
+
+def test_requests_legal_once_offered_need_no_negotiation(make_server, tmp_path):
+    """GET_QUEUE_NUM "should be sent only when VHOST_USER_PROTOCOL_F_MQ is set in
+    queried protocol features"; SEND_RARP and NET_SET_MTU are legal when their bit
+    "is present in VHOST_USER_GET_PROTOCOL_FEATURES"; RESET_DEVICE when the bit "is
+    set by the back-end". Offered is enough; acknowledged is not required."""
+    from vhostlab.backend import read_pcap
+    pcap = tmp_path / "w.pcap"
+    srv = make_server(wire=f"pcap:{pcap}")
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate(protocol=int(ProtocolFeature.REPLY_ACK))     # none of the four acked
+        assert fe.send(Request.GET_QUEUE_NUM).payload.value == 1
+        mac = bytes.fromhex("525400123456")
+        assert fe.send(Request.SEND_RARP, int.from_bytes(mac + b"\0\0", "little"),
+                       need_reply=True).payload.value == 0
+        assert fe.send(Request.NET_SET_MTU, 9000, need_reply=True).payload.value == 0
+        assert srv.snapshot().mtu == 9000
+        assert fe.send(Request.RESET_DEVICE, need_reply=True).payload.value == 0
+        assert srv.snapshot().mtu == 1500                      # the initial state again
+        # A bit the back-end does not offer still gates its request.
+        assert fe.send(Request.SET_VRING_ENDIAN, VringState(0, 0),
+                       need_reply=True).payload.value != 0
+    srv.stop()
+    assert [frame[6:12] for frame in read_pcap(str(pcap))] == [mac]
+
+
+def test_fd_carrying_replies_have_failure_forms(make_server):
+    """Not offered, and yet answered the way QEMU understands: GET_INFLIGHT_FD with
+    mmap_size 0 and no fd (libvhost-user's form: "no inflight buffer"),
+    POSTCOPY_ADVISE without a userfaultfd (QEMU: "Failed to get ufd")."""
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        fe.negotiate()
+        inflight = fe.send(Request.GET_INFLIGHT_FD, InflightArea(0, 0, 2, 256))
+        assert inflight.payload == InflightArea(0, 0, 2, 256) and inflight.fds == ()
+        advise = fe.send(Request.POSTCOPY_ADVISE)
+        assert advise.payload is None and advise.fds == ()
+        assert any("INFLIGHT_SHMFD" in e for e in errors(srv))
+        assert any("PAGEFAULT" in e for e in errors(srv))

@@ -440,3 +440,28 @@ def test_fds_of_a_message_refused_after_parsing_go_back_to_the_caller(fds) -> No
         conn.receive_data(bad.to_bytes(), mine)
     assert info.value.request == "SET_PROTOCOL_FEATURES" and info.value.field == "u64"
     assert conn.pending_fds == mine and conn.reset() == mine
+
+
+@pytest.mark.parametrize("body", [struct.pack("<Q", 0), b""], ids=["u64", "empty"])
+def test_set_log_base_reply_may_be_a_u64_or_empty(fds, body) -> None:
+    """libvhost-user answers SET_LOG_BASE with a u64 0, DPDK's lib/vhost with an
+    empty body; QEMU's vhost_user_set_log_base reads either. So does the front-end."""
+    conn = FrontendConnection()
+    conn.send(Message.make(R.SET_PROTOCOL_FEATURES, int(P.LOG_SHMFD)))
+    conn.send(Message.make(R.SET_LOG_BASE, LogArea(8192, 0), fds(1)))
+    assert conn.expecting_reply is R.SET_LOG_BASE
+    (reply,) = conn.receive_data(header(R.SET_LOG_BASE, 0x5, len(body)) + body)
+    assert reply.request is R.SET_LOG_BASE and conn.expecting_reply is None
+    assert reply.payload == (U64(0) if body else None)
+
+
+def test_failure_forms_of_fd_carrying_replies(fds) -> None:
+    """GET_INFLIGHT_FD answered with mmap_size 0 and no fd ("no inflight buffer",
+    libvhost-user's failure form), POSTCOPY_ADVISE without its userfaultfd."""
+    conn = FrontendConnection()
+    conn.send(Message.make(R.GET_INFLIGHT_FD, InflightArea(0, 0, 2, 256)))
+    none = Message.make_reply(R.GET_INFLIGHT_FD, InflightArea(0, 0, 2, 256))
+    assert conn.receive_data(none.to_bytes()) == [none]
+    conn.send(Message.make(R.POSTCOPY_ADVISE))
+    (advise,) = conn.receive_data(header(R.POSTCOPY_ADVISE, 0x5, 0))
+    assert advise.fds == () and advise.payload is None

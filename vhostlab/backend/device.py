@@ -218,9 +218,16 @@ class VhostUserNetDevice:
 
     # -- releasing --------------------------------------------------------------
     def stop_vring(self, vring: Vring) -> None:
-        """Stop a ring (GET_VRING_BASE): drop kick and call fds, keep the position."""
+        """Stop a ring (GET_VRING_BASE): drop kick and call fds, keep the position.
+
+        As DPDK's vhost_user_get_vring_base and libvhost-user close both fds,
+        and as DPDK (and Linux's vhost_vq_init_access) forget the last signalled
+        used index: after a restart the first used buffer always interrupts, so
+        a stale EVENT_IDX decision cannot leave the driver waiting.
+        """
         if vring.ring is not None:
             vring.base = vring.last_avail_idx
+            vring.ring.state[0]["signalled_used_valid"] = 0
         vring.started = False
         self.replace_kick_fd(vring, -1)
         self.replace_fd(vring, "call_fd", -1)

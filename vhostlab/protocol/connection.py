@@ -345,6 +345,8 @@ class FrontendConnection(_Connection):
         spec = msg.spec
         if self._data_reply_due(msg):
             return reply_types_for(spec, self.postcopy_listening)
+        if spec.reply is ReplyKind.STATUS_IF_LOG_SHMFD:
+            return spec.reply_payload          # SET_LOG_BASE: u64, or empty (DPDK)
         return (U64,)
 
     def _check_header(self, header: Header) -> None:

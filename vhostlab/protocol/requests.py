@@ -13,7 +13,8 @@ kinds of exception, all in this table:
   process_message_reply() reads that reply whenever it set the flag, and
   libvhost-user and DPDK answer whenever the flag is set, so this kit
   does the same.
-* SET_LOG_BASE gets a u64 reply only when LOG_SHMFD was negotiated.
+* SET_LOG_BASE gets a reply only when LOG_SHMFD was negotiated: a u64 0
+  (libvhost-user, this kit) or an empty one (DPDK); QEMU accepts both.
 * In postcopy (between POSTCOPY_LISTEN and POSTCOPY_END) SET_MEM_TABLE and
   ADD_MEM_REG are answered with the regions as the back-end mapped them.
 
@@ -112,6 +113,7 @@ class FdRule(enum.Enum):
     VRING = "one, or none when bit 8 (no fd) is set"
     ZERO_OR_ONE = "none or one"
     STATUS_FD = "one, or none when bit 8 (invalid fd) of the u64 status is set"
+    INFLIGHT = "one, or none when mmap_size is 0 (no inflight buffer)"
 
 
 class ReplyKind(enum.Enum):
@@ -162,8 +164,11 @@ REQUESTS: dict[Request, RequestSpec] = {
     R.SET_MEM_TABLE: _row(MemoryTable, "map guest memory: regions with one fd each",
                           fds=K.PER_REGION, reply=ReplyKind.DATA_IF_POSTCOPY,
                           reply_payload=(U64, MemoryTable)),
+    # The reply: libvhost-user sends a u64 0, DPDK an empty body ("QEMU doesn't
+    # expect any payload in the reply"); QEMU reads either and checks only the id.
     R.SET_LOG_BASE: _row(LogArea, "hand over the dirty-page log (shared memory fd)",
-                         fds=K.ONE, reply=ReplyKind.STATUS_IF_LOG_SHMFD),
+                         fds=K.ONE, reply=ReplyKind.STATUS_IF_LOG_SHMFD,
+                         reply_payload=(U64, None)),
     R.SET_LOG_FD: _row(None, "eventfd to signal after writing the log", fds=K.ONE),
     R.SET_VRING_NUM: _row(VringState, "set a vring's size (number of descriptors)"),
     R.SET_VRING_ADDR: _row(VringAddr, "set a vring's desc/avail/used addresses and log flag"),
@@ -190,12 +195,14 @@ REQUESTS: dict[Request, RequestSpec] = {
     R.CREATE_CRYPTO_SESSION: _row(CryptoSession, "create a crypto session, reply its id",
                                   reply=D, reply_payload=(CryptoSession,)),
     R.CLOSE_CRYPTO_SESSION: _row(U64, "close a crypto session by id"),
+    # Replies without their fd are the failure forms: no userfaultfd (QEMU:
+    # "Failed to get ufd"), no inflight buffer (mmap_size 0, as libvhost-user).
     R.POSTCOPY_ADVISE: _row(None, "postcopy is coming: reply with a userfaultfd",
-                            reply=D, reply_payload=(None,), reply_fds=K.ONE),
+                            reply=D, reply_payload=(None,), reply_fds=K.ZERO_OR_ONE),
     R.POSTCOPY_LISTEN: _row(None, "postcopy has started: register memory with userfaultfd"),
     R.POSTCOPY_END: _row(None, "postcopy has finished: reply a u64 status", reply=S),
     R.GET_INFLIGHT_FD: _row(InflightArea, "get the inflight-I/O buffer (fd in the reply)",
-                            reply=D, reply_payload=(InflightArea,), reply_fds=K.ONE),
+                            reply=D, reply_payload=(InflightArea,), reply_fds=K.INFLIGHT),
     R.SET_INFLIGHT_FD: _row(InflightArea, "give back the inflight-I/O buffer", fds=K.ONE),
     R.GPU_SET_SOCKET: _row(None, "socket for the vhost-user-gpu protocol", fds=K.ONE),
     R.RESET_DEVICE: _row(None, "disable all rings and reset device state"),
@@ -254,6 +261,9 @@ def expected_fds(rule: FdRule, payload: Payload | None) -> tuple[int, int]:
     if rule is FdRule.PER_REGION:
         n = payload.nregions if isinstance(payload, MemoryTable) else 0
         return n, n
+    if rule is FdRule.INFLIGHT:
+        empty = isinstance(payload, InflightArea) and payload.mmap_size == 0
+        return (0, 0) if empty else (1, 1)
     # FdRule.VRING / STATUS_FD: "Bit 8 is the invalid FD flag. This flag is
     # set when there is no file descriptor in the ancillary data."
     word = payload.u64 if isinstance(payload, VringArea) else \
