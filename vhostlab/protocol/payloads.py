@@ -75,6 +75,15 @@ def _end_check(base_name: str, base: int, size_name: str, size: int) -> None:
             field=base_name, value=base, limit=U64_END - size)
 
 
+def _area_check(what: str, base_name: str, base: int, size_name: str, size: int) -> None:
+    """Bounds of an fd-backed area the other side will mmap: not larger than
+    MAX_AREA_SIZE, and ``base + size`` not wrapping (DPDK CVE-2020-10722)."""
+    if size > MAX_AREA_SIZE:
+        raise ProtocolError(f"{what} of {size} bytes is more than the {MAX_AREA_SIZE} "
+                            "this side maps", field=size_name, value=size, limit=MAX_AREA_SIZE)
+    _end_check(base_name, base, size_name, size)
+
+
 def _size_error(cls: type, n: int, expected: Any) -> ProtocolError:
     return ProtocolError(f"a {cls.__name__} payload is {expected} bytes, got {n}",
                          field="size", value=n, limit=expected)
@@ -361,12 +370,8 @@ class LogArea(Payload):
             raise ProtocolError("mmap_size is 0; the dirty log must be at "
                                 "least one byte", field="mmap_size",
                                 value=0, limit=">= 1")
-        if self.mmap_size > MAX_AREA_SIZE:
-            raise ProtocolError(f"a dirty log of {self.mmap_size} bytes is more "
-                                f"than the {MAX_AREA_SIZE} this side maps", field="mmap_size",
-                                value=self.mmap_size, limit=MAX_AREA_SIZE)
         # DPDK CVE-2020-10722: offset + size wrapped around and passed the check.
-        _end_check("mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
+        _area_check("a dirty log", "mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
 
 
 @dataclass(frozen=True)
@@ -544,11 +549,8 @@ class InflightArea(Payload):
     _FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQHHI")
 
     def validate(self) -> None:
-        if self.mmap_size > MAX_AREA_SIZE:
-            raise ProtocolError(f"an inflight area of {self.mmap_size} bytes is "
-                                f"more than the {MAX_AREA_SIZE} this side maps", field="mmap_size",
-                                value=self.mmap_size, limit=MAX_AREA_SIZE)
-        _end_check("mmap_offset", self.mmap_offset, "mmap_size", self.mmap_size)
+        _area_check("an inflight area", "mmap_offset", self.mmap_offset, "mmap_size",
+                    self.mmap_size)
 
 
 @dataclass(frozen=True)
@@ -568,11 +570,7 @@ class VringArea(Payload):
                                 "vring index) and bit 8 (no fd) are defined",
                                 field="u64", value=self.u64,
                                 limit=VRING_IDX_MASK | VRING_NOFD_MASK)
-        if self.size > MAX_AREA_SIZE:
-            raise ProtocolError(f"a host notifier area of {self.size} bytes is "
-                                f"more than the {MAX_AREA_SIZE} this side maps", field="size",
-                                value=self.size, limit=MAX_AREA_SIZE)
-        _end_check("offset", self.offset, "size", self.size)
+        _area_check("a host notifier area", "offset", self.offset, "size", self.size)
 
 
 @dataclass(frozen=True)
