@@ -35,3 +35,15 @@ def requires_dpdk() -> str:
     """Path of dpdk-testpmd (VHOSTLAB_DPDK overrides PATH)."""
     return _require("VHOSTLAB_REQUIRE_DPDK", "dpdk-testpmd",
                     "apt-get install dpdk dpdk-dev")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that asks for a real QEMU with ``qemu``.
+
+    ``.ci/run`` runs ``-m qemu`` a second time against another QEMU release;
+    the marker must therefore cover each test that drives QEMU, whether it
+    declares ``pytestmark`` or only asks for the fixture.
+    """
+    for item in items:
+        if "requires_qemu" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.qemu)
