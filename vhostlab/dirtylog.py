@@ -30,6 +30,7 @@ import mmap
 import os
 import stat
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
@@ -44,6 +45,7 @@ __all__ = [
     "VHOST_LOG_PAGE", "VHOST_LOG_BITS", "VHOST_LOG_CHUNK", "MAX_LOG_SIZE",
     "DirtyLog", "vhost_get_log_size", "vhost_dev_sync_region",
     "vhost_dev_sync_region_py", "DirtyLogError", "LogRangeError", "LogSizeError",
+    "DirtyRound", "GuestBand", "MismatchedPage",
 ]
 
 VHOST_LOG_BITS = 64                            # bits per vhost_log_chunk_t
@@ -277,3 +279,81 @@ class DirtyLog:
             return "<DirtyLog closed>"
         return f"<DirtyLog {self.size} bytes, {self.pages} pages, {self.popcount()} dirty>"
 
+
+
+# ------------------------------------------------------------------ round snapshots
+@dataclass(frozen=True)
+class GuestBand:
+    """A named stretch of guest RAM (``n_pages`` pages from ``first_page``),
+    so a picture of the log can say what a dirty page held."""
+
+    name: str
+    first_page: int
+    n_pages: int
+
+
+@dataclass(frozen=True)
+class MismatchedPage:
+    """A page whose bytes differ at the destination, and the frames that lived in it."""
+
+    page: int
+    frames: tuple[str, ...]
+
+
+def _pages(values) -> np.ndarray:
+    out = np.unique(np.asarray(values, dtype=np.int64).ravel())
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True)
+class DirtyRound:
+    """What one sync of the dirty bitmap found, as a migration's front-end saw it.
+
+    ``log_pages``: the pages the back-end had marked in the vhost log, which
+    this sync took and cleared (``vhost_log_sync``, or ``vhost_log_put``'s
+    final sync when ``final_sync``); ``guest_pages``: the pages the guest
+    wrote since the previous sync (QEMU's own dirty bitmap); ``sync_time``:
+    seconds since migrate when the sync ran; ``pages``: pages of guest RAM
+    the log covers; ``bands``: what lives where; ``mismatched``: pages that
+    differ at the destination after the switch-over (a broken run), with the
+    frames in them. Page numbers are sorted, unique, read-only int64 arrays.
+    """
+
+    round: int
+    sync_time: float
+    pages: int
+    log_pages: np.ndarray
+    guest_pages: np.ndarray
+    bands: tuple[GuestBand, ...]
+    final_sync: bool = False
+    mismatched: tuple[MismatchedPage, ...] = ()
+    note: str = ""
+
+    @classmethod
+    def make(cls, round: int, sync_time: float, pages: int, log_pages, guest_pages,
+             bands, final_sync: bool = False, mismatched=(), note: str = "") -> "DirtyRound":
+        """Build one from page numbers in any order (arrays, lists, sets)."""
+        return cls(round, float(sync_time), int(pages), _pages(list(log_pages)),
+                   _pages(list(guest_pages)), tuple(b if isinstance(b, GuestBand) else GuestBand(*b) for b in bands),
+                   final_sync, tuple(MismatchedPage(int(m[0]), tuple(m[1]))
+                                     for m in mismatched), note)
+
+    @staticmethod
+    def bitmap_pages(bitmap) -> np.ndarray:
+        """Page numbers set in a vhost log bitmap (bit ``p % 8`` of byte ``p // 8``)."""
+        raw = np.frombuffer(bytes(bitmap), np.uint8)
+        return np.flatnonzero(np.unpackbits(raw, bitorder="little"))
+
+    @property
+    def both_pages(self) -> np.ndarray:
+        """Pages in the vhost log and in the guest's own bitmap."""
+        return np.intersect1d(self.log_pages, self.guest_pages)
+
+    @property
+    def mismatched_pages(self) -> np.ndarray:
+        return np.array([m.page for m in self.mismatched], dtype=np.int64)
+
+    def words(self) -> np.ndarray:
+        """The 64-page log words (vhost_log_chunk_t) this sync took bits from."""
+        return np.unique(self.log_pages // VHOST_LOG_BITS)

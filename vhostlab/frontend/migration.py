@@ -46,16 +46,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vhostlab.backend import BackendServer, Wire
+from vhostlab.dirtylog import DirtyRound, GuestBand
 from vhostlab.memory import GuestMemory
+from vhostlab.ring.layout import vring_layout
+from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
 from .channel import VhostUserChannel
-from .frames import GUEST_MAC, RX, TX, FrameLedger
-from .guest import TX_QUEUE, GuestError, VirtioNetGuest
+from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_id
+from .guest import BUF_GPA, BUF_SIZE, RING_GPA, RX_QUEUE, TX_QUEUE, GuestError, VirtioNetGuest
 from .vhost_dev import VhostDev
 from .vhost_ops import VhostOps
 
 __all__ = ["BuiltinMigration", "RoundSnapshot", "CaptureWire", "MigrationError",
-           "copy_pages", "compare_pages", "ram_pages"]
+           "copy_pages", "compare_pages", "ram_pages", "builtin_bands"]
 
 PAGE = 4096
 RARP_ETHERTYPE = b"\x80\x35"
@@ -107,6 +110,24 @@ class RoundSnapshot:
                 "pages_from_vhost_log": self.pages_from_vhost_log,
                 "rx_frames_after_copy": self.rx_frames_after_copy,
                 "tx_frames_after_copy": self.tx_frames_after_copy}
+
+
+def builtin_bands(guest: VirtioNetGuest) -> tuple[GuestBand, ...]:
+    """Where the built-in guest keeps its rings and buffers (guest.py's fixed layout)."""
+    bands = []
+    for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
+        size = vring_layout(RING_GPA[q], guest.queues[q].num).size
+        bands.append(GuestBand(f"{kind} ring", RING_GPA[q] // PAGE, -(-size // PAGE)))
+    for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
+        bands.append(GuestBand(f"{kind} buffers", BUF_GPA[q] // PAGE,
+                               -(-guest.queues[q].num * BUF_SIZE // PAGE)))
+    return tuple(sorted(bands, key=lambda b: b.first_page))
+
+
+def frame_name(frame: bytes) -> str | None:
+    """"RX #12" for an intact test frame, else None."""
+    found = frame_id(frame)
+    return None if found is None else f"{'RX' if found[0] == RX else 'TX'} #{found[1]}"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -197,6 +218,7 @@ class BuiltinMigration:
     backend_handlers: dict | None = None
     wait_timeout: float = WAIT_TIMEOUT
     snapshots: list = field(default_factory=list)
+    dirty_rounds: list = field(default_factory=list)    # DirtyRound per sync, for the views
     ops_called: list = field(default_factory=list)
     rx: FrameLedger = field(default_factory=lambda: FrameLedger.new(RX))
     tx: FrameLedger = field(default_factory=lambda: FrameLedger.new(TX))
@@ -210,6 +232,10 @@ class BuiltinMigration:
     def __post_init__(self) -> None:
         self.src = self._side("source")
         self.dst = self._side("destination")
+        self.switchover = SwitchoverRecorder()   # rings at GET_VRING_BASE / SET_VRING_BASE
+        self.switchover.install(self.src.server, "source")
+        self.switchover.install(self.dst.server, "destination")
+        self._final_log = np.zeros(0, np.int64)     # what vhost_log_put's sync took
         self.problems: list[str] = []     # what went wrong on the way (not integrity)
         self.guest: VirtioNetGuest | None = None
         self._seq = {RX: 0, TX: 0}
@@ -295,7 +321,14 @@ class BuiltinMigration:
                              int(np.intersect1d(guest_pages, log_pages).size),
                              _bitmap(log_pages, npages), _bitmap(guest_pages, npages))
         self.snapshots.append(snap)
+        if number > 1 and phase == "live":
+            self.dirty_rounds.append(DirtyRound.make(
+                len(self.dirty_rounds) + 1, self._since_begin(), npages, log_pages,
+                guest_pages, builtin_bands(self.guest)))
         return snap
+
+    def _since_begin(self) -> float:
+        return 0.0 if self._t_begin is None else time.monotonic() - self._t_begin
 
     def _sync_log(self) -> np.ndarray:
         return self.src.dev.vhost_log_sync().astype(np.int64)
@@ -344,6 +377,8 @@ class BuiltinMigration:
         dev.dirty_sink = None
         self._pending_log = (np.concatenate(sink).astype(np.int64) if sink
                              else np.zeros(0, np.int64))
+        self._final_log = self._pending_log
+        self._t_final_sync = self._since_begin()
         return bases
 
     def final_round(self) -> RoundSnapshot:
@@ -354,7 +389,23 @@ class BuiltinMigration:
         self.pages_mismatched = compare_pages(self.src.memory, self.dst.memory,
                                               ram_pages(self.src.memory))
         self.ram_compare_s = time.monotonic() - t0
+        self.dirty_rounds.append(self._final_round(snap))
         return snap
+
+    def _final_round(self, snap: RoundSnapshot) -> DirtyRound:
+        """vhost_log_put's final sync as its own frame, with the pages that differ at the
+        destination and the RX frames that lived in them."""
+        guest = np.flatnonzero(np.unpackbits(snap.guest_bitmap, bitorder="little"))
+        bad = self.pages_mismatched if self.pages_mismatched is not None else ()
+        rx = [r for r in self.switchover.taken("source") if r.index == RX_QUEUE]
+        frames = (frames_in_pages(rx[0], self.src.memory.read, bad, frame_name,
+                                  self.guest.hdr_len) if rx and len(bad) else {})
+        return DirtyRound.make(
+            len(self.dirty_rounds) + 1, getattr(self, "_t_final_sync", self._since_begin()),
+            self.guest.npages, self._final_log, guest, builtin_bands(self.guest),
+            final_sync=True, mismatched=[(int(p), frames.get(int(p), ())) for p in bad],
+            note="vhost_dev_stop -> vhost_log_put(dev, true): the last sync, after "
+                 "GET_VRING_BASE stopped the rings")
 
     def start_destination_device(self) -> None:
         """The guest moves; destination vhost_net_start (SET_VRING_BASE from the source), RARP."""

@@ -1,0 +1,187 @@
+"""The rings and the log at a migration's switch-over, as the back-ends saw them.
+
+Theory of operation
+-------------------
+When the source VM stops, ``vhost_dev_stop`` sends GET_VRING_BASE for each
+ring: the back-end stops the ring and answers ``last_avail_idx``. The
+destination's ``vhost_dev_start`` sends SET_VRING_BASE with that number,
+then SET_VRING_ADDR and SET_VRING_KICK, and the ring runs again there. The
+front-end cannot look at a ring at those moments (a real QEMU is blocked
+waiting for the reply), but the back-end can: it has guest RAM mapped.
+
+:class:`SwitchoverRecorder` wraps a back-end server's handlers (whatever
+they are, the kit's or a learner's) so that each ring is copied out of guest
+memory
+
+- on the source, just before GET_VRING_BASE stops it, together with the
+  dirty log as it is then: what ``vhost_log_put``'s final sync will take,
+  since a stopped ring writes nothing more;
+- on the destination, at SET_VRING_KICK, before the ring starts: after
+  SET_VRING_BASE gave it the source's ``last_avail_idx``.
+
+Each copy is a :class:`VringAtSwitchover` of plain values and numpy copies;
+nothing keeps a mapping alive.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from vhostlab.protocol import Request
+from vhostlab.ring.layout import VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, vring_views
+
+__all__ = ["VringAtSwitchover", "SwitchoverRecorder", "frames_in_pages"]
+
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class VringAtSwitchover:
+    """One split ring at the switch-over, copied from guest memory by a back-end.
+
+    ``side``: "source" (taken just before GET_VRING_BASE) or "destination"
+    (after SET_VRING_BASE, as the ring starts); ``last_avail_idx``: the
+    back-end's counter then; ``in_flight``: heads the driver made available
+    that the device has not taken (avail.idx - last_avail_idx of them);
+    ``gpas``: where desc, avail and used live; ``log_bitmap``: the source's
+    dirty log at that moment (None on the destination or with no log).
+    """
+
+    side: str
+    moment: str
+    index: int
+    num: int
+    desc: np.ndarray
+    avail_flags: int
+    avail_idx: int
+    avail_ring: np.ndarray
+    used_flags: int
+    used_idx: int
+    used_ring: np.ndarray
+    last_avail_idx: int
+    in_flight: tuple[int, ...]
+    gpas: dict
+    log_bitmap: bytes | None = None
+
+    @property
+    def kind(self) -> str:
+        return "RX" if self.index % 2 == 0 else "TX"
+
+
+def _copy_ring(dev, vring, side: str, moment: str) -> VringAtSwitchover | None:
+    """Copy ``vring`` out of the device's guest memory (None if it is not mapped)."""
+    vq = vring.ring
+    if vq is None or dev.memory is None or dev.memory.closed or not vring.num:
+        return None
+    v = vring_views(dev.memory, vring.num, vq.desc, vq.avail, vq.used)
+    num, last = vring.num, vring.last_avail_idx & 0xFFFF
+    avail_idx = int(v.avail_idx[0])
+    ring = v.avail_ring.copy()
+    pending = (avail_idx - last) & 0xFFFF
+    in_flight = tuple(int(ring[(last + i) % num]) for i in range(min(pending, num)))
+    log = dev.log
+    bitmap = log.snapshot().tobytes() if log is not None and not log.closed else None
+    out = VringAtSwitchover(
+        side=side, moment=moment, index=vring.index, num=num,
+        desc=np.array(v.desc, dtype=VRING_DESC_DTYPE), avail_flags=int(v.avail_flags[0]),
+        avail_idx=avail_idx, avail_ring=ring, used_flags=int(v.used_flags[0]),
+        used_idx=int(v.used_idx[0]), used_ring=np.array(v.used_ring, VRING_USED_ELEM_DTYPE),
+        last_avail_idx=last, in_flight=in_flight,
+        gpas={"desc": int(vq.desc), "avail": int(vq.avail), "used": int(vq.used)},
+        log_bitmap=bitmap if side == "source" else None)
+    del v
+    return out
+
+
+class SwitchoverRecorder:
+    """Copies rings (and the source's log) at GET_VRING_BASE and SET_VRING_KICK.
+
+    ``install(server, side)`` wraps the server's current handlers; the
+    wrapper copies the ring, then calls the handler it replaced. ``rings``
+    holds the copies in the order they were taken.
+    """
+
+    def __init__(self) -> None:
+        self.rings: list[VringAtSwitchover] = []
+        self._lock = threading.Lock()
+
+    def install(self, server, side: str) -> None:
+        if side == "source":
+            self._wrap(server, Request.GET_VRING_BASE, side, "before GET_VRING_BASE")
+        else:
+            self._wrap(server, Request.SET_VRING_KICK, side, "after SET_VRING_BASE")
+
+    def _wrap(self, server, request: Request, side: str, moment: str) -> None:
+        inner: Callable = server.handlers[request]
+
+        def handler(dev, msg, fds):
+            # GET_VRING_BASE carries a vring state (index); SET_VRING_KICK a u64
+            # whose bits 0-7 are the index (vring_index).
+            payload = msg.payload
+            index = getattr(payload, "vring_index", getattr(payload, "index", None))
+            if isinstance(index, int) and 0 <= index < len(dev.vrings):
+                try:
+                    snap = _copy_ring(dev, dev.vrings[index], side, moment)
+                except Exception:      # a picture must never break the migration
+                    snap = None
+                if snap is not None:
+                    with self._lock:
+                        self.rings.append(snap)
+            return inner(dev, msg, fds)
+
+        server.handlers[request] = handler
+
+    def taken(self, side: str) -> list[VringAtSwitchover]:
+        """The last copy of each ring on ``side``, by ring index."""
+        with self._lock:
+            latest = {r.index: r for r in self.rings if r.side == side}
+        return [latest[i] for i in sorted(latest)]
+
+    def final_log(self) -> np.ndarray | None:
+        """The source's log at its last GET_VRING_BASE, as a bitmap (None without one)."""
+        with self._lock:
+            logs = [r.log_bitmap for r in self.rings
+                    if r.side == "source" and r.log_bitmap is not None]
+        if not logs:
+            return None
+        out = np.zeros(max(len(b) for b in logs), np.uint8)
+        for b in logs:
+            out[:len(b)] |= np.frombuffer(b, np.uint8)
+        return out
+
+
+def frames_in_pages(ring: VringAtSwitchover, read: Callable[[int, int], bytes],
+                    pages, name: Callable[[bytes], str | None], hdr_len: int) -> dict:
+    """Which frames lived in ``pages``: page -> labels, from the ring's used entries.
+
+    ``ring``: the source's RX ring before GET_VRING_BASE; ``read(gpa, n)``
+    reads the source's RAM; ``name(frame)`` names a frame ("RX #12") or
+    returns None. The last ``num`` used entries are walked: a written buffer
+    whose bytes touch one of ``pages`` is reported there.
+    """
+    want = set(int(p) for p in pages)
+    out: dict[int, list[str]] = {}
+    num = ring.num
+    for i in range(min(num, ring.used_idx)):
+        elem = ring.used_ring[(ring.used_idx - 1 - i) % num]
+        head, length = int(elem["id"]), int(elem["len"])
+        if head >= num or not length:
+            continue
+        d = ring.desc[head]
+        gpa, room = int(d["addr"]), int(d["len"])
+        first, last = gpa // PAGE, (gpa + max(1, min(length, room)) - 1) // PAGE
+        hit = [p for p in range(first, last + 1) if p in want]
+        if not hit:
+            continue
+        try:
+            frame = read(gpa + hdr_len, max(0, min(length, room) - hdr_len))
+            label = name(frame)
+        except Exception:
+            label = None
+        label = label or f"{ring.kind} buffer of descriptor {head}"
+        for p in hit:
+            out.setdefault(p, []).append(label)
+    return {p: tuple(v) for p, v in out.items()}
