@@ -54,9 +54,13 @@ from typing import Callable
 
 import numpy as np
 
+from vhostlab.dirtylog import DirtyRound
+from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
+
 from .errors import GuestDriverError, QemuError
 from .host import VhostUserHost, ops_called, process_peak_rss
 from .launcher import DEFAULT_RAM_SIZE
+from .rounds import GuestWrites, frame_name, mismatched_pages, qemu_bands
 from .traffic import FROM_GUEST, TO_GUEST, FrameLedger, GuestDirtier, is_rarp
 from .verify import VerifyReport, verify_destination
 
@@ -316,12 +320,18 @@ class QemuMigration:
         self._starts: list[_Reading] = []                   # each round's first reading
         self._before_last = self._reading                   # the one before the last round
         self._ended = False
+        self._t_stop_seen: float | None = None
         self._round_stats = [0, 0, 0]           # guest bytes, rx frames, tx frames
         self._rx_unread = 0                     # RX frames delivered, not read by the guest
         self.dirtier: GuestDirtier | None = None
         self._guest_state: dict | None = None
         self._pages_logged0 = 0                 # the source back-end's count when migrate began
         self._last_guest_action = 0.0           # time.time() after the last qtest action
+        # For the views: one DirtyRound per round (and vhost_log_put's final sync),
+        # the pages the guest wrote through qtest, the rings at the switch-over.
+        self.dirty_rounds: list[DirtyRound] = []
+        self.guest_writes = GuestWrites()
+        self.switchover = SwitchoverRecorder()
 
     # -- running -------------------------------------------------------------------
     def start(self) -> "QemuMigration":
@@ -433,7 +443,10 @@ class QemuMigration:
         self.result.qemu_version = self.src.qemu.info.version_string
         self.dst = VhostUserHost("destination", ram_size=c.ram_size, incoming=True,
                                  qemu=c.qemu).start()
+        self.switchover.install(self.src.server, "source")
+        self.switchover.install(self.dst.server, "destination")
         guest = self.src.init_guest()
+        guest.qtest.on_write = self.guest_writes.record
         self.dirtier = GuestDirtier(guest, c.working_set, c.dirty_rate)
         self.dirtier.fill()
         guest.post_rx_buffers()
@@ -476,6 +489,7 @@ class QemuMigration:
         qmp.migrate_set_parameters(max_bandwidth=c.max_bandwidth, downtime_limit=c.downtime_limit)
         self._pages_logged0 = self.src.counters()["pages_logged"]
         self._t_migrate = time.monotonic()
+        self.guest_writes.take()             # round 1 copies everything anyway
         qmp.migrate(c.destination_uri or self.dst.migration_uri)
         self._busy_rounds()
         self._set_phase("quiescing", "the guest goes quiet; QEMU converges and switches over")
@@ -531,6 +545,7 @@ class QemuMigration:
             tx_frames=self._round_stats[2], syncs=syncs, note=note)
         self._acc_log = None
         self._round_stats = [0, 0, 0]
+        self._dirty_round(snap, at)
         # Round 1 counts from migrate (QEMU's counters start at 0 there).
         self._starts.append(now if self._rounds else _Reading())
         self._before_last = self._reading
@@ -538,6 +553,38 @@ class QemuMigration:
             self._rounds.append(snap)
         self._count(-1, now)
         self._emit("round", f"dirty sync {now.dirty_sync_count}", self._rounds[-1])
+
+    def _dirty_round(self, snap: RoundSnapshot, at: float) -> None:
+        """The round's DirtyRound: the log pages the polls saw before this sync, and the
+        pages the guest wrote through qtest meanwhile (QEMU's own bitmap)."""
+        guest = self.src.guest
+        dr = DirtyRound.make(len(self.dirty_rounds) + 1, at - self._t_migrate,
+                             self.config.ram_size // 4096, snap.logged_pages(),
+                             self.guest_writes.take(), qemu_bands(guest), note=snap.note)
+        with self._lock:
+            self.dirty_rounds.append(dr)
+
+    def _final_dirty_round(self) -> None:
+        """vhost_log_put's final sync as its own frame: the log as the back-end left it at
+        GET_VRING_BASE; and the pages that differ at the destination, with their frames."""
+        guest = self.src.guest
+        log = self.switchover.final_log()
+        logged = DirtyRound.bitmap_pages(log.tobytes()) if log is not None else ()
+        a = guest.allocator
+        bad = mismatched_pages(self.src.server, self.dst.server, a.start // 4096,
+                               -(-a.next // 4096))
+        rx = [r for r in self.switchover.taken("source") if r.index == 0]
+        mem = self.src.server.device.memory
+        frames = (frames_in_pages(rx[0], mem.read, bad, frame_name, guest.hdr_len)
+                  if rx and bad.size else {})
+        dr = DirtyRound.make(
+            len(self.dirty_rounds) + 1, (self._t_stop_seen or time.monotonic()) - self._t_migrate,
+            self.config.ram_size // 4096, logged, self.guest_writes.take(), qemu_bands(guest),
+            final_sync=True, mismatched=[(int(p), frames.get(int(p), ())) for p in bad],
+            note="vhost_dev_stop -> vhost_log_put(dev, true): the last sync, after "
+                 "GET_VRING_BASE stopped the rings")
+        with self._lock:
+            self.dirty_rounds.append(dr)
 
     def _count(self, i: int, end: _Reading, status: str | None = None) -> None:
         """Round ``i``'s counters, from its first reading to ``end``."""
@@ -644,6 +691,7 @@ class QemuMigration:
     def _await_switch_over(self) -> None:
         src, dst = self.src.qemu.qmp, self.dst.qemu.qmp
         stop = src.wait_event("STOP", timeout=10)
+        self._t_stop_seen = time.monotonic() - max(0.0, time.time() - stop.timestamp)
         resume = dst.wait_event("RESUME", timeout=30)
         # RESUME can come before the destination's vhost_dev_start has finished.
         self.dst.server.wait_for(lambda s: s.vrings and all(v.started for v in s.vrings),
@@ -662,6 +710,10 @@ class QemuMigration:
         self._set_phase("verifying", "the driver resumes on the destination; checking frames")
         if self._guest_state is None:      # converged before the guest went quiet
             self._guest_state = self.src.guest.export_state()
+        try:                               # before the destination's guest writes anything
+            self._final_dirty_round()
+        except Exception as exc:  # the picture is extra; the checks below still run
+            self.result.notes.append(f"no final dirty-log frame: {exc}")
         self._take_wire(self.src)          # TX frames the source back-end took before the stop
         report = verify_destination(self.src, self.dst, self._guest_state, self.rx,
                                     expected_rx=self._rx_unread)

@@ -105,6 +105,9 @@ class QTest:
                  diagnose: Diagnose | None = None):
         self.timeout = timeout
         self.commands_sent = 0
+        #: Called with (gpa, length) after each write to guest memory: the pages
+        #: QEMU's own dirty tracking sees (a migration records them per round).
+        self.on_write: Callable[[int, int], None] | None = None
         self._sock = sock
         self._diagnose = diagnose
         self._lock = threading.Lock()          # one command at a time
@@ -271,6 +274,12 @@ class QTest:
         _check_range(addr, _WIDTH[w])
         _check_value(value, _WIDTH[w])
         self.command(f"write{w} {addr:#x} {value:#x}")
+        self._wrote(addr, _WIDTH[w])
+
+    def _wrote(self, addr: int, n: int) -> None:
+        hook = self.on_write
+        if hook is not None:
+            hook(addr, n)
 
     def readb(self, addr: int) -> int:
         """Read a byte of guest memory at guest-physical ``addr``."""
@@ -323,6 +332,7 @@ class QTest:
             piece = data[off:off + CHUNK]
             b64 = base64.b64encode(piece).decode("ascii")
             self.command(f"b64write {addr + off:#x} {len(piece):#x} {b64}")
+        self._wrote(addr, len(data))
 
     def memset(self, addr: int, n: int, byte: int) -> None:
         """Fill ``n`` bytes of guest memory at ``addr`` with ``byte``."""
@@ -330,6 +340,7 @@ class QTest:
         _check_value(byte, 1)
         if n:
             self.command(f"memset {addr:#x} {n:#x} {byte:#x}")
+            self._wrote(addr, n)
 
     # -- interrupts --------------------------------------------------------
     def irq_intercept_in(self, qom_path: str) -> None:
