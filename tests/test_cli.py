@@ -30,6 +30,19 @@ def test_doctor_frontend_follows_override():
     assert report["frontend"] == "builtin"
 
 
+def test_doctor_reports_the_qemu_version_and_whether_ci_covers_it(requires_qemu):
+    import os
+    report = json.loads(vhostlab("doctor", "--json", env=dict(os.environ, VHOSTLAB_QEMU=requires_qemu)).stdout)
+    qemu = report["qemu"]
+    assert qemu["path"] == requires_qemu and qemu["usable"]
+    version = subprocess.run([requires_qemu, "--version"], capture_output=True, text=True).stdout
+    assert f"version {qemu['version']}" in version
+    assert qemu["ci"] in ("tested", "in range", "untested") and "7.2" in qemu["ci_releases"]
+    if os.environ.get("VHOSTLAB_REQUIRE_QEMU") == "1":   # CI runs only the releases it lists
+        assert qemu["ci"] == "tested", qemu
+    assert qemu["version"] in report["checks"]["qemu"]["detail"]
+
+
 def test_doctor_names_the_fix_for_a_missing_qemu(tmp_path):
     import os
     env = dict(os.environ, PATH=str(tmp_path), VHOSTLAB_QEMU="")

@@ -57,14 +57,15 @@ def _version(module: str) -> str:
 def qemu_info() -> dict | None:
     """Path, version and usability of the QEMU the labs would start, or None."""
     try:
-        from vhostlab.qemu import find_qemu
+        from vhostlab.qemu.launcher import CI_QEMU_RELEASES, ci_coverage, find_qemu
         info = find_qemu()
     except Exception as exc:  # a broken layer below is what doctor is for
         return {"path": None, "version": None, "usable": False, "problems": [repr(exc)]}
     if info is None:
         return None
     return {"path": info.path, "version": info.version_string, "usable": info.usable,
-            "problems": list(info.problems)}
+            "problems": list(info.problems), "ci": ci_coverage(info.version),
+            "ci_releases": [".".join(map(str, r)) for r in CI_QEMU_RELEASES]}
 
 
 def check_memfd() -> Check:
@@ -129,7 +130,11 @@ def _qemu_check(qemu: dict | None) -> Check:
     if not qemu["usable"]:
         return Check("qemu", False, f"{qemu['path']}: " + "; ".join(qemu["problems"]),
                      f"labs use the built-in front-end; a QEMU >= 7.2 with memfd: {APT_QEMU}")
-    return Check("qemu", True, f"{qemu['path']} {qemu['version']}")
+    tested = ", ".join(qemu["ci_releases"])
+    coverage = {"tested": f"a release CI runs ({tested})",
+                "in range": f"between the releases CI runs ({tested})",
+                "untested": f"outside the releases CI runs ({tested}): the labs may differ"}
+    return Check("qemu", True, f"{qemu['path']} {qemu['version']}, {coverage[qemu['ci']]}")
 
 
 def choose_frontend(qemu: dict | None) -> str:

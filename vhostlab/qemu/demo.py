@@ -17,6 +17,7 @@ from vhostlab.frontend.demo import SEED_STEPS  # the seed's own words, one copy
 from .errors import QemuError
 from .launcher import require_qemu
 from .migration import MigrationConfig, ProgressEvent, QemuMigration, RoundSnapshot
+from .sequences import explain_stop
 
 __all__ = ["run_demo", "SEED_STEPS", "format_record"]
 
@@ -33,6 +34,8 @@ STEP_NOTES = {
     3: "The source stopped (STOP): vhost_dev_stop() stops each ring and takes its "
        "last_avail_idx:",
 }
+LOG_PUT_NOTE = ("(QEMU reads and clears the vhost log one last time: vhost_log_put(dev, true) "
+                "syncs when it drops the last reference to the shared log)")
 SEED_LOG_PUT = ("And when backend is stopped, vhost_log_put() is used to synchronize "
                 "dirty page memory.")
 
@@ -66,14 +69,25 @@ def format_record(record) -> str:
 
 
 class _Narrator:
-    """Turns progress events into the seed's story, one line at a time."""
+    """Turns progress events into the seed's story, one line at a time.
 
-    def __init__(self, out: Callable[[str], None], config: MigrationConfig):
-        self.out, self.config = out, config
+    It keeps every record it is handed, so that :meth:`finish` can check the
+    story against them: a message a seed step expects that QEMU never sent, or
+    that reached the narrator but was not narrated, is said out loud instead
+    of silently missing from the output.
+    """
+
+    def __init__(self, out: Callable[[str], None], config: MigrationConfig,
+                 qemu_version: tuple[int, ...] | None = None):
+        self.out, self.config, self.qemu_version = out, config, qemu_version
         self.step = 0               # seed steps announced so far
         self.source_started = False
         self.destination_seen = False
         self.pending: str | None = None   # the request whose reply is shown next
+        self.records: dict[str, list] = {"source": [], "destination": []}
+        self.narrated: set[tuple[str, int]] = set()    # (who, seq) of the lines printed
+        self.active_rounds = 0
+        self.stop_explained = False
 
     def seed_step(self, n: int, note: str = "") -> None:
         if self.step >= n:
@@ -102,13 +116,13 @@ class _Narrator:
             self.out(f"Warm-up: {ev.text}.")
 
     def on_messages(self, ev: ProgressEvent) -> None:
+        self.records[ev.text].extend(ev.data)
         if ev.text == "source":
             self._source(ev.data)
         else:
             self._destination(ev.data)
 
-    @staticmethod
-    def _seed_step_of(record) -> int:
+    def _seed_step_of(self, record) -> int:
         """Which seed step a front-end request belongs to (0: none)."""
         payload = record.fields.get("payload") or {}
         if record.request == "SET_LOG_BASE":
@@ -117,6 +131,8 @@ class _Narrator:
             return 2
         if record.request == "SET_VRING_ADDR" and payload.get("log"):
             return 2
+        if record.request == "SET_STATUS" and payload.get("value") == 0 and self.step >= 2:
+            return 3      # the reset vhost_dev_stop sends (QEMU >= 7.2), before or after step 3
         return 3 if record.request == "GET_VRING_BASE" else 0
 
     def _source(self, records) -> None:
@@ -135,11 +151,7 @@ class _Narrator:
             elif r.request != self.pending:
                 continue
             self.out(f"    {format_record(r)}")
-            payload = r.fields.get("payload") or {}
-            if r.direction == "out" and r.request == "GET_VRING_BASE" \
-                    and payload.get("index") == 1:
-                self.out(f"  \"{SEED_LOG_PUT}\" (QEMU reads and clears the vhost log "
-                         "one last time)")
+            self.narrated.add(("source", r.seq))
 
     def _destination(self, records) -> None:
         if not self.destination_seen:
@@ -149,10 +161,27 @@ class _Narrator:
                      "no memory table and no rings yet; it waits for the migration stream.")
         bases = [r for r in records if r.request == "SET_VRING_BASE" and r.direction == "in"]
         if self.step >= 3 and bases:
+            self.explain_stop()
             self.out("\nThe destination QEMU starts its device with the source's ring "
                      "positions (vhost_virtqueue_start -> vhost_set_vring_base):")
             for r in bases:
                 self.out(f"    [back-end B] {format_record(r)}")
+                self.narrated.add(("destination", r.seq))
+
+    def explain_stop(self) -> None:
+        """The stop as QEMU sent it, beside the seed's, with the difference named."""
+        if self.stop_explained:
+            return
+        try:
+            stop = explain_stop(self.records["source"], self.qemu_version)
+        except ValueError:
+            return            # no GET_VRING_BASE yet; finish() reports it missing
+        self.stop_explained = True
+        self.out(f"  The stop as QEMU sent it: {', '.join(stop.observed)}")
+        self.out(f"  The seed's vhost_dev_stop:  {', '.join(stop.seed)}")
+        if not stop.as_seed:
+            self.out(f"  {stop.text}")
+        self.out(f"  \"{SEED_LOG_PUT}\" {LOG_PUT_NOTE}")
 
     def on_event(self, ev: ProgressEvent) -> None:
         stop, resume = ev.data
@@ -165,6 +194,7 @@ class _Narrator:
         s: RoundSnapshot = ev.data
         if s.status != "active":
             return
+        self.active_rounds += 1
         self.out(f"  dirty sync {s.dirty_sync_count} at {s.time:.2f} s: "
                  f"{s.transferred / MiB:.1f} MiB sent, {s.remaining / MiB:.2f} MiB to go; "
                  f"the back-end had logged {s.pages_logged} pages "
@@ -184,6 +214,49 @@ class _Narrator:
             self.out(f"  driver: {text}")
 
 
+    def expected(self) -> list[tuple[int, str, str, Callable]]:
+        """(seed step, who, what, test on an incoming record) for each message the story needs."""
+        rings = sorted({(r.fields.get("payload") or {}).get("index") for r in self.records["source"]
+                        if r.direction == "in" and r.request == "SET_VRING_NUM"} - {None}) or [0, 1]
+
+        def req(name, **want):
+            def test(r):
+                p = r.fields.get("payload") or {}
+                return r.request == name and all(
+                    (p.get(k, 0) & v) if k in ("value", "flags") else p.get(k) == v
+                    for k, v in want.items())
+            return test
+        items = [(1, "source", "SET_LOG_BASE", req("SET_LOG_BASE")),
+                 (2, "source", "SET_FEATURES with VHOST_F_LOG_ALL",
+                  req("SET_FEATURES", value=VHOST_F_LOG_ALL))]
+        items += [(2, "source", f"SET_VRING_ADDR {i} with VHOST_VRING_F_LOG",
+                   req("SET_VRING_ADDR", index=i, flags=1)) for i in rings]
+        items += [(3, "source", f"GET_VRING_BASE {i}", req("GET_VRING_BASE", index=i)) for i in rings]
+        items += [(3, "destination", f"SET_VRING_BASE {i}", req("SET_VRING_BASE", index=i))
+                  for i in rings]
+        return items
+
+    def finish(self, completed: bool) -> list[str]:
+        """Say what the story expected and did not show; returns what was missing."""
+        missing = []
+        for step, who, what, test in self.expected():
+            found = [r for r in self.records[who] if r.direction == "in" and test(r)]
+            side = "A (source)" if who == "source" else "B (destination)"
+            if not found:
+                missing.append(what)
+                self.out(f"  not seen: seed step {step} expects {what}, but back-end {side} "
+                         "never received it")
+            elif not any((who, r.seq) in self.narrated for r in found):
+                self.out(f"  not narrated above, but in back-end {side}'s trace (seed step "
+                         f"{step}): {format_record(found[-1])}")
+        if completed and not self.active_rounds:
+            missing.append("dirty sync")
+            self.out("  not seen: no dirty-bitmap sync was reported while the migration was active")
+        if completed:
+            self.explain_stop()
+        return missing
+
+
 def _run(config: MigrationConfig, narrator: _Narrator):
     events: queue.Queue = queue.Queue()
     migration = QemuMigration(config, on_progress=events.put).start()
@@ -196,7 +269,10 @@ def _run(config: MigrationConfig, narrator: _Narrator):
                     break
         while not events.empty():
             narrator(events.get_nowait())
-        return migration.wait(config.timeout + 30)
+        result = migration.wait(config.timeout + 30)
+        result.notes.extend(f"narration: {what} not seen"
+                            for what in narrator.finish(result.status == "completed"))
+        return result
     finally:
         migration.close()
 
@@ -235,7 +311,7 @@ def run_demo(as_json: bool = False, break_logging: bool = False,
     say(f"Two QEMU {info.version_string} (TCG, no guest OS: this process drives the guest's "
         "virtio-net over qtest), each with its own vhostlab back-end in this process."
         + (" The source back-end is told to skip dirty logging." if break_logging else ""))
-    result = _run(config, _Narrator(say, config))
+    result = _run(config, _Narrator(say, config, info.version))
     summary = result.summary()
     if result.error is not None or result.status != "completed":
         why = result.error or f"migration status {result.status}"

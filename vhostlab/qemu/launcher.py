@@ -46,6 +46,7 @@ __all__ = [
     "QemuInfo", "find_qemu", "require_qemu", "halt_firmware",
     "NetdevSpec", "vhost_user_netdev", "dgram_netdev", "udp_socket_netdev",
     "QemuInstance", "DEFAULT_RAM_SIZE", "DEFAULT_MAC", "QEMU_ENV", "MIN_QEMU_VERSION",
+    "CI_QEMU_RELEASES", "ci_coverage",
 ]
 
 MiB = 1 << 20
@@ -55,6 +56,10 @@ QEMU_ENV = "VHOSTLAB_QEMU"
 QEMU_BINARY = "qemu-system-x86_64"
 #: ``-machine memory-backend=`` appeared in QEMU 5.0.
 MIN_QEMU_VERSION = (5, 0, 0)
+#: The QEMU releases CI runs the QEMU tests and the labs against (Debian 11, 12
+#: and 13: ``.ci/run`` and ``scripts/debian-qemu.sh``). Binder's Ubuntu QEMU
+#: (6.2 on 22.04, 8.2 on 24.04) lies between them.
+CI_QEMU_RELEASES = ((5, 2), (7, 2), (10, 0))
 WORKDIR_PREFIX = "vhostlab-qemu-"
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
@@ -80,6 +85,16 @@ class QemuInfo:
     @property
     def version_string(self) -> str:
         return ".".join(map(str, self.version))
+
+
+def ci_coverage(version: tuple[int, ...]) -> str:
+    """How CI covers a QEMU version: "tested" (a release CI runs), "in range", or "untested"."""
+    release = tuple(version[:2])
+    if release in CI_QEMU_RELEASES:
+        return "tested"
+    if CI_QEMU_RELEASES[0] < release < CI_QEMU_RELEASES[-1]:
+        return "in range"
+    return "untested"
 
 
 def _run_help(path: str, *args: str) -> str:

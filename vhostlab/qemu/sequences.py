@@ -10,9 +10,12 @@ beside it when the back-end offers protocol feature STATUS:
   ``vhost_dev_start`` op. ``vhost_dev_stop()`` calls it with ``false`` first,
   which ``vhost_user_dev_start()`` turns into SET_STATUS 0 (a device reset),
   so the rings are reset *before* GET_VRING_BASE asks where they stopped.
-* QEMU 8.1 ("vhost-user: send SET_STATUS 0 after GET_VRING_BASE") moved that
-  call after the ring loop: the back-end first reports ``last_avail_idx``,
-  then is reset. The reset no longer races the state QEMU is about to save.
+* QEMU 8.1 ("vhost-user: send SET_STATUS 0 after GET_VRING_BASE") made
+  ``vhost_user_dev_start(dev, false)`` a no-op and added a ``vhost_reset_status``
+  op, which ``vhost_dev_stop()`` calls after the ring loop
+  (``vhost_user_reset_status()`` -> SET_STATUS 0): the back-end first reports
+  ``last_avail_idx``, then is reset, so the reset cannot destroy the ring
+  state QEMU is about to save.
 
 A learner's trace shows one of the three; :func:`explain_stop` says which,
 what the seed expected, and which QEMU change made the difference. The
@@ -36,8 +39,8 @@ STOP_VARIANTS = {
                      "-> SET_STATUS 0) before it stops the rings",
                      "QEMU 7.2, \"vhost-user: Support vhost_dev_start\""),
     "status-last": (("GET_VRING_BASE", "...", "SET_STATUS 0"),
-                    "vhost_dev_stop() stops the rings first and resets the device after "
-                    "(SET_STATUS 0 after the last GET_VRING_BASE)",
+                    "vhost_dev_stop() stops the rings first, then resets the device with "
+                    "the vhost_reset_status op (vhost_user_reset_status -> SET_STATUS 0)",
                     "QEMU 8.1, \"vhost-user: send SET_STATUS 0 after GET_VRING_BASE\""),
 }
 
@@ -68,7 +71,7 @@ def _name(item: Any) -> str | None:
             return None       # a reply, not a request
         name = item.request
         payload = (getattr(item, "fields", None) or {}).get("payload") or {}
-    if name == "SET_STATUS" and isinstance(payload, dict) and "value" in payload:
+    if name == "SET_STATUS" and hasattr(payload, "get") and payload.get("value") is not None:
         return f"SET_STATUS {payload['value']}"
     return name
 
@@ -119,8 +122,10 @@ def _explain(variant: str, expected: str | None, version: Sequence[int] | None,
     _, what, change = STOP_VARIANTS[variant]
     text = f"{what}: {change}."
     if variant != "seed":
+        op = "vhost_dev_start(dev, false)" if variant == "status-first" else "vhost_reset_status"
         text += (f" The seed's vhost_dev_stop sends only the {rings} GET_VRING_BASE; the "
-                 "SET_STATUS 0 is the vhost_dev_start(dev, false) op, which came later.")
+                 f"SET_STATUS 0 comes from the {op} op, which the seed's VhostOps table "
+                 "does not have.")
     if version is not None and expected is not None and expected != variant:
         v = ".".join(map(str, version))
         text += (f" QEMU {v} would be expected to send the {expected!r} sequence"
