@@ -9,7 +9,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 dpdk dpdk-dev
 
-.PHONY: install system-packages demo test lab bench doctor clean
+# Other QEMU releases, each from its Debian release, for `make test-qemu-releases`:
+# bullseye 5.2 and trixie 10.0 around the installed bookworm 7.2 (Binder's
+# Ubuntu QEMU, 6.2 or 8.2, lies between them).
+QEMU_RELEASES := bullseye trixie
+
+.PHONY: install system-packages demo test test-qemu-releases lab bench doctor clean
 
 install: system-packages $(STAMP)
 
@@ -39,6 +44,16 @@ demo: install
 # pytest exits 5 when it collected nothing; that is a failure here, never a pass.
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The QEMU tests and every lab again, against each release in QEMU_RELEASES.
+# scripts/debian-qemu.sh builds a minimal root per release once (as root) and
+# reuses it; a release that cannot be had fails the target, it does not skip.
+test-qemu-releases: install
+	@set -e; for release in $(QEMU_RELEASES); do \
+	    qemu=$$(scripts/debian-qemu.sh $$release | tail -n1); \
+	    echo "== QEMU tests and labs against $$($$qemu --version | head -n1) (Debian $$release)"; \
+	    VHOSTLAB_QEMU=$$qemu VHOSTLAB_REQUIRE_QEMU=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m qemu; \
+	done
 
 lab: install
 	$(BIN)/vhostlab lab labs
