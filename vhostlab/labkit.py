@@ -319,6 +319,15 @@ class Lab:
         ring = TxRing(frames, frame_bytes, hdr_len)
         return self.own(ring, ring.close, label)
 
+    @property
+    def qemu_version(self) -> tuple[int, ...] | None:
+        """The real QEMU's version as numbers, e.g. (7, 2, 0); None for the built-in front-end."""
+        import re
+        if self.frontend != "qemu" or not self.qemu:
+            return None
+        found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(self.qemu.get("version") or ""))
+        return tuple(int(x) for x in found.groups() if x is not None) if found else None
+
     # -- display -----------------------------------------------------------------
     def describe(self) -> str:
         """One sentence: who plays QEMU's part here, and why."""
@@ -395,6 +404,33 @@ class LabDevice:
             else:
                 self.guest.wait_call(0, left)     # sleeps on the call eventfd
         return got
+
+    def call_view(self, title: str | None = None):
+        """The vhost.c calls with their messages: the built-in VhostDev's own timeline,
+        or, for a real QEMU, the nesting inferred from the back-end's trace."""
+        from vhostlab.viz import CallTimelineView
+        if self.vhost_dev is not None:
+            return CallTimelineView(self.vhost_dev, title=title or "Calls and messages")
+        return CallTimelineView.inferred(self.backend_trace(), title=title or
+                                         "Calls and messages (inferred from the trace)")
+
+    def dirty_round(self, log=None):
+        """A DirtyRound of the log as it is now (``log``, or the back-end's mapping of
+        it), with the guest's rings and buffers as bands; nothing is cleared."""
+        from vhostlab.dirtylog import DirtyRound
+        if log is None:
+            snap = self.backend.snapshot(trace=False).log
+            bitmap = snap.bitmap if snap is not None else b""
+        else:
+            bitmap = log.snapshot().tobytes()
+        if self.frontend == "qemu":
+            from vhostlab.qemu.rounds import qemu_bands
+            bands = qemu_bands(self.guest)
+        else:
+            from vhostlab.frontend.migration import builtin_bands
+            bands = builtin_bands(self.guest)
+        return DirtyRound.make(0, 0.0, RAM_SIZE // 4096, DirtyRound.bitmap_pages(bitmap), (),
+                               bands, note="the log as it is now; no sync has cleared it")
 
     def logging_window(self, bandwidth: int = 16 << 10) -> "LoggingWindow":
         """Dirty logging on for the duration of a ``with`` block (see LoggingWindow)."""
@@ -518,6 +554,25 @@ class LabMigration:
         if self.frontend == "qemu":
             return list(self.impl.progress().rounds)
         return list(self.impl.snapshots)
+
+    def dirty_rounds(self) -> list:
+        """One DirtyRound per sync of the dirty log, the last one vhost_log_put's."""
+        return list(self.impl.dirty_rounds)
+
+    def rings_at_switchover(self, side: str = "source") -> list:
+        """The rings as the back-end saw them: on the source just before GET_VRING_BASE,
+        on the destination after SET_VRING_BASE (VringAtSwitchover, by ring index)."""
+        return self.impl.switchover.taken(side)
+
+    def call_view(self, side: str = "source", title: str | None = None):
+        """The vhost.c calls of one side's front-end, with their messages (see LabDevice)."""
+        from vhostlab.viz import CallTimelineView
+        title = title or f"{side}: calls and messages"
+        if self.frontend == "qemu":
+            trace = self.source_trace() if side == "source" else self.destination_trace()
+            return CallTimelineView.inferred(trace, title=title + " (inferred from the trace)")
+        dev = (self.impl.src if side == "source" else self.impl.dst).dev
+        return CallTimelineView(dev, title=title)
 
     def source_trace(self) -> tuple:
         """Every message the source's back-end received and sent."""

@@ -14,7 +14,10 @@ show in JupyterLab, Voila, nbconvert HTML and GitHub's notebook preview:
   (avail.idx, last_avail_idx, used.idx, last_used_idx), the chains, and the
   descriptors in use or recently used (``descriptor_states``), sized for a
   notebook;
-- ``DirtyBitmapView``: the dirty log, one pixel per 4 KiB page, per round;
+- ``DirtyBitmapView``: one sync of the dirty log (a ``DirtyRound``) as labelled
+  bands of pages, zoomed to the dirty 64-page words, the vhost log beside the
+  guest's own writes; ``DirtyRoundPlayer`` plays a run's syncs;
+- ``LogBitmapView``: any raw log as it is now, one pixel per 4 KiB page;
 - ``MigrationTimelineView``: pages per round, bytes sent, the rounds sent
   with the guest stopped and the downtime;
 - ``VhostOpsTableView``: each VhostOps op, its message and its ioctl;
@@ -34,13 +37,15 @@ Typical sources (each view reads them again whenever it renders)::
     VirtqueueView(guest.queues[0], memory=guest.memory,         # guest's ring,
                   state=lambda: server.snapshot().vrings[0])    # device's counters
     VirtqueueView(lambda: qemu_guest.ring_state(1), state=...)  # over qtest
-    DirtyBitmapView(server)            # the vhost log as the back-end marks it
-    DirtyBitmapView(migration, round=2)                 # one round of a migration
+    LogBitmapView(server)              # the vhost log as the back-end marks it
+    DirtyBitmapView(migration.dirty_rounds[2])          # one sync of a migration
+    DirtyRoundPlayer(migration.dirty_rounds)            # all of them, Play + slider
     CallTimelineView(vhost_dev)        # vhost.c calls, nested, with their messages
     watch_migration(migration, until=thread_or_callable, trace=server)
 """
-from .bitmap import DirtyBitmapView, bitmap_rgb, dirty_counts, dirty_ranges, page_bits
-from .calls import CallTimelineView, timeline_entries
+from .bitmap import LogBitmapView, bitmap_rgb, dirty_counts, dirty_ranges, page_bits
+from .calls import CallTimelineView, inferred_timeline, timeline_entries
+from .dirtymap import DirtyBitmapView, DirtyRoundPlayer
 from .memmap import MemoryMapView, memory_regions
 from .opstable import VhostOpsTableView
 from .png import decode_png, figure_png, rgb_png
@@ -52,7 +57,9 @@ from .widgets import LiveView, RoundSlider, Stepper, WidgetView, progress, watch
 __all__ = [
     "CallTimelineView",
     "DirtyBitmapView",
+    "DirtyRoundPlayer",
     "LiveView",
+    "LogBitmapView",
     "MemoryMapView",
     "MigrationTimelineView",
     "RingSnapshot",
@@ -68,6 +75,7 @@ __all__ = [
     "dirty_counts",
     "dirty_ranges",
     "figure_png",
+    "inferred_timeline",
     "memory_regions",
     "page_bits",
     "progress",

@@ -178,10 +178,12 @@ def plain(value: Any, depth: int = 0, key: str | None = None) -> str:
     return str(value)
 
 
-def wrap(body: str, title: str | None = None) -> str:
-    """Put a view's body inside the scoped ``.vhl`` container with the CSS."""
+def wrap(body: str, title: str | None = None, view: str | None = None) -> str:
+    """Put a view's body inside the scoped ``.vhl`` container with the CSS;
+    ``view`` names it in ``data-view`` (so tests and browsers can find it)."""
     head = f"<div class='vhl-title'><b>{esc(title)}</b></div>" if title else ""
-    return f"{CSS}<div class='vhl'>{head}{body}</div>"
+    data = f" data-view='{esc(view)}'" if view else ""
+    return f"{CSS}<div class='vhl'{data}>{head}{body}</div>"
 
 
 def table(headers: Iterable[str], rows: Iterable[Iterable[str]],

@@ -1,4 +1,8 @@
-"""The dirty-page bitmap as an image: one pixel per 4 KiB guest page.
+"""A raw dirty log as an image, one pixel per 4 KiB page (``LogBitmapView``).
+
+For reading a migration, use ``DirtyBitmapView`` (dirtymap.py): bands,
+zoom, the log beside the guest's own writes. This one draws any log as it
+is now, and the live rounds while a migration runs.
 
 The vhost log (vhost-user.rst, "Migration"): "The log is a bitmap; bit
 ``page % 8`` of byte ``page // 8`` is set when the back-end wrote page
@@ -143,7 +147,7 @@ def dirty_ranges(bits: np.ndarray, limit: int = 8,
     return [(int(s) * page, int(e) * page - 1) for s, e in zip(starts[:limit], ends[:limit])]
 
 
-class DirtyBitmapView(View):
+class LogBitmapView(View):
     """The dirty log as an image, for one bitmap or one round of a migration.
 
     ``source`` is a dirty log (anything with ``snapshot()`` returning the
@@ -234,7 +238,7 @@ class DirtyBitmapView(View):
                    f"4 KiB, one row = {esc(fmt_size(w * factor * VHOST_LOG_PAGE))} of guest "
                    f"RAM</div><div class='muted'>dirty GPA ranges: {esc(ranges or 'none')}"
                    f"{more}</div>")
-        return wrap(f"{caption}{img}{legend}", self.title)
+        return wrap(f"{caption}{img}{legend}", self.title, view="log-bitmap")
 
     @staticmethod
     def _legend(top: int) -> str:

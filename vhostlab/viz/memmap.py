@@ -162,7 +162,7 @@ class MemoryMapView(View):
         rows = self.rows()
         if not rows:
             return wrap("<div class='muted'>no memory table yet (no SET_MEM_TABLE)</div>",
-                        self.title)
+                        self.title, view="memory-map")
         cells = []
         for i, r in enumerate(rows):
             swatch = (f"<span style='display:inline-block;width:10px;height:10px;"
@@ -180,4 +180,4 @@ class MemoryMapView(View):
         total = sum(r["memory_size"] for r in rows)
         caption = f"{len(rows)} regions, {fmt_size(total)} of guest RAM"
         return wrap(_lanes_svg(rows, self.marks) + table(headers, cells, caption=caption),
-                    self.title)
+                    self.title, view="memory-map")

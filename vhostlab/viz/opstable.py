@@ -91,4 +91,5 @@ class VhostOpsTableView(View):
             classes.append("mig" if mig else "")
         nmig = sum(1 for c in classes if c)
         caption = (f"{len(rows)} ops; {nmig} used by live migration (highlighted)")
-        return wrap(table(headers, cells, caption=caption, row_classes=classes), self.title)
+        return wrap(table(headers, cells, caption=caption, row_classes=classes), self.title,
+                    view="vhostops-table")

@@ -321,4 +321,5 @@ class MigrationTimelineView(View):
             facts.append(f"downtime {d['downtime_s'] * 1e3:.1f} ms")
         if d["status"]:
             facts.append(f"status {d['status']}")
-        return wrap(f"<div>{esc(', '.join(facts))}</div>{img}{tab}", self.title)
+        return wrap(f"<div>{esc(', '.join(facts))}</div>{img}{tab}", self.title,
+                    view="migration-timeline")

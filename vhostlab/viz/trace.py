@@ -216,7 +216,8 @@ class TraceView(View):
             note = f"<div class='muted'>{total - len(shown)} earlier messages not shown</div>"
         caption = f"{total} message{'s' if total != 1 else ''}"
         return wrap(note + table(["time", "direction", "request", "decoded fields",
-                                  "bytes"], cells, caption=caption), self.title)
+                                  "bytes"], cells, caption=caption), self.title,
+                    view="trace")
 
     def _cells(self, row: dict, dirs: dict, t0: float | None) -> list[str]:
         when = ""

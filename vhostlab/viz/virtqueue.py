@@ -394,7 +394,8 @@ class VirtqueueView(View):
         title = self.title or (f"virtqueue {snap.index}" if snap.index is not None
                                else "virtqueue")
         return wrap(self._summary(snap) + self._rings_html(snap) + self._chains_svg(chains)
-                    + self._chain_list(chains) + self._desc_table(snap), title)
+                    + self._chain_list(chains) + self._desc_table(snap), title,
+                    view="virtqueue")
 
     def _summary(self, snap: RingSnapshot) -> str:
         facts = [f"num {snap.num}", f"avail.idx {snap.avail_idx}", f"used.idx {snap.used_idx}"]

@@ -27,7 +27,7 @@ import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ._common import View, esc, rounds_of, table, wrap
-from .bitmap import DirtyBitmapView
+from .bitmap import LogBitmapView
 from .timeline import rounds_table, rows_of
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -178,7 +178,7 @@ class RoundSlider(WidgetView):
 
     ``source``: a migration object holding its round snapshots (read live,
     so rounds added while it runs appear after ``refresh()``) or a list of
-    them; ``bitmap``: which bitmap of a round to draw (see DirtyBitmapView).
+    them; ``bitmap``: which bitmap of a round to draw (see LogBitmapView).
     """
 
     def __init__(self, source: Any, pages: int | None = None,
@@ -227,7 +227,7 @@ class RoundSlider(WidgetView):
         rounds = self.rounds()
         r = min(self._slider.value, max(1, len(rounds)))
         self._numbers.value = wrap(self._numbers_html(r, rounds))
-        self._image.value = DirtyBitmapView(rounds, round=r - 1, pages=self.pages,
+        self._image.value = LogBitmapView(rounds, round=r - 1, pages=self.pages,
                                             bitmap=self.bitmap).to_html()
 
     def to_html(self) -> str:
@@ -235,7 +235,7 @@ class RoundSlider(WidgetView):
         r = min(self._slider.value, max(1, len(rounds)))
         return (wrap(self._numbers_html(r, rounds), f"{self.title} (round {r} of "
                      f"{len(rounds)})")
-                + DirtyBitmapView(rounds, round=r - 1, pages=self.pages,
+                + LogBitmapView(rounds, round=r - 1, pages=self.pages,
                                   bitmap=self.bitmap).to_html())
 
 
