@@ -31,6 +31,13 @@ def requires_qemu() -> str:
 
 
 @pytest.fixture
+def datagram_netdev(requires_qemu):
+    """The loopback UDP netdev this QEMU has: ``dgram`` (QEMU >= 7.2), else ``socket``."""
+    from vhostlab.qemu import dgram_netdev, find_qemu, udp_socket_netdev
+    return dgram_netdev if "dgram" in find_qemu(requires_qemu).netdevs else udp_socket_netdev
+
+
+@pytest.fixture
 def requires_dpdk() -> str:
     """Path of dpdk-testpmd (VHOSTLAB_DPDK overrides PATH)."""
     return _require("VHOSTLAB_REQUIRE_DPDK", "dpdk-testpmd",

@@ -15,7 +15,7 @@ import pytest
 
 from vhostlab.qemu import (
     RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
-    GuestDriverError, QemuInstance, QTestConnectionError, dgram_netdev, udp_socket_netdev,
+    GuestDriverError, QemuInstance, QTestConnectionError, udp_socket_netdev,
 )
 from vhostlab.ring.layout import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 
@@ -32,7 +32,7 @@ def peer():
     s.close()
 
 
-def _start(requires_qemu, peer, make=dgram_netdev):
+def _start(requires_qemu, peer, make):
     netdev = make(peer.getsockname()[1])
     q = QemuInstance(netdev, qemu=requires_qemu).start()
     q.peer_addr = netdev.listen_address
@@ -40,8 +40,8 @@ def _start(requires_qemu, peer, make=dgram_netdev):
 
 
 @pytest.fixture
-def vm(requires_qemu, peer):
-    q = _start(requires_qemu, peer)
+def vm(requires_qemu, peer, datagram_netdev):
+    q = _start(requires_qemu, peer, datagram_netdev)
     yield q
     q.close()
 

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from vhostlab.qemu import QemuInstance, TX_QUEUE, VirtioNetGuest, dgram_netdev
+from vhostlab.qemu import QemuInstance, TX_QUEUE, VirtioNetGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -31,9 +31,9 @@ def peers():
         s.close()
 
 
-def test_guest_driver_continues_on_the_destination(requires_qemu, peers):
+def test_guest_driver_continues_on_the_destination(requires_qemu, peers, datagram_netdev):
     src_peer, dst_peer = peers
-    src_net, dst_net = (dgram_netdev(p.getsockname()[1]) for p in peers)
+    src_net, dst_net = (datagram_netdev(p.getsockname()[1]) for p in peers)
     with QemuInstance(src_net, qemu=requires_qemu, name="source") as src, \
             QemuInstance(dst_net, qemu=requires_qemu, name="destination", incoming=True) as dst:
         assert dst.qmp.query_status()["status"] == "inmigrate"

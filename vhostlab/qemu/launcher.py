@@ -426,6 +426,9 @@ class QemuInstance:
                  mac: str = DEFAULT_MAC, incoming: bool | str = False,
                  qemu: str | QemuInfo | None = None, extra_args: tuple[str, ...] = (),
                  name: str = "qemu", timeout: float = 10.0):
+        # First, so that repr() and the finalizer work even when a check below raises.
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.close)
         if ram_size % MiB or not 32 * MiB <= ram_size <= 3072 * MiB:
             raise ValueError(f"ram_size={ram_size:#x}: must be a whole number of MiB "
                              "between 32 MiB and 3 GiB")
@@ -446,8 +449,6 @@ class QemuInstance:
         self.name = name
         self.timeout = timeout
         self.argv: list[str] = []
-        self._res = _Resources()
-        self._finalizer = weakref.finalize(self, self._res.close)
 
     # -- paths -----------------------------------------------------------------
     def _path(self, leaf: str) -> str:
