@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := qemu-system-x86 dpdk dpdk-dev
+APT_PACKAGES := qemu-system-x86 dpdk dpdk-dev chromium
 
 # Other QEMU releases, each from its Debian release, for `make test-qemu-releases`:
 # bullseye 5.2 and trixie 10.0 around the installed bookworm 7.2 (Binder's
@@ -18,16 +18,18 @@ QEMU_RELEASES := bullseye trixie
 
 install: system-packages $(STAMP)
 
-# QEMU and DPDK are the real peers the tests and labs drive. Install them
-# with apt-get when we are root and they are missing; otherwise say how.
+# QEMU and DPDK are the real peers the tests and labs drive; Debian's chromium
+# is the browser the browser test drives (playwright, no browser download).
+# Install them with apt-get when we are root and they are missing; otherwise say how.
 system-packages:
-	@if command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v dpdk-testpmd >/dev/null 2>&1; then \
+	@if command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v dpdk-testpmd >/dev/null 2>&1 \
+	    && command -v chromium >/dev/null 2>&1; then \
 	    :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing $(APT_PACKAGES) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
 	else \
-	    echo "QEMU or DPDK is missing; the labs fall back to the built-in front-end."; \
+	    echo "QEMU, DPDK or chromium is missing; the labs fall back to the built-in front-end, the browser test skips."; \
 	    echo "To install them: sudo apt-get update && sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)"; \
 	fi
 
