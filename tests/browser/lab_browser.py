@@ -55,10 +55,13 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 def find_chromium() -> str | None:
-    """The Chromium to drive: ``$VHOSTLAB_BROWSER``, Debian's, or one on PATH."""
-    for name in (os.environ.get("VHOSTLAB_BROWSER"), DEFAULT_CHROMIUM, "chromium",
-                 "chromium-browser", "google-chrome"):
-        path = name and shutil.which(name)
+    """The Chromium to drive: the one ``$VHOSTLAB_BROWSER`` names (and only
+    that one, when it is set), else Debian's, else one on PATH."""
+    named = os.environ.get("VHOSTLAB_BROWSER")
+    if named:
+        return shutil.which(named)
+    for name in (DEFAULT_CHROMIUM, "chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
         if path:
             return path
     return None
@@ -71,6 +74,9 @@ def missing() -> str | None:
     except ImportError:
         return "playwright is not installed (pip install -e '.[test]')"
     if find_chromium() is None:
+        named = os.environ.get("VHOSTLAB_BROWSER")
+        if named:
+            return f"VHOSTLAB_BROWSER={named} is not an executable"
         return ("no Chromium found (apt-get install -y --no-install-recommends chromium, "
                 "or name one in VHOSTLAB_BROWSER)")
     return None
