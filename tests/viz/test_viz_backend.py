@@ -14,7 +14,7 @@ import pytest
 from vhostlab.backend import BackendServer
 from vhostlab.frontend import VhostDev, VhostOps, VhostUserChannel, VirtioNetGuest
 from vhostlab.frontend.guest import RX_QUEUE
-from vhostlab.viz import (DirtyBitmapView, MemoryMapView, Stepper, TraceView,
+from vhostlab.viz import (LogBitmapView, MemoryMapView, Stepper, TraceView,
                           VhostOpsTableView, VirtqueueView)
 
 
@@ -54,7 +54,7 @@ def test_stepper_walks_the_start_and_views_follow_the_backend(lab):
 
     rx = VirtqueueView(guest.queues[RX_QUEUE], memory=guest.memory,
                        state=lambda: server.snapshot(trace=False).vrings[RX_QUEUE])
-    views = [TraceView(server, limit=8), MemoryMapView(server), rx, DirtyBitmapView(server)]
+    views = [TraceView(server, limit=8), MemoryMapView(server), rx, LogBitmapView(server)]
     stepper = Stepper([
         ("vhost_dev_init", dev.vhost_dev_init),
         ("negotiate", lambda: guest.negotiate(dev.features)),

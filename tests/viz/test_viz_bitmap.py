@@ -9,7 +9,7 @@ from vhostlab.memory import GuestMemory
 from vhostlab.ring.arena import FrameArena
 from vhostlab.ring.driver import VirtqueueDriver
 from vhostlab.ring.virtqueue import Virtqueue
-from vhostlab.viz import DirtyBitmapView, decode_png
+from vhostlab.viz import LogBitmapView, decode_png
 from vhostlab.viz.bitmap import EARLIER, NEVER, PADDING
 
 PAGE = 4096
@@ -32,7 +32,7 @@ def test_65536_pages_render_as_256x256_with_the_marked_pages_coloured(log_256m):
     log = log_256m
     log.mark_range(0x100000, 1)               # page 256
     log.mark_range(0x500_0FF0, 0x20)          # crosses a page boundary: 0x5000, 0x5001
-    view = DirtyBitmapView(log)
+    view = LogBitmapView(log)
     png = view.png()
     img = decode_png(png)
     assert img.shape[:2] == (256, 256)
@@ -59,7 +59,7 @@ def test_the_view_reads_the_log_again_and_sees_rx_writes_logged_by_the_kernel(lo
         vq.set_num(8)
         vq.set_base(0)
         vq.set_addr(drv.desc_gpa, drv.avail_gpa, drv.used_gpa, memory=mem)
-        view = DirtyBitmapView(log)
+        view = LogBitmapView(log)
         assert "<b>0</b> of 65536" in view.to_html()
         assert vq.rx_burst(mem, FrameArena.from_frames([b"\xab" * 1000]), log=log) == 1
         # the frame went to page 0x800; the log now says so, and so does the view
@@ -85,28 +85,28 @@ def test_rounds_colour_pages_by_how_often_they_were_dirtied():
                            "log_bitmap": bitmap})
     finally:
         log.close()
-    png = DirtyBitmapView(rounds, round=2).png()
+    png = LogBitmapView(rounds, round=2).png()
     hot, new, old, never = (_pixel(png, p) for p in (10, 40, 30, 50))
     assert old == EARLIER and never == NEVER      # 30: dirtied in round 1 only
     assert hot != new and hot not in (NEVER, EARLIER) and new not in (NEVER, EARLIER)
     assert sum(hot) < sum(new)                    # three rounds: darker than one
     # A middle round: 20 dirty again (2 rounds), 40 not yet dirtied.
-    png = DirtyBitmapView(rounds, round=1).png()
+    png = LogBitmapView(rounds, round=1).png()
     assert _pixel(png, 40) == NEVER and _pixel(png, 30) == EARLIER
-    assert "round 2: <b>2</b> of 65536" in DirtyBitmapView({"rounds": rounds}, round=1).to_html()
+    assert "round 2: <b>2</b> of 65536" in LogBitmapView({"rounds": rounds}, round=1).to_html()
 
 
 def test_big_logs_are_binned_and_tiny_ones_padded():
     big = DirtyLog.allocate(1 << 15)              # 1 GiB of guest RAM: 262144 pages
     try:
         big.mark_page(262143)
-        png = DirtyBitmapView(big).png()
+        png = LogBitmapView(big).png()
         assert decode_png(png).shape[:2] == (256, 256)
         assert _pixel(png, 262143, pages_per_pixel=4) not in (NEVER, PADDING)
-        assert "1 pixel = 4 pages" in DirtyBitmapView(big).to_html()
+        assert "1 pixel = 4 pages" in LogBitmapView(big).to_html()
     finally:
         big.close()
-    small = DirtyBitmapView(bytes([0x80]))        # 8 pages, page 7 dirty
+    small = LogBitmapView(bytes([0x80]))        # 8 pages, page 7 dirty
     img = decode_png(small.png())
     assert img.shape[:2] == (1, 256)
     assert tuple(img[0, 8, :3]) == PADDING and tuple(img[0, 0, :3]) == NEVER
@@ -118,7 +118,7 @@ def test_a_log_for_64_gib_is_reduced_before_it_is_unpacked():
     try:
         log.mark_page(0)
         log.mark_page(16 * 2**20 - 1)
-        view = DirtyBitmapView(log)
+        view = LogBitmapView(log)
         data = view.data()
         assert data["bits"].size * data["per"] == 16 * 2**20 and data["per"] > 1
         page = view.to_html()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vhostlab.frontend import BuiltinMigration
-from vhostlab.viz import (CallTimelineView, DirtyBitmapView, MigrationTimelineView,
+from vhostlab.viz import (CallTimelineView, LogBitmapView, MigrationTimelineView,
                           RoundSlider, decode_png, watch_migration)
 from vhostlab.viz.bitmap import NEVER
 
@@ -94,7 +94,7 @@ def test_round_bitmaps_show_the_pages_the_vhost_log_named(migrated):
     r = logged[0]
     snap = mig.snapshots[r]
     pages = np.flatnonzero(np.unpackbits(snap.log_bitmap, bitorder="little"))
-    view = DirtyBitmapView(mig, round=r)
+    view = LogBitmapView(mig, round=r)
     img = decode_png(view.png())
     per_px = 1 if pages.max() < 65536 else -(-img.size // 65536)
     for p in pages[:50]:

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from vhostlab.viz import (DirtyBitmapView, MemoryMapView, MigrationTimelineView, TraceView,
+from vhostlab.viz import (LogBitmapView, MemoryMapView, MigrationTimelineView, TraceView,
                           VirtqueueView, decode_png, watch_migration)
 from vhostlab.viz.bitmap import NEVER
 
@@ -79,10 +79,10 @@ def test_views_follow_a_real_qemu_migration(qemu_migration):
     r = logged[0]
     pages = np.flatnonzero(np.unpackbits(np.frombuffer(rounds[r].log_bitmap, np.uint8),
                                          bitorder="little"))
-    img = decode_png(DirtyBitmapView(mig, round=r).png())
+    img = decode_png(LogBitmapView(mig, round=r).png())
     for p in pages:
         assert tuple(int(c) for c in img[p // 256, p % 256, :3]) != NEVER
-    assert f"<b>{rounds[r].pages_logged}</b> of" in DirtyBitmapView(mig, round=r).to_html()
+    assert f"<b>{rounds[r].pages_logged}</b> of" in LogBitmapView(mig, round=r).to_html()
     assert not [t.name for t in threading.enumerate()
                 if t.name in ("vhostlab-liveview", "vhostlab-qemu-migration")]
 

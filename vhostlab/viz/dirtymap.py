@@ -300,18 +300,23 @@ class DirtyRoundPlayer:
         label = "final sync (vhost_log_put)" if r.final_sync else f"round {r.round}"
         return DirtyBitmapView(r, self.rounds, title=f"{label}, {i + 1} of {len(self.rounds)}")
 
+    def busiest(self) -> int:
+        """The index of the sync with the most dirty pages: the frame shown first."""
+        sizes = [r.log_pages.size + r.guest_pages.size + len(r.mismatched) for r in self.rounds]
+        return int(np.argmax(sizes))
+
     @property
     def widget(self) -> Any:
         if self._widget is None:
             import ipywidgets as w
 
-            n = len(self.rounds)
-            play = w.Play(value=n - 1, min=0, max=n - 1, step=1, interval=self.interval_ms,
+            n, first = len(self.rounds), self.busiest()
+            play = w.Play(value=first, min=0, max=n - 1, step=1, interval=self.interval_ms,
                           description="play")
-            slider = w.IntSlider(value=n - 1, min=0, max=n - 1, description="sync",
+            slider = w.IntSlider(value=first, min=0, max=n - 1, description="sync",
                                  readout=False)
             w.jslink((play, "value"), (slider, "value"))
-            pane = w.HTML(self.view(n - 1).to_html())
+            pane = w.HTML(self.view(first).to_html())
             slider.observe(lambda c: setattr(pane, "value", self.view(c["new"]).to_html()),
                            names="value")
             self._widget = w.VBox([w.HTML(f"<b>{esc(self.title)}</b>"),
