@@ -110,6 +110,20 @@ def _reap(procs: list[psutil.Process], name: str, timeout: float = 10.0) -> list
     return [p.pid for p in alive]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the test process dies (even by
+    SIGKILL), so that no server outlives its test; JupyterLab then shuts its
+    kernels down itself. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def _cmd(p: psutil.Process) -> str:
     try:
         return " ".join(p.cmdline())[:80]
@@ -159,7 +173,7 @@ class JupyterLab:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=self._env(), cwd=self.root,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while not self.api("GET", "/api/status"):
             if self.proc.poll() is not None:
@@ -196,18 +210,25 @@ class JupyterLab:
 
         Returns the pids that had to be killed (a clean run returns [])."""
         before = self.descendants()
-        for kernel in self.api("GET", "/api/kernels") or []:
-            self.api("DELETE", f"/api/kernels/{kernel['id']}", timeout=30)
-        return _reap(before, "JupyterLab kernels")
+        try:
+            for kernel in self.api("GET", "/api/kernels") or []:
+                self.api("DELETE", f"/api/kernels/{kernel['id']}", timeout=30)
+        finally:
+            killed = _reap(before, "JupyterLab kernels")
+        return killed
 
     def stop(self) -> None:
-        """Kernels first (through the API), then the server, then any leftover by pid."""
+        """Kernels first (through the API), then the server, then any leftover by pid.
+
+        Each step runs even when the one before it failed."""
         if self.proc is None:
             return
         left = self.descendants()
-        if self.proc.poll() is None:
-            self.shutdown_kernels()
-            self.api("POST", "/api/shutdown")
+        try:
+            if self.proc.poll() is None:
+                self.shutdown_kernels()
+                self.api("POST", "/api/shutdown")
+        finally:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -217,8 +238,8 @@ class JupyterLab:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
-        _reap(left, "JupyterLab", timeout=2)
-        self.proc = None
+            _reap(left, "JupyterLab", timeout=2)
+            self.proc = None
 
     def __enter__(self) -> "JupyterLab":
         return self.start()
@@ -462,15 +483,28 @@ class LabPage:
             self.page.set_viewport_size(size)
         return path
 
-    def element_screenshots(self, selector: str, stem: Path, limit: int = 6) -> list[Path]:
-        """A PNG of each element matching ``selector`` (the first ``limit``),
-        scrolled into view as a learner would: ``stem``-0.png, ``stem``-1.png, ..."""
+    def element_screenshots(self, selector: str, stem: Path, limit: int = 6,
+                            max_height: int = 15000) -> list[Path]:
+        """A PNG of each element matching ``selector`` (the first ``limit``):
+        ``stem``-0.png, ``stem``-1.png, ... The notebook scrolls inside its own
+        panel, so the window is made tall enough for each element and the
+        element scrolled to the panel's top before the shot."""
         paths = []
         found = self.page.locator(selector)
-        for i in range(min(found.count(), limit)):
-            path = stem.with_name(f"{stem.name}-{i}.png")
-            found.nth(i).screenshot(path=str(path))
-            paths.append(path)
+        size = self.page.viewport_size
+        try:
+            for i in range(min(found.count(), limit)):
+                element = found.nth(i)
+                height = element.evaluate("e => e.getBoundingClientRect().height")
+                self.page.set_viewport_size({"width": size["width"], "height": max(
+                    size["height"], min(int(height) + 200, max_height))})
+                element.evaluate("e => e.scrollIntoView({block: 'start'})")
+                self.page.wait_for_timeout(300)
+                path = stem.with_name(f"{stem.name}-{i}.png")
+                element.screenshot(path=str(path))
+                paths.append(path)
+        finally:
+            self.page.set_viewport_size(size)
         return paths
 
     def close(self) -> None:
