@@ -49,7 +49,9 @@ class Shot:
     ``until``: a JavaScript expression (``out`` is the cell's output area)
     naming the element where the crop ends, or None for the whole cell.
     ``focus`` and ``keys``: an element of the output to focus (CSS selector)
-    and the keys to press on it first, as a learner would.
+    and the keys to press on it first, as a learner would. ``colors``: the
+    palette size the PNG is quantized to, or 0 to keep every colour exact
+    (small legend swatches would otherwise merge into their neighbours).
     """
     lab: str
     cell: str
@@ -68,6 +70,16 @@ SHOTS = (
     # The live migration view, its round slider moved back to round 2.
     Shot("07_live_migration", "mig.watch()", "migration-dashboard.png",
          focus=".widget-slider .noUi-handle", keys=("Home", "ArrowRight")),
+    # The dirty-page map of one log sync: guest RAM in labelled bands, a cell
+    # per page, the vhost log beside QEMU's own bitmap (the player opens at
+    # the busiest sync).
+    Shot("07_live_migration", "player = viz.DirtyRoundPlayer(rounds)", "dirty-bitmap.png",
+         colors=0),
+    # The same with logging broken, its slider moved to the end: vhost_log_put's
+    # final sync, the pages that differ at the destination in their own colour.
+    Shot("07_live_migration", "bad_rounds = bad.dirty_rounds()", "dirty-bitmap-broken.png",
+         until="out.querySelectorAll('li')[3]",
+         focus=".widget-slider .noUi-handle", keys=("End",), colors=0),
 )
 TALL = 3000                     # window height while shooting: room for any one cell
 
@@ -150,8 +162,13 @@ def take_all(lab: lab_browser.JupyterLab, chromium: str | None) -> dict[str, byt
 
 
 def shrink(png: bytes, colors: int) -> bytes:
-    """Quantize a screenshot to a small palette PNG (flat UI colours, no dither)."""
+    """Quantize a screenshot to a small palette PNG (flat UI colours, no dither);
+    with ``colors`` 0, keep every colour and only recompress."""
     image = Image.open(io.BytesIO(png)).convert("RGB")
+    if not colors:
+        out = io.BytesIO()
+        image.save(out, format="PNG", optimize=True)
+        return out.getvalue()
     small = image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
                            dither=Image.Dither.NONE)
     out = io.BytesIO()
