@@ -14,13 +14,14 @@ the self-checks (nbformat, which they need, takes seconds to import).
 """
 from importlib import import_module
 
-from vhostlab.exercises.catalog import EXERCISES, bind, load
+from vhostlab.exercises.catalog import EXERCISES, LAB_CHECKS, bind, load
 from vhostlab.exercises.checks import (BoundExercise, BoundQuestion, Case, Exercise, Hint,
                                        Mistake, Outcome, Question, Raises, Result, Solution,
                                        fixed)
+from vhostlab.exercises.predict import compare_prediction
 
 __all__ = [
-    "EXERCISES", "bind", "load",
+    "EXERCISES", "LAB_CHECKS", "bind", "load", "compare_prediction",
     "assign_all", "release_notebook", "NotebookFormatError",
     "grade_class", "Limits", "Row",
     "BoundExercise", "BoundQuestion", "Case", "Exercise", "Hint", "Mistake", "Outcome",

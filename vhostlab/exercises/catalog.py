@@ -11,23 +11,41 @@ from typing import Any, Mapping
 
 from vhostlab.exercises.checks import BoundExercise, Exercise
 
-__all__ = ["EXERCISES", "load", "bind"]
+__all__ = ["EXERCISES", "LAB_CHECKS", "load", "bind"]
 
 EXERCISES = {
     "vhost_message": "vhostlab.exercises.ex_vhost_message",
     "descriptor_chain": "vhostlab.exercises.ex_descriptor_chain",
     "dirty_log": "vhostlab.exercises.ex_dirty_log",
     "vring_base": "vhostlab.exercises.ex_vring_base",
+    "log_base": "vhostlab.exercises.ex_log_base",
     "broken_migration": "vhostlab.exercises.ex_broken_migration",
 }
 
 
+# The self-checks at the end of each lab notebook (not graded): name -> (module, attribute).
+LAB_CHECKS = {
+    "lab00": ("vhostlab.exercises.lab_checks_a", "LAB00"),
+    "lab01": ("vhostlab.exercises.lab_checks_a", "LAB01"),
+    "lab03": ("vhostlab.exercises.lab_checks_a", "LAB03"),
+    "lab04": ("vhostlab.exercises.lab_checks_a", "LAB04"),
+    "lab05": ("vhostlab.exercises.lab_checks_b", "LAB05"),
+    "lab08": ("vhostlab.exercises.lab_checks_b", "LAB08"),
+    "lab09": ("vhostlab.exercises.lab_checks_b", "LAB09"),
+}
+
+
 def load(name: str) -> Exercise:
-    """The Exercise called `name`; KeyError names the ones that exist."""
+    """The Exercise called `name` (graded, or a lab's self-check); KeyError names the ones
+    that exist."""
+    if name in LAB_CHECKS:
+        module, attribute = LAB_CHECKS[name]
+        return getattr(importlib.import_module(module), attribute)
     try:
         module = EXERCISES[name]
     except KeyError:
-        raise KeyError(f"no exercise {name!r}; there are {sorted(EXERCISES)}") from None
+        known = sorted(EXERCISES) + sorted(LAB_CHECKS)
+        raise KeyError(f"no exercise {name!r}; there are {known}") from None
     return importlib.import_module(module).EXERCISE
 
 
