@@ -67,12 +67,16 @@ def test_views_follow_a_real_qemu_migration(qemu_migration):
         assert row["remaining"] == nxt.remaining // 4096
     assert rows[-1]["remaining"] == 0 and rows[-1]["phase"] == "completed"
     assert len(rows) < 2 or rows[-2]["remaining"] is None   # QEMU's last sync is not readable
-    assert rows[-1]["stopped"] and rounds[-1].downtime_bytes == ram["downtime-bytes"]
+    # query-migrate has downtime-bytes in QEMU 7.2 and 10.0; 5.2 leaves it out.
+    assert rows[-1]["stopped"] and rounds[-1].downtime_bytes == ram.get("downtime-bytes")
     page = _text(MigrationTimelineView(mig).to_html())
     downtime = result.final_query["downtime"]
     assert f"downtime {downtime:.1f} ms" in page
     assert "by the guest" not in page.split("QEMU counts the pages the guest dirtied")[0]
-    assert f"{ram['downtime-bytes']} bytes went out with the guest stopped" in page
+    if "downtime-bytes" in ram:
+        assert f"{ram['downtime-bytes']} bytes went out with the guest stopped" in page
+    else:
+        assert "bytes went out with the guest stopped" not in page
     assert "QEMU counts the pages the guest dirtied and those the vhost log named" in page
     logged = [i for i, r in enumerate(rounds) if r.pages_logged]
     assert logged, "the source back-end logged no page during the migration"
