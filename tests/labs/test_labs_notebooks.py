@@ -24,7 +24,7 @@ NOTEBOOKS = sorted(p.name for p in LABS.glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["00_welcome.ipynb", "01_two_backends.ipynb", "02_handshake.ipynb",
             "03_memory_table.ipynb", "04_virtqueues.ipynb", "05_numba_datapath.ipynb",
             "06_dirty_logging.ipynb", "07_live_migration.ipynb",
-            "08_vhostops_reference.ipynb"]
+            "08_vhostops_reference.ipynb", "09_migration_sweep.ipynb"]
 
 # The 35 ops of the seed's `typedef struct VhostOps`, in its order.
 SEED_VHOST_OPS = """
