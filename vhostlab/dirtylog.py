@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from . import sigbus
 from .ring import atomics
 from .ring.atomics import atomic_xchg, atomic_xchg_py
 from .ring.cache import depends_on
@@ -122,11 +123,21 @@ class DirtyLog:
     (front-end); ``fd`` is the memfd an allocated log owns, else None.
     """
 
-    def __init__(self, mm: mmap.mmap, start: int, size: int, fd: int | None) -> None:
+    def __init__(self, mm: mmap.mmap, start: int, size: int, fd: int | None,
+                 guarded: bool = False) -> None:
         self._mm = mm
         self.bitmap = np.frombuffer(mm, np.uint8, size, start)
         self.size = size
         self.fd = fd
+        # A log whose file the front-end may shrink (no F_SEAL_SHRINK) is
+        # guarded against SIGBUS; `shrunk` then says it happened.
+        self._guard = sigbus.guard(self.bitmap.ctypes.data - start, len(mm)) if guarded \
+            else None
+
+    @property
+    def shrunk(self) -> bool:
+        """True once an access faulted because the front-end shrank the log's file."""
+        return self._guard is not None and self._guard.faults > 0
 
     @classmethod
     def from_fd(cls, fd: int, mmap_size: int, mmap_offset: int = 0) -> "DirtyLog":
@@ -161,7 +172,9 @@ class DirtyLog:
                            mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
         except (OSError, ValueError) as exc:
             raise LogSizeError(f"SET_LOG_BASE: mmap failed: {exc}") from None
-        return cls(mm, mmap_offset - base, mmap_size, None)
+        seals = sigbus.file_seals(fd) or 0
+        return cls(mm, mmap_offset - base, mmap_size, None,
+                   guarded=not seals & sigbus.F_SEAL_SHRINK)
 
     @classmethod
     def allocate(cls, memory_or_size) -> "DirtyLog":
@@ -255,6 +268,8 @@ class DirtyLog:
             return
         views = sys.getrefcount(self.bitmap) > 2
         self.bitmap = np.zeros(0, np.uint8)
+        if self._guard is not None:
+            self._guard.release()
         if not views:
             self._mm.close()
         self._mm = None

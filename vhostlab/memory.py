@@ -60,6 +60,8 @@ from typing import Iterable, NamedTuple
 import numpy as np
 from numba import njit
 
+from . import sigbus
+
 __all__ = [
     "PAGE_SIZE", "VHOST_USER_MAX_RAM_SLOTS", "VHOST_MEMORY_BASELINE_NREGIONS",
     "MAX_GUEST_ADDR", "DEFAULT_RESERVE",
@@ -196,6 +198,7 @@ class _Mapping(NamedTuple):
     host: int          # offset of the region's first byte in the reservation
     owned_fd: int      # memfd this object created and owns (may back several
                        # regions, as in the pc layout), or -1
+    seals: int | None = None   # the fd's memfd seals when mapped (None: not a memfd)
 
 
 def _check_u64(region: MemoryRegion) -> None:
@@ -244,6 +247,7 @@ class GuestMemory:
             self._mm.close()
             raise OSError(err, f"mprotect: {os.strerror(err)}")
         self._reserve = reserve
+        self._guard: sigbus.Guard | None = None
         self._closed = False
 
     # ----------------------------------------------------------- construction
@@ -340,6 +344,10 @@ class GuestMemory:
             raise RegionLimitError(f"region gpa {gpa:#x}: already {len(self._maps)} "
                                    f"regions, the limit is {self.max_regions}")
         align = self._check_file(region, fd)
+        seals = sigbus.file_seals(fd)
+        if not owned and not (seals or 0) & sigbus.F_SEAL_SHRINK and self._guard is None:
+            # The front-end may shrink this file under us: guard against SIGBUS.
+            self._guard = sigbus.guard(self._base, self._reserve)
         map_off = offset - offset % align
         slot_len = _round_up(offset - map_off + size, align)
         slot = self._find_slot(slot_len, align, gpa)
@@ -352,7 +360,7 @@ class GuestMemory:
         except OSError as exc:
             raise RegionFileError(f"region gpa {gpa:#x}: mmap of fd {fd} at offset "
                                   f"{map_off:#x} failed: {exc.strerror}") from None
-        self._maps.append(_Mapping(region, slot, slot_len, host, fd if owned else -1))
+        self._maps.append(_Mapping(region, slot, slot_len, host, fd if owned else -1, seals))
         self._rebuild_table()
         return region
 
@@ -488,6 +496,29 @@ class GuestMemory:
     def closed(self) -> bool:
         return self._closed
 
+    def seals(self) -> list[int | None]:
+        """Each region's memfd seals when it was mapped (None: not a memfd),
+        in the order of :attr:`regions`; see :mod:`vhostlab.sigbus`."""
+        return [m.seals for m in self._maps]
+
+    @property
+    def sigbus_faults(self) -> int:
+        """Pages that faulted because the file behind a region shrank (see
+        :mod:`vhostlab.sigbus`); 0 while every file keeps its size."""
+        return 0 if self._guard is None else self._guard.faults
+
+    def shrunk_region(self) -> str:
+        """Name the region the last SIGBUS hit, for the error message."""
+        if self._guard is None or not self._guard.faults:
+            return "no region"
+        host = self._guard.last_fault - self._base
+        for m in self._maps:
+            if m.host <= host < m.host + m.region.memory_size:
+                r = m.region
+                return (f"region gpa {r.guest_phys_addr:#x} (gpa "
+                        f"{r.guest_phys_addr + host - m.host:#x} faulted)")
+        return f"host offset {host:#x}"
+
     def memory_table(self) -> list[tuple[MemoryRegion, int]]:
         """``[(region, fd), ...]`` to send with SET_MEM_TABLE (front-end side).
 
@@ -594,6 +625,8 @@ class GuestMemory:
         self._table_list = []
         views = self._views_alive()
         self._host = None
+        if self._guard is not None:
+            self._guard.release()
         if not views:
             self._mm.close()
         # else: the last view holds the mmap object; it unmaps when freed.

@@ -16,7 +16,7 @@ from test_backend_scripted import ScriptedFrontend
 from vhostlab.backend import read_pcap
 
 SUMMARY_KEYS = {"guest_tx_frames", "guest_tx_bytes", "guest_rx_frames", "guest_rx_bytes",
-                "dropped", "pages_logged", "messages", "errors"}
+                "dropped", "pages_logged", "slowest_service_ms", "messages", "errors"}
 
 
 @pytest.fixture

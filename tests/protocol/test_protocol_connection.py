@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from protocol_samples import SAMPLE_REQUESTS, header, sample_reply
-from vhostlab.protocol import (BackendConnection, FrontendConnection,
+from vhostlab.protocol import (BackendConnection, ConfigSpace, FrontendConnection,
                                InflightArea, LogArea, Message, MemoryRegion,
                                MemoryTable, ProtocolError, ProtocolFeature,
                                expected_fds,
@@ -213,7 +213,11 @@ def test_postcopy_memory_tables_are_answered(fds) -> None:
     mem = Message.make(R.SET_MEM_TABLE, table, fds(1))
     add = Message.make(R.ADD_MEM_REG, SingleMemoryRegion(table.regions[0]), fds(1))
     assert not conn.needs_reply(mem)
-    conn.receive_data(Message.make(R.POSTCOPY_LISTEN).to_bytes())
+    listen, = conn.receive_data(Message.make(R.POSTCOPY_LISTEN).to_bytes())
+    assert not conn.postcopy_listening          # parsed, not yet carried out
+    conn.handled(listen, ok=False)              # refused: nothing changes
+    assert not conn.postcopy_listening and not conn.needs_reply(mem)
+    conn.handled(listen, ok=True)
     assert conn.postcopy_listening
     assert conn.needs_reply(mem) and conn.needs_reply(add)
     assert conn.ack(mem) == b""  # the answer is the table, via reply()
@@ -221,8 +225,21 @@ def test_postcopy_memory_tables_are_answered(fds) -> None:
     assert parse_message(conn.reply(mem, mapped)).payload == mapped
     # QEMU's acknowledgement (a u64 0, i.e. an empty table) needs no answer
     assert not conn.needs_reply(Message.make(R.SET_MEM_TABLE, MemoryTable(())))
-    conn.receive_data(Message.make(R.POSTCOPY_END).to_bytes())
+    end, = conn.receive_data(Message.make(R.POSTCOPY_END).to_bytes())
+    conn.handled(end, ok=True)
     assert not conn.postcopy_listening and not conn.needs_reply(mem)
+
+
+def test_fds_are_counted_while_a_message_is_incomplete(fds) -> None:
+    """A peer sending fds with every byte of an unfinished message is refused
+    as soon as more than VHOST_USER_MAX_FDS wait for it, not once it is whole."""
+    conn = BackendConnection()
+    head = Message.make(R.SET_CONFIG, ConfigSpace(0, 4, 0, bytes(4))).to_bytes()[:13]
+    conn.receive_data(head, fds(4))
+    conn.receive_data(b"\0", fds(4))
+    with pytest.raises(ProtocolError, match="fds=9: .* incomplete .*limit: 8"):
+        conn.receive_data(b"\0", fds(1))
+    assert len(conn.reset()) == 9
 
 
 # -- negotiation ------------------------------------------------------------------

@@ -46,6 +46,7 @@ MIN_MTU, MAX_MTU = 68, 65535                    # virtio spec 5.1.4.1; DPDK chec
 VIRTQUEUE_MAX_SIZE = 32768                      # virtio spec 2.7: split ring size limit
 MAX_QUEUE_PAIRS = 128                           # 2 * 128 vrings fit the 8-bit vring index
 RX_BACKLOG_FRAMES = 4096                        # frames waiting for RX buffers, per pair
+RX_BACKLOG_BYTES = 4 << 20                      # and their bytes, per pair
 ERRORS_KEPT = 200
 
 VIRTIO_NET_S_LINK_UP = 1
@@ -80,6 +81,7 @@ class Counters:
     kicks: int = 0
     rarp_sent: int = 0
     connections: int = 0
+    slowest_service_ms: float = 0.0     # the longest a ring service held the lock
     messages: Counter = field(default_factory=Counter)
     errors: deque = field(default_factory=lambda: deque(maxlen=ERRORS_KEPT))
 
@@ -88,6 +90,7 @@ class Counters:
         return {"guest_tx_frames": self.guest_tx_frames, "guest_tx_bytes": self.guest_tx_bytes,
                 "guest_rx_frames": self.guest_rx_frames, "guest_rx_bytes": self.guest_rx_bytes,
                 "dropped": self.dropped, "pages_logged": self.pages_logged,
+                "slowest_service_ms": round(self.slowest_service_ms, 3),
                 "messages": dict(sorted(self.messages.items())), "errors": list(self.errors)}
 
 
@@ -158,6 +161,7 @@ class VhostUserNetDevice:
         self.tx_arena = None                              # made by the datapath on first use
         self.backlog: list[deque] = [deque() for _ in range(queue_pairs)]
         self.backlog_frames = [0] * queue_pairs
+        self.backlog_bytes = [0] * queue_pairs
         self._init_session()
 
     @staticmethod
@@ -177,12 +181,14 @@ class VhostUserNetDevice:
         self.features = 0
         self.protocol_features = 0
         self.memory = None
+        self.memory_faults_seen = 0        # SIGBUS faults already reported (rings.check_shrunk)
         self.log = None
         self.log_call_fd = -1
         self.status = 0
         self.mac, self.mtu = self.initial_mac, self.initial_mtu
         self.link_status = VIRTIO_NET_S_LINK_UP
         self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
+        self.busy: set[int] = set()        # rings a service left work on (rings.service)
 
     # -- negotiated state -------------------------------------------------------
     def has_feature(self, bit: int) -> bool:
@@ -265,4 +271,5 @@ class VhostUserNetDevice:
         for q in self.backlog:
             q.clear()
         self.backlog_frames = [0] * self.queue_pairs
+        self.backlog_bytes = [0] * self.queue_pairs
         self._init_session()

@@ -33,7 +33,8 @@ import os
 
 import numpy as np
 
-from vhostlab.backend.device import RX_BACKLOG_FRAMES, VhostUserNetDevice, Vring
+from vhostlab.backend.device import (RX_BACKLOG_BYTES, RX_BACKLOG_FRAMES, VhostUserNetDevice,
+                                     Vring)
 from vhostlab.backend.errors import RequestError
 from vhostlab.dirtylog import DirtyLog, DirtyLogError
 from vhostlab.memory import GuestMemory, GuestMemoryError, UnmappedAddressError
@@ -48,7 +49,14 @@ RING_FEATURES = int(Feature.VIRTIO_RING_F_EVENT_IDX | Feature.VIRTIO_RING_F_INDI
                     | Feature.VIRTIO_NET_F_MRG_RXBUF)
 TX_BURST = 256                     # chains per TX burst
 TX_ARENA_BYTES = 1 << 20           # holds a 64 KiB GSO frame many times over
-BURSTS_PER_SERVICE = 64            # then other rings get their turn
+# One service's weight, as Linux's vhost-net (drivers/vhost/net.c): after this many
+# bytes or frames, or descriptors walked, the ring is serviced again on the next turn
+# of the loop (at once, without waiting for a kick), so that other rings, the
+# socket and stop() get their turn in between.
+VHOST_NET_WEIGHT = 0x80000         # bytes
+VHOST_NET_PKT_WEIGHT = 256         # frames
+VHOST_NET_DESC_WEIGHT = 0x20000    # descriptors (Linux caps chains at UIO_MAXIOV instead)
+MAX_GSO_FRAME = 65535              # the largest frame a TX chain may carry, MTU permitting
 
 
 def _arena(dev: VhostUserNetDevice) -> FrameArena:
@@ -70,6 +78,7 @@ def apply_features(dev: VhostUserNetDevice) -> None:
 def replace_memory(dev: VhostUserNetDevice, memory: GuestMemory) -> None:
     """SET_MEM_TABLE: the new table replaces the old; rings are re-translated."""
     old, dev.memory = dev.memory, memory
+    dev.memory_faults_seen = 0
     if old is not None:
         old.close()
     remap(dev)
@@ -201,6 +210,36 @@ def set_base(dev: VhostUserNetDevice, vring: Vring, num: int) -> None:
             _broken(dev, vring, f"vring {vring.index}: used ring unreadable: {exc}")
 
 
+def check_shrunk(dev: VhostUserNetDevice) -> None:
+    """Report (once) a front-end that shrank the file behind guest memory or the log.
+
+    The SIGBUS guard (vhostlab.sigbus) kept the process alive and put zero
+    pages where the file's pages were; what the rings read there is
+    meaningless, so every ring stops until the front-end configures it again,
+    and a shrunk log is dropped until the next SET_LOG_BASE.
+    """
+    memory = dev.memory
+    if memory is not None and not memory.closed and \
+            memory.sigbus_faults != dev.memory_faults_seen:
+        dev.memory_faults_seen = memory.sigbus_faults
+        text = (f"guest memory shrank under {memory.shrunk_region()}: the front-end "
+                "truncated the file behind it after SET_MEM_TABLE/ADD_MEM_REG "
+                "(mmap_offset + memory_size now lie past its end); every ring stopped")
+        dev.error(text)
+        for vring in dev.vrings:
+            if vring.started:
+                vring.started = False
+                vring.error = text
+                if vring.err_fd >= 0:
+                    _signal(vring.err_fd)
+    if dev.log is not None and dev.log.shrunk:
+        dev.error(f"SET_LOG_BASE: the dirty log shrank under the back-end (the front-end "
+                  f"truncated its file below mmap_size {dev.log.size:#x}); logging stopped "
+                  "until the next SET_LOG_BASE")
+        dev.log.close()
+        dev.log = None
+
+
 def start(dev: VhostUserNetDevice, vring: Vring) -> None:
     """A ring just started or was enabled: serve what is already waiting."""
     if vring.started:
@@ -239,14 +278,13 @@ def _call(dev: VhostUserNetDevice, vring: Vring) -> None:
         dev.counters.calls += 1
 
 
-def _popcount(dev: VhostUserNetDevice, log) -> int:
-    """Dirty pages in the log now: the difference over a burst is the pages it dirtied
-    (pages already dirty, or cleared by QEMU meanwhile, are not counted twice)."""
-    return int(np.bitwise_count(log.bitmap).sum()) if log is not None else 0
-
-
 def service(dev: VhostUserNetDevice, vring: Vring) -> bool:
-    """Run the ring's bursts; True if work is left for the next turn."""
+    """Run the ring's bursts up to one service's weight; True if work is left.
+
+    The caller services the ring again at once when True comes back (Linux's
+    vhost_poll_queue after vhost_exceeds_weight): with EVENT_IDX the driver
+    does not kick for chains it already published.
+    """
     try:
         if vring.is_rx:
             return _service_rx(dev, vring.queue_pair)
@@ -259,6 +297,8 @@ def service(dev: VhostUserNetDevice, vring: Vring) -> bool:
         _broken(dev, vring, f"vring {vring.index}: internal error: "
                             f"{exc.__class__.__name__}: {exc}")
         return False
+    finally:
+        check_shrunk(dev)
 
 
 def poll_all(dev: VhostUserNetDevice) -> bool:
@@ -270,46 +310,82 @@ def poll_all(dev: VhostUserNetDevice) -> bool:
     return more
 
 
+def max_chain(dev: VhostUserNetDevice) -> int:
+    """The longest TX chain taken as a frame: max(MTU, 65535) plus the header."""
+    return max(dev.mtu, MAX_GSO_FRAME) + dev.hdr_len
+
+
+def _weigh(vq) -> None:
+    """Start a service: the descriptor weight counts from zero."""
+    s = vq.state[0]
+    s["descs"], s["desc_budget"] = 0, VHOST_NET_DESC_WEIGHT
+
+
+def _count_logged(dev: VhostUserNetDevice, vq, logged0: int) -> None:
+    dev.counters.pages_logged += int(vq.state[0]["logged"]) - logged0
+
+
 def _service_tx(dev: VhostUserNetDevice, vring: Vring) -> bool:
     vq, arena, log, hdr_len = vring.ring, _arena(dev), _log(dev), dev.hdr_len
     state = vq.state[0]                 # the kernels' counters, read once a burst
-    before = _popcount(dev, log)
-    for _ in range(BURSTS_PER_SERVICE):
-        bytes0, error = int(state["bytes"]), None
+    _weigh(vq)
+    state["max_chain"] = max_chain(dev)
+    logged0, oversized0 = int(state["logged"]), int(state["oversized"])
+    frames = nbytes = 0
+    error = None
+    while True:
+        bytes0 = int(state["bytes"])
         try:
             n = vq.tx_burst(dev.memory, arena, log=log, hdr_len=hdr_len, max_frames=TX_BURST)
         except RingError as exc:
             error, n = exc, exc.frames
+        sent = int(state["bytes"]) - bytes0
+        frames, nbytes = frames + n, nbytes + sent
         if n:
             dev.counters.guest_tx_frames += n
-            dev.counters.guest_tx_bytes += int(state["bytes"]) - bytes0
+            dev.counters.guest_tx_bytes += sent
             if vring.enabled:
                 dev.wire.send(arena, vring.queue_pair)
             else:
                 dev.counters.dropped += n
-            _call(dev, vring)
+        _call(dev, vring)
         if error is not None:
             _broken(dev, vring, str(error))
             break
-        if n < TX_BURST and not state["avail_pending"]:
+        if not state["avail_pending"] or frames >= VHOST_NET_PKT_WEIGHT \
+                or nbytes >= VHOST_NET_WEIGHT or state["descs"] >= state["desc_budget"]:
             break
-    if log is not None:
-        dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
-    return error is None and bool(state["avail_pending"])
+    _count_logged(dev, vq, logged0)
+    oversized = int(state["oversized"]) - oversized0
+    if oversized:
+        dev.counters.dropped += oversized
+        dev.error(f"vring {vring.index}: {oversized} TX chain(s) over the limit of "
+                  f"{int(state['max_chain'])} bytes (max(MTU {dev.mtu}, {MAX_GSO_FRAME}) + "
+                  f"{hdr_len}-byte header) dropped; the last, head {int(state['oversized_head'])},"
+                  f" was {int(state['oversized_len'])} bytes or more")
+    return _leftover(dev, vring, error is None and bool(state["avail_pending"]))
 
 
 def deliver(dev: VhostUserNetDevice, arena: FrameArena, pair: int) -> None:
-    """Queue frames for the guest's RX ring of `pair` and deliver what fits now."""
+    """Queue frames for the guest's RX ring of `pair` and deliver what fits now.
+
+    The backlog is bounded by frames (RX_BACKLOG_FRAMES) and by bytes
+    (RX_BACKLOG_BYTES) per queue pair; what does not fit is dropped.
+    """
     if arena.count == 0:
         return
     room = RX_BACKLOG_FRAMES - dev.backlog_frames[pair]
-    if room <= 0:
+    room_bytes = RX_BACKLOG_BYTES - dev.backlog_bytes[pair]
+    sizes = arena.lengths[:min(max(room, 0), arena.count)]
+    fit = int(np.searchsorted(np.cumsum(sizes), room_bytes, side="right")) if sizes.size else 0
+    if fit <= 0:
         dev.counters.dropped += arena.count
         return
-    copy = _copy_arena(arena, min(room, arena.count))
+    copy = _copy_arena(arena, fit)
     dev.counters.dropped += arena.count - copy.count
     dev.backlog[pair].append(copy)
     dev.backlog_frames[pair] += copy.count
+    dev.backlog_bytes[pair] += copy.used_bytes
     vring = dev.vrings[2 * pair]
     if _runnable(dev, vring):
         _service_rx(dev, pair)
@@ -337,8 +413,12 @@ def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
     if not vring.enabled or not _runnable(dev, vring):
         return False
     vq, log = vring.ring, _log(dev)
-    before = _popcount(dev, log)
+    state = vq.state[0]
+    _weigh(vq)
+    logged0 = int(state["logged"])
     mrg = dev.has_feature(Feature.VIRTIO_NET_F_MRG_RXBUF)
+    frames = nbytes = 0
+    more = False
     while backlog:
         arena = backlog[0]
         frames0, bytes0, dropped0 = vq.frames, vq.bytes, vq.dropped
@@ -350,16 +430,33 @@ def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
         dev.counters.guest_rx_frames += vq.frames - frames0
         dev.counters.guest_rx_bytes += vq.bytes - bytes0
         dev.counters.dropped += vq.dropped - dropped0
+        frames, nbytes = frames + done, nbytes + vq.bytes - bytes0
         _call(dev, vring)
         dev.backlog_frames[pair] -= done
+        dev.backlog_bytes[pair] -= int(arena.lengths[:done].sum())
         if error is not None:
             arena.drop_front(done)
             _broken(dev, vring, str(error))
             break
-        if done < arena.count:          # the guest ran out of RX buffers:
-            arena.drop_front(done)      # the rest waits for its next kick
+        if done < arena.count:          # out of RX buffers, or the weight is spent:
+            arena.drop_front(done)      # the rest waits (for a kick, or the next turn)
+            more = state["descs"] >= state["desc_budget"]
             break
         backlog.popleft()
-    if log is not None:
-        dev.counters.pages_logged += max(0, _popcount(dev, log) - before)
-    return False
+        if frames >= VHOST_NET_PKT_WEIGHT or nbytes >= VHOST_NET_WEIGHT \
+                or state["descs"] >= state["desc_budget"]:
+            more = bool(backlog)
+            break
+    _count_logged(dev, vq, logged0)
+    return _leftover(dev, vring, bool(more))
+
+
+def _leftover(dev: VhostUserNetDevice, vring: Vring, more: bool) -> bool:
+    """Remember in ``dev.busy`` the rings a service left work on (the server
+    services them again on its next turn, without waiting for a kick)."""
+    more = more and _runnable(dev, vring)
+    if more:
+        dev.busy.add(vring.index)
+    else:
+        dev.busy.discard(vring.index)
+    return more

@@ -236,6 +236,12 @@ class BackendServer:
         if self._selector is not None and self._has_polled_rings():
             with self.lock:
                 rings.poll_all(self.device)
+        if self._selector is not None and self.device.busy and not self._stop.is_set():
+            # Work a service left (its weight was spent): at once, after the
+            # socket and the other rings had their turn (select(0) above).
+            with self.lock:
+                for index in sorted(self.device.busy):
+                    self._service(self.device.vrings[index])
 
     def _handle_events(self, events) -> None:
         for key, _ in events:
@@ -254,6 +260,8 @@ class BackendServer:
                 self._on_kick(obj, key.fd)
 
     def _timeout(self) -> float | None:
+        if self.device.busy:
+            return 0.0
         if self.client and self._conn is None:
             return max(0.0, self._next_connect - time.monotonic())
         return POLLED_RING_INTERVAL if self._has_polled_rings() else None
@@ -383,7 +391,9 @@ class BackendServer:
             self.trace.record("in", msg.request.name, msg.fields(), msg.to_bytes(),
                               len(msg.fds), conn.number)
             outcome = _handlers.dispatch(self.device, msg, self.handlers)
+            rings.check_shrunk(self.device)
             reply = self._reply_bytes(conn.proto, msg, outcome)
+            conn.proto.handled(msg, outcome.error is None)
             if outcome.error is not None:
                 if reply is None:
                     self._fail(conn, f"{outcome.error} (its only failure answer is closing)")
@@ -452,7 +462,15 @@ class BackendServer:
             return
         with self.lock:
             self.device.counters.kicks += 1
-            rings.service(self.device, vring)
+            self._service(vring)
+
+    def _service(self, vring: Vring) -> None:
+        """Service one ring (under the lock), timing it for the summary."""
+        t0 = time.perf_counter()
+        rings.service(self.device, vring)
+        took = time.perf_counter() - t0
+        counters = self.device.counters
+        counters.slowest_service_ms = max(counters.slowest_service_ms, took * 1000)
 
     # -- for notebooks ----------------------------------------------------------------
     def inject(self, frames: Sequence[bytes], queue_pair: int = 0) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Sequence
 
-from .constants import FLAG_REPLY, HEADER_SIZE
+from .constants import FLAG_REPLY, HEADER_SIZE, VHOST_USER_MAX_FDS
 from .errors import ProtocolError
 from .features import Feature, ProtocolFeature
 from .message import (Header, Message, parse_message, peek_header, reply_types_for,
@@ -117,7 +117,17 @@ class _Connection:
         self._buffer += data
         if fds:
             owner = self._fd_owner(chunk_start)
-            self._fds.setdefault(owner, []).extend(fds)
+            held = self._fds.setdefault(owner, [])
+            held.extend(fds)
+            if len(held) > VHOST_USER_MAX_FDS:
+                # Counted as they come, not once the message is whole: a peer
+                # that sends fds with every byte of an unfinished message
+                # must not make us hold thousands (closed by the caller).
+                self._error = ProtocolError(
+                    f"{len(held)} fds arrived for a message still incomplete "
+                    f"({len(self._buffer)} bytes buffered)", field="fds",
+                    value=len(held), limit=VHOST_USER_MAX_FDS)
+                raise self._error
         out: list[Message] = []
         try:
             while (msg := self._next_message()) is not None:
@@ -274,6 +284,24 @@ class BackendConnection(_Connection):
 
     def _on_reset(self) -> None:
         pass
+
+    def _track(self, msg: Message) -> None:
+        # Postcopy state follows what the device did (handled()), not what
+        # came in: a refused POSTCOPY_LISTEN must not make later memory
+        # tables wait for a data reply that never comes.
+        if msg.request not in (Request.POSTCOPY_LISTEN, Request.POSTCOPY_END):
+            super()._track(msg)
+
+    def handled(self, msg: Message, ok: bool) -> None:
+        """Tell the connection whether the device carried ``msg`` out.
+
+        Only then does POSTCOPY_LISTEN (or POSTCOPY_END) change the
+        connection's state, and with it which replies are due.
+        """
+        if ok and msg.request is Request.POSTCOPY_LISTEN:
+            self.postcopy_listening = True
+        elif ok and msg.request is Request.POSTCOPY_END:
+            self.postcopy_listening = False
 
     # -- output -------------------------------------------------------------
     def needs_reply(self, msg: Message) -> bool:

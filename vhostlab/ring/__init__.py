@@ -41,7 +41,8 @@ from .layout import (INDIRECT_MAX_ENTRIES, MAX_HDR_LEN, VHOST_VRING_F_LOG, VRING
                      VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY, VringLayout, VringViews,
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event,
                      vring_need_event_py, vring_size, vring_used_size, vring_views)
-from .log import VHOST_LOG_PAGE, vhost_log_write, vhost_log_write_py
+from .log import (VHOST_LOG_PAGE, vhost_log_write, vhost_log_write_count,
+                  vhost_log_write_count_py, vhost_log_write_py)
 from .rx import vring_rx_burst, vring_rx_burst_py
 from .tx import vring_tx_burst, vring_tx_burst_py
 from .virtqueue import Virtqueue
@@ -60,7 +61,8 @@ __all__ = [
     "Virtqueue", "VirtqueueDriver", "FrameArena", "MAX_FRAME_SIZE",
     # kernels and twins
     "vring_tx_burst", "vring_tx_burst_py", "vring_rx_burst", "vring_rx_burst_py",
-    "vhost_log_write", "vhost_log_write_py", "VHOST_LOG_PAGE",
+    "vhost_log_write", "vhost_log_write_py", "vhost_log_write_count",
+    "vhost_log_write_count_py", "VHOST_LOG_PAGE",
     # atomics
     "load_acquire", "load_acquire_py", "store_release", "store_release_py",
     "load_relaxed", "load_relaxed_py", "atomic_or", "atomic_or_py", "atomic_xchg",

@@ -52,7 +52,7 @@ from .layout import (INDIRECT_MAX_ENTRIES, VHOST_VRING_F_LOG, VIRTQUEUE_MAX_SIZE
                      VRING_AVAIL_ALIGN, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_ALIGN,
                      VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
                      VRING_USED_ALIGN, vring_need_event, vring_need_event_py)
-from .log import vhost_log_write, vhost_log_write_py
+from .log import vhost_log_write_count, vhost_log_write_count_py
 
 # A cursor is a tuple (immutable: passing it costs nothing):
 #   (table, size, table_gpa, next, count, head, total, index)
@@ -211,6 +211,18 @@ def avail_head_py(mv, s, avail, position):
 
 
 @njit(cache=True, nogil=True)
+def over_budget(s):
+    """Whether the burst may start no new chain: ``descs`` reached ``desc_budget``
+    (the service's descriptor weight; a chain already started is finished)."""
+    return s["desc_budget"] > 0 and s["descs"] >= s["desc_budget"]
+
+
+def over_budget_py(s):
+    """Twin of :func:`over_budget`."""
+    return int(s["desc_budget"]) > 0 and int(s["descs"]) >= int(s["desc_budget"])
+
+
+@njit(cache=True, nogil=True)
 def put_used_elem(h32, used, slot, head, length):
     """used->ring[slot] = {id: head, len: length} (published later)."""
     elem = ((used + 4) >> 2) + 2 * slot
@@ -312,6 +324,7 @@ def chain_next(h16, h32, h64, regions, s, cur, want_write):
     """
     table, size, table_gpa, i, count, head, total, _ = cur
     while i >= 0:
+        s["descs"] += 1                             # the service's weight
         d = table + 16 * i
         # Copy the descriptor once: every check and use below sees these values.
         addr = np.int64(load_relaxed(h64, d >> 3))
@@ -339,6 +352,7 @@ def chain_next_py(mv, regions, s, cur, want_write):
     """Twin of :func:`chain_next`; ``mv`` is a memoryview of guest memory."""
     table, size, table_gpa, i, count, head, total, _ = cur
     while i >= 0:
+        s["descs"] += 1
         addr, length, flags, nxt = _DESC.unpack_from(mv, table + 16 * i)
         if addr >= 1 << 63:
             addr -= 1 << 64        # the kernel keeps addresses in an int64
@@ -371,8 +385,10 @@ def log_used(log, s, first, n):
     spans = ((base + 4 + 8 * start, 8 * head_part), (base + 4, 8 * (n - head_part)),
              (base + 2, 2), (base + 4 + 8 * num, 2 * s["event_idx"]))
     for gpa, length in spans:
-        if vhost_log_write(log, gpa, length) != RING_OK:
+        status, marked = vhost_log_write_count(log, gpa, length)
+        if status != RING_OK:
             return fail(s, E_LOG_RANGE, -1, -1, -1, gpa, log.size)
+        s["logged"] += marked
     return RING_OK
 
 
@@ -386,8 +402,10 @@ def log_used_py(log, s, first, n):
     spans = ((base + 4 + 8 * start, 8 * head_part), (base + 4, 8 * (n - head_part)),
              (base + 2, 2), (base + 4 + 8 * num, 2 * int(s["event_idx"])))
     for gpa, length in spans:
-        if vhost_log_write_py(log, gpa, length) != RING_OK:
+        status, marked = vhost_log_write_count_py(log, gpa, length)
+        if status != RING_OK:
             return fail_py(s, E_LOG_RANGE, -1, -1, -1, gpa, log.size)
+        s["logged"] += marked
     return RING_OK
 
 

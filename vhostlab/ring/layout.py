@@ -86,6 +86,11 @@ VRING_STATE_DTYPE = np.dtype([(name, "<i8") for name in (
     "call_pending",        # the driver wants an interrupt (set by kernels)
     "avail_pending",       # avail entries not yet taken, seen at the end of a burst
     "frames", "bytes", "dropped",   # counters (dropped: RX frames too big)
+    "logged",              # dirty-log bits this ring's bursts set (were clear before)
+    "descs",               # descriptors walked (the service's weight; it resets it)
+    "desc_budget",         # no new chain once descs reaches it (0: no budget)
+    "max_chain",           # TX: longest chain taken as a frame, in bytes (0: no limit)
+    "oversized", "oversized_head", "oversized_len",   # TX chains over max_chain: dropped
     "status", "err_head", "err_index", "err_table", "err_value", "err_limit",
 )], align=True)
 

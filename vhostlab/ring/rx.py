@@ -17,7 +17,9 @@ into it, and they are published together, once the whole frame is in.
 While logging is on (``log`` non-empty) every guest page written is marked
 in the dirty log, and with VHOST_VRING_F_LOG the used-ring writes too.
 Returns ``(status, n)``: frames ``0 .. n-1`` are done (delivered or dropped);
-the burst stops early when the ring runs out of buffers.
+the burst stops early when the ring runs out of buffers, or when ``descs``
+reaches ``desc_budget`` (the service's weight). A chain is walked only until
+the frame is in: descriptors after that are neither read nor checked.
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ from .cache import depends_on
 from .chain import (CHAIN_END, CUR_INDEX, CUR_TABLE_GPA, avail_head, avail_head_py,
                     avail_ready, avail_ready_py, chain_next, chain_next_py, chain_start,
                     chain_start_py, copy_bytes, fail, fail_py, map_ring, map_ring_py,
-                    publish_used, publish_used_py, put_used_elem, put_used_elem_py)
+                    over_budget, over_budget_py, publish_used, publish_used_py,
+                    put_used_elem, put_used_elem_py)
 from .errors import E_ARENA, E_LOG_RANGE, RING_OK
 from .layout import MAX_HDR_LEN
-from .log import vhost_log_write, vhost_log_write_py
+from .log import vhost_log_write_count, vhost_log_write_count_py
 
 __all__ = ["vring_rx_burst", "vring_rx_burst_py"]
 
@@ -76,8 +79,9 @@ def _write_stream_py(mv, buf, count, pos, hdr_len, arena, src, nb):
 def rx_fill_chain(host, h16, h32, h64, regions, log, s, desc, head, arena, src, total, pos,
                   hdr_len, nb):
     """Write bytes ``pos..total`` of header-then-frame into chain ``head`` as
-    far as it goes, walking (and checking) the whole chain; logs what it
-    writes. Returns ``(status, pos, written)``."""
+    far as it goes, walking (and checking) the chain until the frame is in
+    (what lies beyond is not read: a guest's long chain costs no more than
+    the frame needs); logs what it writes. Returns ``(status, pos, written)``."""
     cur = chain_start(desc, s["num"], head)
     written = 0
     while True:
@@ -89,9 +93,14 @@ def rx_fill_chain(host, h16, h32, h64, regions, log, s, desc, head, arena, src, 
             _write_stream(host, buf, count, pos, hdr_len, arena, src, nb)
             pos += count
             written += count
-            if log.size > 0 and vhost_log_write(log, gpa, count) != RING_OK:
-                return fail(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA], gpa,
-                            log.size), pos, written
+            if log.size > 0:
+                logged, marked = vhost_log_write_count(log, gpa, count)
+                if logged != RING_OK:
+                    return fail(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA],
+                                gpa, log.size), pos, written
+                s["logged"] += marked
+        if pos >= total:
+            break
     return (RING_OK if status == CHAIN_END else status), pos, written
 
 
@@ -109,9 +118,14 @@ def rx_fill_chain_py(mv, frames, regions, log, s, desc, head, src, total, pos, h
             _write_stream_py(mv, buf, count, pos, hdr_len, frames, src, nb)
             pos += count
             written += count
-            if log.size > 0 and vhost_log_write_py(log, gpa, count) != RING_OK:
-                return fail_py(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA], gpa,
-                               log.size), pos, written
+            if log.size > 0:
+                logged, marked = vhost_log_write_count_py(log, gpa, count)
+                if logged != RING_OK:
+                    return fail_py(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA],
+                                   gpa, log.size), pos, written
+                s["logged"] += marked
+        if pos >= total:
+            break
     return (RING_OK if status == CHAIN_END else status), pos, written
 
 
@@ -205,7 +219,7 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
     pending = borrow(pending_owner)
     nb = borrow(nb_owner)                  # where num_buffers' two bytes went
     taken = f = delivered = nbytes = dropped = 0
-    while f < nframes:
+    while f < nframes and not over_budget(s):
         src, size = offsets[f], lengths[f]
         if src < 0 or size < 0 or src + size > arena.size:
             status = E_ARENA                    # the caller's bug: ring not broken
@@ -257,7 +271,7 @@ def vring_rx_burst_py(host, regions, vq, log, arena, offsets, lengths, nframes, 
     last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
     nb = [0, 0]
     taken = f = delivered = nbytes = dropped = 0
-    while f < nframes:
+    while f < nframes and not over_budget_py(s):
         src, size = int(offsets[f]), int(lengths[f])
         if src < 0 or size < 0 or src + size > arena.size:
             status = E_ARENA

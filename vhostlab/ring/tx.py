@@ -14,6 +14,13 @@ ring's 1-element VRING_STATE_DTYPE array; ``log`` the dirty-log bitmap
 VHOST_VRING_F_LOG is set). Returns ``(status, n)``: n frames are in the arena
 (and in the used ring) even when status is an error; a chain that does not
 fit in the arena's remaining room stays available for the next burst.
+
+Two limits from the ring state bound one burst's work, whatever the guest
+wrote: a chain longer than ``max_chain`` bytes (the device sets max(MTU,
+65535) plus the header) is walked no further, returned with len 0 and
+counted in ``oversized`` (a frame no wire could carry; Linux's vhost-net
+drops it the same way); and once ``descs`` reaches ``desc_budget`` no new
+chain is started (the service's weight, as vhost_exceeds_weight).
 """
 from __future__ import annotations
 
@@ -27,14 +34,16 @@ from .atomics import borrow
 from .cache import depends_on
 from .chain import (CHAIN_END, CUR_TOTAL, avail_head, avail_head_py, avail_ready,
                     avail_ready_py, chain_next, chain_next_py, chain_start, chain_start_py,
-                    copy_bytes, fail, fail_py, map_ring, map_ring_py, publish_used,
-                    publish_used_py, put_used_elem, put_used_elem_py)
+                    copy_bytes, fail, fail_py, map_ring, map_ring_py, over_budget,
+                    over_budget_py, publish_used, publish_used_py, put_used_elem,
+                    put_used_elem_py)
 from .errors import E_ARENA, E_CHAIN_SHORT, E_FRAME_TOO_BIG, RING_OK
 from .layout import MAX_HDR_LEN
 
 __all__ = ["vring_tx_burst", "vring_tx_burst_py"]
 
 _ARENA_FULL = -2     # tx_copy_chain: the chain does not fit (not an error)
+_OVERSIZED = -3      # tx_copy_chain: the chain is longer than max_chain (dropped)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -42,15 +51,19 @@ def tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena, cursor, hd
     """Copy chain ``head``'s readable bytes, minus ``hdr_len`` header bytes,
     to ``arena[cursor:]``; returns ``(status, end)``.
 
-    status is RING_OK, an error, or _ARENA_FULL (then ``end`` is where the
-    frame would have ended).
+    status is RING_OK, an error, _ARENA_FULL (then ``end`` is where the
+    frame would have ended) or _OVERSIZED (the chain passed ``max_chain``
+    bytes; ``end`` is its length so far).
     """
     cur = chain_start(desc, s["num"], head)
     skip = hdr_len
+    limit = s["max_chain"]
     while True:
         status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, False)
         if status != RING_OK:
             break
+        if limit > 0 and cur[CUR_TOTAL] > limit:    # walk no further: it is dropped
+            return _OVERSIZED, cur[CUR_TOTAL]
         strip = min(skip, length)                   # the virtio-net header
         skip -= strip
         count = length - strip
@@ -70,10 +83,13 @@ def tx_copy_chain_py(mv, out, regions, s, desc, head, arena, cursor, hdr_len):
     memory and of the arena)."""
     cur = chain_start_py(desc, int(s["num"]), head)
     skip = hdr_len
+    limit = int(s["max_chain"])
     while True:
         status, buf, gpa, length, cur = chain_next_py(mv, regions, s, cur, False)
         if status != RING_OK:
             break
+        if limit > 0 and cur[CUR_TOTAL] > limit:
+            return _OVERSIZED, cur[CUR_TOTAL]
         strip = min(skip, length)
         skip -= strip
         count = length - strip
@@ -108,9 +124,9 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
         return status, 0
     limit = min(ready, max_frames, offsets.size, lengths.size)
     last, used_idx, mask = s["last_avail_idx"], s["used_idx"], s["num"] - 1
-    n = cursor = nbytes = 0
-    while n < limit:
-        status, head = avail_head(h16, s, avail, last + n)
+    n = taken = cursor = nbytes = 0
+    while n < limit and taken < ready and not over_budget(s):
+        status, head = avail_head(h16, s, avail, last + taken)
         if status != RING_OK:
             break
         status, end = tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena,
@@ -119,16 +135,22 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
             status = RING_OK if n else fail(    # unless not even an empty arena holds it
                 s, E_FRAME_TOO_BIG, head, head, -1, end - cursor, arena.size)
             break
-        if status != RING_OK:
+        if status == _OVERSIZED:                # taken and dropped (used, len 0)
+            s["oversized"] += 1
+            s["oversized_head"], s["oversized_len"] = head, end
+            status = RING_OK
+        elif status != RING_OK:
             break
-        offsets[n], lengths[n] = cursor, end - cursor
-        nbytes += end - cursor
-        cursor = end
-        put_used_elem(h32, used, (used_idx + n) & mask, head, 0)   # the device wrote 0
-        n += 1
+        else:
+            offsets[n], lengths[n] = cursor, end - cursor
+            nbytes += end - cursor
+            cursor = end
+            n += 1
+        put_used_elem(h32, used, (used_idx + taken) & mask, head, 0)   # the device wrote 0
+        taken += 1
     s["frames"] += n
     s["bytes"] += nbytes
-    published = publish_used(h16, log, s, avail, used, n)
+    published = publish_used(h16, log, s, avail, used, taken)
     return (status if status != RING_OK else published), n
 
 
@@ -153,9 +175,9 @@ def vring_tx_burst_py(host, regions, vq, log, arena, offsets, lengths, hdr_len, 
         return status, 0
     limit = min(ready, max_frames, offsets.size, lengths.size)
     last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
-    n = cursor = nbytes = 0
-    while n < limit:
-        status, head = avail_head_py(mv, s, avail, last + n)
+    n = taken = cursor = nbytes = 0
+    while n < limit and taken < ready and not over_budget_py(s):
+        status, head = avail_head_py(mv, s, avail, last + taken)
         if status != RING_OK:
             break
         status, end = tx_copy_chain_py(mv, out, table, s, desc, head, arena, cursor, hdr_len)
@@ -163,14 +185,20 @@ def vring_tx_burst_py(host, regions, vq, log, arena, offsets, lengths, hdr_len, 
             status = RING_OK if n else fail_py(
                 s, E_FRAME_TOO_BIG, head, head, -1, end - cursor, arena.size)
             break
-        if status != RING_OK:
+        if status == _OVERSIZED:
+            s["oversized"] += 1
+            s["oversized_head"], s["oversized_len"] = head, end
+            status = RING_OK
+        elif status != RING_OK:
             break
-        frame_offsets[n], frame_lengths[n] = cursor, end - cursor
-        nbytes += end - cursor
-        cursor = end
-        put_used_elem_py(mv, used, (used_idx + n) & mask, head, 0)
-        n += 1
+        else:
+            frame_offsets[n], frame_lengths[n] = cursor, end - cursor
+            nbytes += end - cursor
+            cursor = end
+            n += 1
+        put_used_elem_py(mv, used, (used_idx + taken) & mask, head, 0)
+        taken += 1
     s["frames"] += n
     s["bytes"] += nbytes
-    published = publish_used_py(mv, log, s, avail, used, n)
+    published = publish_used_py(mv, log, s, avail, used, taken)
     return (status if status != RING_OK else published), n
