@@ -89,7 +89,8 @@ class SweepResult:
         t = "-" if self.total_time_ms is None else f"{self.total_time_ms:8.0f}"
         d = "-" if self.downtime_ms is None else f"{self.downtime_ms:6.0f}"
         return (f"{self.point.label():40} {'yes' if self.converged else 'NO':>9} "
-                f"{self.rounds:6} {t:>8} {d:>8} {self.pages_logged:8}  {self.status}")
+                f"{self.rounds:6} {t:>8} {d:>8} {self.pages_logged:8}  {self.status}, "
+                f"integrity {self.integrity}")
 
 
 def default_grid(frontend: str) -> list[SweepPoint]:
@@ -101,9 +102,13 @@ def default_grid(frontend: str) -> list[SweepPoint]:
     return [SweepPoint(b, r, d) for b, r, d in itertools.product(bandwidths, rates, downtimes)]
 
 
-def run_point(point: SweepPoint, frontend: str, *, give_up_s: float = 5.0,
+def run_point(point: SweepPoint, frontend: str, *, give_up_s: float = 8.0,
               max_rounds: int = 12, qemu: str | None = None) -> SweepResult:
-    """One migration at ``point`` with a real QEMU or the built-in front-end."""
+    """One migration at ``point`` with a real QEMU or the built-in front-end.
+
+    ``give_up_s`` must stay above the kit's 5 s wait for a burst of frames: a run
+    that converges while a burst is in flight waits that long for frames the
+    stopped source will never deliver, and must not be cancelled meanwhile."""
     t0 = time.monotonic()
     if frontend == "qemu":
         result = _run_qemu(point, give_up_s, qemu)

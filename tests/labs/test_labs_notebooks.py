@@ -129,3 +129,38 @@ def test_runs_top_to_bottom_builtin(name, monkeypatch):
 def test_runs_top_to_bottom_qemu(name, requires_qemu, monkeypatch):
     monkeypatch.setenv("VHOSTLAB_QEMU", requires_qemu)
     _execute(name, "qemu", monkeypatch)
+
+
+# Labs whose predictions learners write down (issue 13); 02, 06 and 07 join when theirs land.
+PREDICTING = ["03_memory_table.ipynb", "04_virtqueues.ipynb", "05_numba_datapath.ipynb",
+              "09_migration_sweep.ipynb"]
+SELF_CHECKED = {"00_welcome.ipynb": "lab00", "01_two_backends.ipynb": "lab01",
+                "03_memory_table.ipynb": "lab03", "04_virtqueues.ipynb": "lab04",
+                "05_numba_datapath.ipynb": "lab05", "08_vhostops_reference.ipynb": "lab08",
+                "09_migration_sweep.ipynb": "lab09"}
+
+
+@pytest.mark.parametrize("name", PREDICTING)
+def test_predictions_are_written_then_compared(name):
+    cells = _read(name).cells
+    asked = [i for i, c in enumerate(cells) if "prediction" in c.metadata.get("tags", [])]
+    assert len(asked) >= 2, f"{name}: fewer than two prediction cells"
+    for n, i in enumerate(asked):
+        assert cells[i].cell_type == "code" and "my_prediction = None" in cells[i].source
+        until = asked[n + 1] if n + 1 < len(asked) else len(cells)
+        answered = [c for c in cells[i + 1:until] if "compare_prediction(my_prediction" in c.source]
+        assert answered, f"{name}: the prediction in cell {i} is never compared with the run"
+
+
+@pytest.mark.parametrize("name", sorted(SELF_CHECKED))
+def test_self_checked_exercises_end_the_lab(name):
+    from vhostlab.exercises import load
+    code = _code(_read(name))
+    lab = SELF_CHECKED[name]
+    binds = [i for i, src in enumerate(code) if f'bind("{lab}", globals())' in src]
+    assert binds, f"{name} does not bind its self-check {lab}"
+    checks = code[binds[0] + 1:-1]
+    asked = {q.name for q in load(lab).questions}
+    assert {f"ex.{q}.check()" for q in asked} <= {line for c in checks for line in c.splitlines()}
+    for q in load(lab).questions:       # the answer is not in the cell that asks for it
+        assert not any(q.solution in c for c in checks)
