@@ -318,21 +318,96 @@ WRONG = [
          vring.stop()
          return vring.last_avail_idx if vring.num == 7 else None""",
      Outcome.INCORRECT, "the migration itself failed"),
-    # broken_migration
-    ("broken_migration", "q1", 'what_went_wrong = "a"', Outcome.INCORRECT, "SET_LOG_BASE is there"),
-    ("broken_migration", "q1", 'what_went_wrong = "C"', Outcome.INCORRECT, "destination_trace"),
-    ("broken_migration", "q1", 'what_went_wrong = "E"', Outcome.INCORRECT, "one letter"),
-    ("broken_migration", "q1", 'what_went_wrong = " b "', Outcome.CORRECT, "is right"),
-    ("broken_migration", "q2", """
-     log_all_seq = next(r.seq for r in run.source_trace if r.request == "SET_LOG_BASE")""",
-     Outcome.INCORRECT, "does not switch logging on"),
-    ("broken_migration", "q2", """
-     log_all_seq = next(r.seq for r in run.source_trace if r.request == "SET_FEATURES")""",
-     Outcome.INCORRECT, "no VHOST_F_LOG_ALL"),
-    ("broken_migration", "q2", """
-     log_all_seq = [r.seq for r in run.source_trace if r.request == "SET_FEATURES"][-1]""",
-     Outcome.INCORRECT, "the back-end's reply"),
-    ("broken_migration", "q2", "log_all_seq = '32'", Outcome.INCORRECT, "an int"),
+    # broken_migration (the student here is whoever runs the tests: answers are
+    # computed from that student's own run)
+    ("broken_migration", "q1", "lost_frames = 'RX #1'", Outcome.INCORRECT, "a list of frame"),
+    ("broken_migration", "q1", "lost_frames = ['RX #100000']", Outcome.INCORRECT,
+     "not the frames the guest lost"),
+    ("broken_migration", "q2", "bad_page = 'x'", Outcome.INCORRECT, "a page number"),
+    ("broken_migration", "q3", "first_wrong_message = '3'", Outcome.INCORRECT, "seq (an int)"),
+    # log_base
+    ("log_base", "q1", """
+     def set_log_base(fd, area):
+         size, offset = area.mmap_size, area.mmap_offset
+         if size == 0 or size % 8 or offset % 8:
+             raise ValueError("bad")
+         if offset + size > os.fstat(fd).st_size:
+             raise ValueError("too big")
+         start = int(offset) % mmap.ALLOCATIONGRANULARITY
+         m = mmap.mmap(fd, start + int(size), offset=int(offset) - start)
+         return np.frombuffer(m, np.uint8, int(size), start)""",
+     Outcome.INCORRECT, "compare without adding"),
+    ("log_base", "q1", """
+     def set_log_base(fd, area):
+         size, offset = int(area.mmap_size), int(area.mmap_offset)
+         if size == 0 or size % 8 or offset % 8 or offset + size > os.fstat(fd).st_size:
+             raise ValueError("bad")
+         m = mmap.mmap(fd, offset + size)
+         return np.frombuffer(m, np.uint8, size, 0)""",
+     Outcome.INCORRECT, "does not show the fd's bytes"),
+    ("log_base", "q1", """
+     def set_log_base(fd, area):
+         size, offset = int(area.mmap_size), int(area.mmap_offset)
+         if size == 0 or size % 8 or offset % 8 or offset + size > os.fstat(fd).st_size:
+             raise ValueError("bad")
+         return np.frombuffer(os.pread(fd, size, offset), np.uint8).copy()""",
+     Outcome.INCORRECT, "MAP_SHARED"),
+    ("log_base", "q1", """
+     def set_log_base(fd, area):
+         from vhostlab.dirtylog import DirtyLog
+         return DirtyLog.from_fd(fd, int(area.mmap_size), int(area.mmap_offset)).bitmap""",
+     Outcome.INCORRECT, "the kit's own code"),
+    ("log_base", "q2", """
+     def vhost_log_sync(log64):
+         return [w * 64 + b for w in range(len(log64)) for b in range(64)
+                 if int(log64[w]) >> b & 1]""", Outcome.INCORRECT, "still holds them"),
+    ("log_base", "q2", """
+     def vhost_log_sync(log64):
+         pages = []
+         for w in range(len(log64)):
+             bits = int(xchg64(log64, w, 0))
+             pages += [w * 64 + 63 - b for b in range(64) if bits >> b & 1]
+         return pages""", Outcome.INCORRECT, "mirrored"),
+    ("log_base", "q2_race", """
+     def vhost_log_sync(log64):
+         pages = []
+         for w in range(len(log64)):
+             bits = int(log64[w])
+             log64[w] = 0
+             pages += [w * 64 + b for b in range(64) if bits >> b & 1]
+         return pages""", Outcome.INCORRECT, "indivisible step"),
+    ("log_base", "q2", """
+     def vhost_log_sync(log64):
+         from vhostlab.dirtylog import vhost_dev_sync_region_py
+         out = np.zeros(len(log64) * 64, np.int64)
+         return list(out[:vhost_dev_sync_region_py(log64, 0, len(log64) - 1, out)])""",
+     Outcome.INCORRECT, "vhost_dev_sync_region_py"),
+    ("log_base", "q3", """
+     def vhost_log_sync(log64):
+         for w in range(len(log64)):
+             xchg64(log64, w, 0)
+         return []""", Outcome.INCORRECT, "pages differ at the destination"),
+    # answers that are the kit's, not the learner's
+    ("vhost_message", "q1", """
+     from vhostlab.protocol import peek_header
+     def parse_header(data):
+         return tuple(peek_header(data))""", Outcome.INCORRECT, "`peek_header`"),
+    ("vhost_message", "q2", """
+     import vhostlab.protocol as vp
+     def parse_vring_state(data):
+         msg = vp.parse_message(data)
+         return int(msg.request), msg.payload.index, msg.payload.num""",
+     Outcome.INCORRECT, "vp.parse_message"),
+    ("dirty_log", "q1", """
+     def log_write(log, gpa, length):
+         from vhostlab.ring.log import vhost_log_write_py
+         vhost_log_write_py(log, gpa, length)""", Outcome.INCORRECT, "an import inside"),
+    ("dirty_log", "q2", """
+     from vhostlab.ring.chain import log_used_py as helper
+     def mark(*a):
+         return helper(*a)
+     def log_used(log, log_guest_addr, num, first, n):
+         mark(log, log_guest_addr, num, first, n)""", Outcome.INCORRECT, "through your `mark`"),
 ]
 
 
@@ -444,5 +519,5 @@ def test_a_self_check_stops_code_that_loops():
 
 def test_require_names_what_is_missing():
     ex = bind("broken_migration", namespace("broken_migration"))
-    with pytest.raises(NotImplementedError, match="what_went_wrong"):
+    with pytest.raises(NotImplementedError, match="lost_frames"):
         ex.q1.require()

@@ -93,6 +93,15 @@ def log_used(log, log_guest_addr, num, first, n):
     for i in range(first, first + n):
         log_write(log, log_guest_addr + 4 + 8 * (i % num), 8)'''
 
+READ_THEN_CLEAR = '''\
+def vhost_log_sync(log64):
+    pages = []
+    for w in range(len(log64)):
+        bits = int(log64[w])
+        log64[w] = 0
+        pages += [w * 64 + b for b in range(64) if bits >> b & 1]
+    return pages'''
+
 # student -> (exercise, notebook factory, {grade_id: expected status})
 BROKEN = {
     "loops_forever": ("descriptor_chain", lambda: replaced(
@@ -112,9 +121,19 @@ BROKEN = {
         # frames a ring) passes, the unit test at index 300 does not
         {"test_get_vring_base": "failed", "test_set_vring_base": "passed",
          "test_migration": "passed"}),
-    "blames_vring_base": ("broken_migration", lambda: replaced(
-        "broken_migration", what_went_wrong='what_went_wrong = "C"'),
-        {"test_what_went_wrong": "failed", "test_log_all_seq": "passed"}),
+    "wrong_frames": ("broken_migration", lambda: replaced(
+        "broken_migration", lost_frames='lost_frames = ["RX #100000"]'),
+        {"test_lost_frames": "failed", "test_bad_page": "passed",
+         "test_first_wrong_message": "passed", "which_step_failed": "manual"}),
+    "delegates": ("vhost_message", lambda: replaced(
+        "vhost_message", parse_header="from vhostlab.protocol import peek_header\n"
+                                      "def parse_header(data):\n"
+                                      "    return tuple(peek_header(data))"),
+        {"test_parse_header": "failed", "test_parse_vring_state": "passed"}),
+    "clears_by_hand": ("log_base", lambda: replaced(
+        "log_base", vhost_log_sync=READ_THEN_CLEAR),
+        {"test_set_log_base": "passed", "test_vhost_log_sync": "passed",
+         "test_log_sync_race": "failed", "test_migration": "passed"}),
     "trailing_bytes": ("vhost_message", lambda: replaced(
         "vhost_message", parse_vring_state=VRING_STATE_NO_TRAILING_CHECK),
         {"test_parse_header": "passed", "test_parse_vring_state": "failed"}),
@@ -174,7 +193,10 @@ def test_instructor_solutions_get_full_marks(graded):
     bad = [(r.exercise, r.grade_id, r.status, r.message) for r in mine
            if r.status not in ("passed", "manual")]
     assert not bad
-    assert sum(r.points for r in mine) == sum(r.max_points for r in mine) > 0
+    auto = [r for r in mine if r.status != "manual"]
+    assert sum(r.points for r in auto) == sum(r.max_points for r in auto) > 0
+    # written answers wait for the instructor: worth points, scored by hand
+    assert sum(r.max_points for r in mine if r.status == "manual") > 0
 
 
 def test_released_notebooks_get_zero(graded):

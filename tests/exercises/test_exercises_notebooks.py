@@ -38,7 +38,7 @@ def _run_everything(path: Path) -> list[str]:
 
 
 def test_instructor_notebooks_run_clean():
-    assert len(SOURCES) == 5
+    assert len(SOURCES) == 6
     with ThreadPoolExecutor(max_workers=2) as pool:
         found = dict(zip((p.stem for p in SOURCES), pool.map(_run_everything, SOURCES)))
     assert found == {name: [] for name in found}

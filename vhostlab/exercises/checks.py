@@ -176,11 +176,12 @@ class Case:
 class Mistake:
     """A known wrong outcome and what to tell the learner about it.
 
-    ``when(got, want, args)`` is true for that mistake.
+    ``when(got, want, args)`` is true for that mistake; ``say`` is the message,
+    or a function of the same arguments that makes it.
     """
 
     when: Callable[[Any, Any, tuple], bool]
-    say: str
+    say: str | Callable[[Any, Any, tuple], str]
 
 
 def _same(got: Any, want: Any) -> bool:
@@ -203,6 +204,9 @@ def _exc_text(exc: BaseException) -> str:
         else f"{kind.__module__.rsplit('.', 1)[-1]}.{kind.__name__}"
     return f"{name}: {exc}" if str(exc) else name
 
+
+# Every name some question asks the learner to define (functions only).
+_ANSWER_NAMES: set[str] = set()
 
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist, _short.maxtuple = 200, 160, 8, 8
@@ -233,6 +237,14 @@ class Question:
     correct_message: str = ""
     compare: Callable[[Any, Any], bool] = _same
     seconds: float = 10.0   # per case, for the learner's code
+    # Names the learner may call from the kit (None: no own-work check). A
+    # function that reaches any other kit code scores 0 (ownwork.py).
+    own_work: tuple[str, ...] | None = None
+    own_work_advice: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind == "function":
+            _ANSWER_NAMES.update(self.targets)
 
     def observe(self, targets: tuple, args: tuple) -> Any:
         if self.run is not None:
@@ -254,11 +266,30 @@ class Question:
                                 f"there is no {what} `{missing[0]}` yet: write it in the "
                                 "cell above and run that cell.")
         targets = tuple(namespace[t] for t in self.targets)
+        borrowed = self._borrowed(targets, namespace)
+        if borrowed is not None:
+            return borrowed
         for case in self.cases:
             verdict = self._try(case, targets)
             if verdict is not None:
                 return verdict
         return self._result(Outcome.CORRECT, self._correct_text())
+
+    def _borrowed(self, targets: tuple, namespace: Mapping[str, Any]) -> Result | None:
+        """INCORRECT when a target calls the kit's own answer (ownwork.py)."""
+        if self.own_work is None or self.kind == "value":
+            return None
+        from vhostlab.exercises.ownwork import delegations, explain
+        for name, fn in zip(self.targets, targets):
+            if not callable(fn):
+                continue
+            # another question's answer is judged there, not again here
+            found = delegations(fn, self.own_work,
+                                not_followed=_ANSWER_NAMES - set(self.targets))
+            if found:
+                return self._result(Outcome.INCORRECT,
+                                    explain(name, found, self.own_work_advice))
+        return None
 
     def _correct_text(self) -> str:
         if self.correct_message:
@@ -328,8 +359,8 @@ class Question:
             except Exception:
                 hit = False
             if hit:
-                return self._result(Outcome.INCORRECT,
-                                    f"for {case.describe}: {mistake.say}")
+                say = mistake.say(got, want, args) if callable(mistake.say) else mistake.say
+                return self._result(Outcome.INCORRECT, f"for {case.describe}: {say}")
         return self._result(Outcome.INCORRECT, (
             f"for {case.describe} your code gave {_short.repr(got)}, which is not right. "
             f"{case.advice}").strip())

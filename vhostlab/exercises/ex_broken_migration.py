@@ -1,59 +1,147 @@
-"""Exercise broken_migration: read the trace of a migration that went wrong.
+"""Exercise broken_migration: read the trace of a migration that went wrong, your own.
 
 The trace is not made up: :func:`broken_run` runs the kit's built-in live
-migration with the back-ends' dirty logging switched off
-(``BuiltinMigration(break_logging=True)``, the demo's negative control) and
-keeps what the source back-end recorded. The messages all look right; the
-numbers per round do not. The learner answers two questions whose answers
-are checked: a letter, and the trace position of one message.
+migration with one fault switched on and keeps what the source back-end
+recorded. Which fault depends on the student (:func:`student_id`, hashed):
+
+    logging_skipped        the back-ends never mark the log (the demo's negative control)
+    final_sync_skipped     the front-end leaves out vhost_log_put's last sync at the stop
+    wrong_vring_base       the source answers GET_VRING_BASE for the RX ring 2 short
+    used_ring_not_logged   the back-end ignores VHOST_VRING_F_LOG (its used-ring writes)
+    f_log_not_sent         the front-end sends SET_VRING_ADDR without VHOST_VRING_F_LOG
+
+The learner answers from the evidence (which frames, which page, which
+message), each checked against that student's run; ``check()`` shows the
+right answer only after ``VHOSTLAB_REVEAL_AFTER`` attempts (0, the default:
+never). A written answer (graded by hand) says which step failed and why.
+
+The student id is ``VHOSTLAB_STUDENT`` (``vhostlab grade`` sets it per
+submission), else nbgrader's ``autograded/<student>/<assignment>/`` folder
+the notebook runs in, else ``JUPYTERHUB_USER``, else the login name.
 """
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from vhostlab.backend import handlers
 from vhostlab.exercises.checks import Case, Exercise, Mistake, Question
-from vhostlab.frontend.migration import BuiltinMigration
-from vhostlab.protocol import Feature
+from vhostlab.frontend.frames import RX, TX
+from vhostlab.protocol import Message, Request, VringAddr, VringState
 
-__all__ = ["EXERCISE", "SETUP", "BrokenRun", "broken_run", "CHOICES"]
+__all__ = ["EXERCISE", "SETUP", "BrokenRun", "FAULTS", "broken_run", "fault_for",
+           "student_id", "reveal_after"]
 
 SETUP = '''\
 from vhostlab.exercises import bind
-from vhostlab.exercises.ex_broken_migration import CHOICES, broken_run
+from vhostlab.exercises.ex_broken_migration import broken_run
 
 ex = bind("broken_migration", globals())
-run = broken_run()          # a real built-in migration, with dirty logging broken'''
+run = broken_run()          # a real built-in migration, broken in a way that is yours
+print(f"student {run.student!r}: integrity {run.summary['integrity']}")'''
 
-CHOICES = {
-    "A": "QEMU never sent SET_LOG_BASE, so the back-end had no log to write into.",
-    "B": "The log was set up and logging switched on, but the back-end did not mark the "
-         "pages it wrote: frames and used-ring updates it wrote into pages already copied "
-         "never reached the destination.",
-    "C": "GET_VRING_BASE returned the wrong index, so the destination resumed at the wrong "
-         "place in the rings.",
-    "D": "The destination back-end refused the memory table, so it wrote into the wrong "
-         "memory.",
-}
-ANSWER = "B"
-LOG_ALL = Feature.VHOST_F_LOG_ALL.name
+FAULTS = ("logging_skipped", "final_sync_skipped", "wrong_vring_base",
+          "used_ring_not_logged", "f_log_not_sent")
+RX_QUEUE = 0
+VRING_BASE_SHORT = 2
 
-SOLUTION_WHAT_WENT_WRONG = 'what_went_wrong = "B"'
-SOLUTION_LOG_ALL_SEQ = '''\
-log_all_seq = next(r.seq for r in run.source_trace
-                   if r.direction == "in" and r.request == "SET_FEATURES"
-                   and "VHOST_F_LOG_ALL" in r.fields["payload"]["names"])'''
+SOLUTION_FRAMES = '''\
+lost_frames = sorted(f"RX #{seq}" for seq in run.rx_sent if run.rx_seen.get(seq, 0) != 1) \\
+    + sorted(f"TX #{seq}" for seq in run.tx_sent if run.tx_seen.get(seq, 0) != 1)'''
+SOLUTION_PAGE = '''\
+final = run.dirty_rounds[-1]                  # the final sync, with the switch-over's check
+bad_page = int(final.mismatched[0].page) if final.mismatched else None'''
+SOLUTION_MESSAGE = '''\
+first_wrong_message = None
+for r in run.source_trace:
+    if r.request == "GET_VRING_BASE" and r.direction == "out" \\
+            and r.fields["payload"]["num"] != run.rings_at_stop.get(r.fields["payload"]["index"]):
+        first_wrong_message = r.seq
+        break
+    if r.request == "SET_VRING_ADDR" and r.direction == "in" and run.logging_on_seq \\
+            and r.seq > run.logging_on_seq and not r.fields["payload"]["flags"] & 1:
+        first_wrong_message = r.seq
+        break'''
+
+
+def student_id() -> str:
+    """Who this notebook belongs to (see the module docstring for the order)."""
+    explicit = os.environ.get("VHOSTLAB_STUDENT", "").strip()
+    if explicit:
+        return explicit
+    here = Path.cwd()
+    if here.parent.parent.name == "autograded":    # nbgrader autograde's working folder
+        return here.parent.name
+    return os.environ.get("JUPYTERHUB_USER", "").strip() or getpass.getuser()
+
+
+def fault_for(student: str) -> str:
+    """The fault a student's migration carries: stable, spread over FAULTS.
+    ``VHOSTLAB_FAULT_SALT`` (a course secret) changes the assignment per course."""
+    salt = os.environ.get("VHOSTLAB_FAULT_SALT", "")
+    digest = hashlib.sha256(f"{salt}:{student}".encode()).digest()
+    return FAULTS[int.from_bytes(digest[:4], "big") % len(FAULTS)]
+
+
+def reveal_after() -> int:
+    """Attempts after which check() shows the right answer (0: never)."""
+    try:
+        return max(0, int(os.environ.get("VHOSTLAB_REVEAL_AFTER", "0")))
+    except ValueError:
+        return 0
+
+
+# ---------------------------------------------------------------- the faults
+def _short_rx_base(dev, msg, fds):
+    state = handlers.get_vring_base(dev, msg, fds)
+    if state.index != RX_QUEUE:
+        return state
+    return VringState(state.index, (state.num - VRING_BASE_SHORT) & 0xFFFF)
+
+
+def _ignore_f_log(dev, msg, fds):
+    addr = msg.payload
+    if isinstance(addr, VringAddr) and addr.flags & 1:
+        msg = Message.make(Request.SET_VRING_ADDR, VringAddr(
+            addr.index, addr.flags & ~1, addr.desc_user_addr, addr.used_user_addr,
+            addr.avail_user_addr, addr.log_guest_addr))
+    return handlers.set_vring_addr(dev, msg, fds)
+
+
+def _migration(fault: str):
+    from vhostlab.frontend.migration import BuiltinMigration
+    knobs: dict[str, Any] = {
+        "logging_skipped": {"break_logging": True},
+        "final_sync_skipped": {"skip_final_sync": True},
+        "wrong_vring_base": {"backend_handlers": {Request.GET_VRING_BASE: _short_rx_base}},
+        "used_ring_not_logged": {"backend_handlers": {Request.SET_VRING_ADDR: _ignore_f_log}},
+        "f_log_not_sent": {"log_used_ring": False},
+    }[fault]
+    return BuiltinMigration(wait_timeout=3.0, **knobs)
 
 
 @dataclass(frozen=True)
 class BrokenRun:
-    """What a broken migration left: its summary and both back-ends' traces."""
+    """What one student's broken migration left: summary, traces, rounds, frames."""
 
+    student: str
     summary: dict
     source_trace: tuple      # the source back-end's TraceRecords, in order
     destination_trace: tuple
-    rounds: tuple            # the migration's RoundSnapshots
+    rounds: tuple            # RoundSnapshot per copy round
+    dirty_rounds: tuple      # DirtyRound per sync; the last is the final sync
+    rings_at_stop: dict      # ring index -> last_avail_idx when GET_VRING_BASE came
+    rx_sent: tuple
+    rx_seen: dict            # frame seq -> times the guest read it intact
+    tx_sent: tuple
+    tx_seen: dict
+    logging_on_seq: int | None   # seq of the SET_FEATURES that carried VHOST_F_LOG_ALL
+    fault: str               # not shown in the notebook; the grader's key
 
     def rounds_table(self) -> str:
         """Per round: pages copied, pages the guest and the vhost log reported, frames."""
@@ -65,29 +153,68 @@ class BrokenRun:
                         f"{r['rx_frames_after_copy']:16}")
         return "\n".join(rows)
 
+    def __repr__(self) -> str:
+        return f"<BrokenRun of {self.student!r}: integrity {self.summary.get('integrity')}>"
 
-_RUN: BrokenRun | None = None
+
+_RUNS: dict[str, BrokenRun] = {}
 
 
-def broken_run() -> BrokenRun:
-    """The broken migration, run once per process (the same trace every time asked)."""
-    global _RUN
-    if _RUN is None:
-        migration = BuiltinMigration(break_logging=True)
+def broken_run(student: str | None = None) -> BrokenRun:
+    """This student's broken migration, run once per process."""
+    student = student_id() if student is None else student
+    if student not in _RUNS:
+        fault = fault_for(student)
+        migration = _migration(fault)
         summary = migration.run()
-        _RUN = BrokenRun(summary, tuple(migration.src.server.trace.records()),
-                         tuple(migration.dst.server.trace.records()),
-                         tuple(migration.snapshots))
-    return _RUN
+        trace = tuple(migration.src.server.trace.records())
+        stops = {r.index: r.last_avail_idx for r in migration.switchover.taken("source")}
+        log_on = next((r.seq for r in trace if r.direction == "in"
+                       and r.request == "SET_FEATURES"
+                       and "VHOST_F_LOG_ALL" in r.fields["payload"].get("names", ())), None)
+        _RUNS[student] = BrokenRun(
+            student, summary, trace, tuple(migration.dst.server.trace.records()),
+            tuple(migration.snapshots), tuple(migration.dirty_rounds), stops,
+            tuple(migration.rx.sent), dict(migration.rx.seen),
+            tuple(migration.tx.sent), dict(migration.tx.seen), log_on, fault)
+    return _RUNS[student]
+
+
+# ---------------------------------------------------------------- the right answers
+def _frames(run: BrokenRun) -> list[str]:
+    return sorted(f"RX #{s}" for s in run.rx_sent if run.rx_seen.get(s, 0) != 1) \
+        + sorted(f"TX #{s}" for s in run.tx_sent if run.tx_seen.get(s, 0) != 1)
+
+
+def _bad_pages(run: BrokenRun) -> set[int]:
+    return {int(m.page) for m in run.dirty_rounds[-1].mismatched} if run.dirty_rounds else set()
+
+
+def _wrong_message(run: BrokenRun) -> int | None:
+    for r in run.source_trace:
+        payload = r.fields.get("payload") or {}
+        if r.request == "GET_VRING_BASE" and r.direction == "out" \
+                and payload.get("num") != run.rings_at_stop.get(payload.get("index")):
+            return r.seq
+        if r.request == "SET_VRING_ADDR" and r.direction == "in" and run.logging_on_seq \
+                and r.seq > run.logging_on_seq and run.fault == "f_log_not_sent" \
+                and not payload.get("flags", 0) & 1:
+            return r.seq
+    return None
+
+
+class _Reference:
+    """The right answer, computed from this student's run when a check needs it."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def value(self) -> Any:
+        return self.fn(broken_run())
 
 
 def _value(targets, args) -> Any:
-    return targets[0]() if callable(targets[0]) else targets[0]
-
-
-def _letter(targets, args) -> Any:
-    value = _value(targets, args)
-    return value.strip().upper() if isinstance(value, str) else value
+    return targets[0].value() if isinstance(targets[0], _Reference) else targets[0]
 
 
 def _nothing():
@@ -97,75 +224,113 @@ def _nothing():
     return setup
 
 
-def _says(letter: str):
-    return lambda got, want, args: got == letter
+@dataclass
+class _Attempts:
+    n: int = 0
+
+
+_TRIES: dict[str, _Attempts] = {}
+
+
+def _revealing(question: str, how: str):
+    """A Mistake that counts wrong attempts and, from the reveal_after()-th on,
+    shows the right answer for this student's run and how to read it."""
+    def when(got, want, args) -> bool:
+        tries = _TRIES.setdefault(question, _Attempts())
+        tries.n += 1
+        limit = reveal_after()
+        return bool(limit) and tries.n >= limit
+
+    def say(got, want, args) -> str:
+        shown = sorted(want) if isinstance(want, set) else want
+        return f"after {_TRIES[question].n} attempts, the answer for your run: {shown!r}. {how}"
+    return Mistake(when, say)
+
+
+def _frames_ok(got, want) -> bool:
+    try:
+        return sorted(str(x).strip() for x in got) == want
+    except TypeError:
+        return False
 
 
 Q1 = Question(
-    name="q1", title="what went wrong?", targets=("what_went_wrong",), kind="value",
-    reference=ANSWER, run=_letter,
-    cases=(Case("your answer", _nothing()),),
+    name="q1", title="which frames went missing (or came twice)?", targets=("lost_frames",),
+    kind="value", run=_value, reference=None,
+    compare=_frames_ok,
+    cases=(Case("your list of frames", _nothing()),),
     mistakes=(
-        Mistake(lambda got, want, args: got not in CHOICES,
-                "answer with one letter, A, B, C or D, as a string: what_went_wrong = \"A\"."),
-        Mistake(_says("A"), "look at the trace again: SET_LOG_BASE is there, with its fd, "
-                            "and the back-end replied 0 (success)."),
-        Mistake(_says("C"), "compare the source's GET_VRING_BASE replies with the "
-                            "destination's SET_VRING_BASE requests (run.destination_trace): "
-                            "the numbers are the same. Look at what the vhost log reported."),
-        Mistake(_says("D"), "the destination's trace shows SET_MEM_TABLE answered 0 (success); "
-                            "and the pages that differ are pages the source wrote."),
+        Mistake(lambda got, want, args: not isinstance(got, (list, tuple, set)),
+                "give a list of frame names as strings, such as [\"RX #12\", \"RX #13\"]."),
+        _revealing("q1", "Every RX and TX frame whose count in run.rx_seen / run.tx_seen "
+                         "is not exactly 1."),
+        Mistake(lambda got, want, args: True,
+                "not the frames the guest lost or got twice in your run. Compare what was "
+                "sent (run.rx_sent, run.tx_sent) with what the guest read (run.rx_seen, "
+                "run.tx_seen: times each frame arrived intact)."),
     ),
-    hints=(
-        "Every message in the trace was accepted. Look at the per-round table instead: "
-        "how many pages did the vhost log report, and how many RX frames were written?",
-        "Which pages can only the vhost log report? Not the guest's own writes.",
-    ),
-    solution=SOLUTION_WHAT_WENT_WRONG,
+    hints=("The summary's frames counts say how many; run.rx_seen says which.",
+           "A frame read 0 times was lost; read twice, it came again after the switch-over."),
+    solution=SOLUTION_FRAMES,
 )
-
-
-def _log_all_seq() -> int:
-    return next(r.seq for r in broken_run().source_trace
-                if r.direction == "in" and r.request == "SET_FEATURES"
-                and LOG_ALL in r.fields["payload"]["names"])
-
-
-def _seq_of(request: str, direction: str = "in", nth: int = 0):
-    def when(got, want, args) -> bool:
-        seqs = [r.seq for r in broken_run().source_trace
-                if r.request == request and r.direction == direction]
-        return len(seqs) > nth and got == seqs[nth]
-    return when
-
 
 Q2 = Question(
-    name="q2", title="which message switched dirty logging on?", targets=("log_all_seq",),
-    kind="value", reference=_log_all_seq, run=_value,
-    cases=(Case("your answer", _nothing()),),
+    name="q2", title="which page differs at the destination?", targets=("bad_page",),
+    kind="value", run=_value, reference=None,
+    compare=lambda got, want: got == want if want is None or got is None else
+    isinstance(got, int) and got in want,
+    cases=(Case("your page", _nothing()),),
     mistakes=(
-        Mistake(lambda got, want, args: not isinstance(got, int),
-                "give the message's seq number from the trace, an int."),
-        Mistake(_seq_of("SET_LOG_BASE"), "SET_LOG_BASE hands the back-end the log (an fd and a "
-                                         "size) but does not switch logging on; the seed: "
-                                         "'QEMU needs to notify vhost backend to start writing "
-                                         "dirty page bitmap' through vhost_set_features."),
-        Mistake(_seq_of("SET_FEATURES"), "that SET_FEATURES is the one from start-up: its "
-                                         "payload has no VHOST_F_LOG_ALL (bit 26)."),
-        Mistake(lambda got, want, args: got == want + 1,
-                "that is the back-end's reply (direction out); give the request's seq."),
-        Mistake(_seq_of("SET_VRING_ADDR", nth=2), "SET_VRING_ADDR with VHOST_VRING_F_LOG asks "
-                                                  "for the used ring to be logged, once "
-                                                  "logging is on; it is not what turns it on."),
+        Mistake(lambda got, want, args: got is not None and not isinstance(got, int),
+                "give a page number (an int), or None if every page matched."),
+        _revealing("q2", "The final DirtyRound (run.dirty_rounds[-1]) lists the mismatched "
+                         "pages; any one of them is right, None when it lists none."),
+        Mistake(lambda got, want, args: want is None,
+                "in your run every page matched at the switch-over: the RAM was copied "
+                "right, and what went wrong is elsewhere. Answer None."),
+        Mistake(lambda got, want, args: True,
+                "that page is the same at both ends in your run. The final sync's "
+                "DirtyRound knows which pages differ."),
     ),
-    hints=(
-        "The seed, step 2: vhost_log_global_start() -> ... -> vhost_dev_set_features() -> "
-        "vhost_set_features().",
-        "There are two SET_FEATURES in the source's trace; one of them has VHOST_F_LOG_ALL "
-        "among its payload's names.",
-    ),
-    solution=SOLUTION_LOG_ALL_SEQ,
+    hints=("run.dirty_rounds[-1] is the final sync, with the switch-over's page check.",
+           "Each mismatched page comes with the frames that lived in it; and the bands say "
+           "whether it is a ring or a buffer."),
+    solution=SOLUTION_PAGE,
 )
 
+Q3 = Question(
+    name="q3", title="which message was wrong?", targets=("first_wrong_message",),
+    kind="value", run=_value, reference=None,
+    cases=(Case("your seq", _nothing()),),
+    mistakes=(
+        Mistake(lambda got, want, args: got is not None and not isinstance(got, int),
+                "give the seq (an int) of a message in run.source_trace, or None."),
+        _revealing("q3", "Look for a GET_VRING_BASE reply whose num differs from "
+                         "run.rings_at_stop, or a SET_VRING_ADDR after logging went on "
+                         "whose flags lack VHOST_VRING_F_LOG (1); None if neither."),
+        Mistake(lambda got, want, args: want is None,
+                "in your run every message carried what the seed says it should: the fault "
+                "is in what a side did (or did not do) with them. Answer None."),
+        Mistake(lambda got, want, args: True,
+                "that message carried what it should. Compare each message that matters to "
+                "migration with what the seed expects of it at that point."),
+    ),
+    hints=("The messages that matter: SET_LOG_BASE, SET_FEATURES with VHOST_F_LOG_ALL, "
+           "SET_VRING_ADDR with VHOST_VRING_F_LOG, GET_VRING_BASE's reply.",
+           "run.rings_at_stop says where each ring really stood when GET_VRING_BASE came."),
+    solution=SOLUTION_MESSAGE,
+)
+
+
+def _bind_reference(q: Question, fn) -> Question:
+    from dataclasses import replace
+    return replace(q, reference=_Reference(fn))
+
+
+# The right answers come from this student's own run, made when first checked.
+Q1 = _bind_reference(Q1, _frames)
+Q2 = _bind_reference(Q2, lambda run: (_bad_pages(run) or None))
+Q3 = _bind_reference(Q3, _wrong_message)
+
 EXERCISE = Exercise(name="broken_migration", title="Read the trace of a broken migration",
-                    questions=(Q1, Q2), setup=SETUP)
+                    questions=(Q1, Q2, Q3), setup=SETUP, solution_allowed=False)

@@ -217,6 +217,7 @@ Q1 = Question(
         "Refuse len == 0 and INDIRECT, and stop when flags & VRING_DESC_F_NEXT is 0.",
     ),
     solution=SOLUTION_WALK_CHAIN,
+    own_work=(),
 )
 
 
@@ -266,6 +267,7 @@ Q2 = Question(
         "in two regions that the back-end mapped far apart.",
     ),
     solution=SOLUTION_FIND_REGION,
+    own_work=(),
 )
 
 
@@ -340,6 +342,7 @@ Q3 = Question(
         "buffer.",
     ),
     solution=SOLUTION_READ_FRAME,
+    own_work=(),
 )
 
 EXERCISE = Exercise(name="descriptor_chain", title="Walk a descriptor chain safely",

@@ -164,11 +164,13 @@ Q1 = Question(
     hints=(
         "A page is 4096 bytes (VHOST_LOG_PAGE): the write dirties pages gpa // 4096 up to "
         "(gpa + length - 1) // 4096.",
-        "Page p is bit p % 8 of byte p // 8: log[p // 8] |= 1 << (p % 8).",
+        "Page p is bit p % 8 of byte p // 8. Set it with a bitwise OR into that byte, so "
+        "that the bits other writers set stay set.",
         "Before marking, check that the last page's byte, last // 8, is inside the log "
         "(len(log)); a zero-length write marks nothing.",
     ),
     solution=SOLUTION_LOG_WRITE,
+    own_work=(),
 )
 
 
@@ -245,6 +247,7 @@ Q2 = Question(
         "Call your log_write for each element (8 bytes) and for idx (2 bytes at offset 2).",
     ),
     solution=SOLUTION_LOG_USED,
+    own_work=(),
 )
 
 EXERCISE = Exercise(name="dirty_log", title="Log the pages a write dirties",

@@ -3,7 +3,8 @@
 Every input is real bytes from the protocol layer (``Message.make(...)
 .to_bytes()``) or such bytes cut, padded or altered the way a hostile
 front-end would; the right answers come from the protocol layer's own
-parser (``peek_header``, ``parse_message``).
+parser (``peek_header``, ``parse_message``). Neither is in the learner's
+namespace, and an answer that calls them (or any kit code) scores 0.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import struct
 
 from vhostlab.exercises import bind
 from vhostlab.protocol import (HEADER_SIZE, VERSION_MASK, VHOST_USER_VERSION, Feature,
-                               Message, Request, VringState, parse_message, peek_header)
+                               Message, Request, VringState)
 
 ex = bind("vhost_message", globals())
 
@@ -127,12 +128,14 @@ Q1 = Question(
     ),
     hints=(
         "The header is three little-endian u32 values in a row: request, flags, size.",
-        "struct.unpack_from('<III', data) reads them; check len(data) before you do, "
-        "or struct raises struct.error, which is not a ValueError.",
+        "struct.unpack_from reads several values at once from a format string ('<' for "
+        "little endian, one letter per u32); check len(data) before you do, or struct "
+        "raises struct.error, which is not a ValueError.",
         "The version lives in the lowest two bits of flags: flags & VERSION_MASK must "
         "equal VHOST_USER_VERSION (1).",
     ),
     solution=SOLUTION_PARSE_HEADER,
+    own_work=(),
 )
 
 _STATE_REFUSE = "A back-end must refuse it with a ValueError that names the field."
@@ -178,9 +181,11 @@ Q2 = Question(
         "Call your parse_header first: it already refuses short headers and bad versions.",
         "Three more rules: the request must be in VRING_STATE_REQUESTS, size must be 8, "
         "and len(data) must be exactly HEADER_SIZE + size.",
-        "The payload starts at offset HEADER_SIZE: struct.unpack_from('<II', data, HEADER_SIZE).",
+        "The payload starts at offset HEADER_SIZE: two u32, index then num (unpack_from "
+        "takes an offset as its third argument).",
     ),
     solution=SOLUTION_PARSE_VRING_STATE,
+    own_work=(),
 )
 
 EXERCISE = Exercise(name="vhost_message", title="Parse a vhost-user message",

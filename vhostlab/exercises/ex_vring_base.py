@@ -277,12 +277,13 @@ Q1 = Question(
     hints=(
         "The reply to GET_VRING_BASE carries {index, num}; num is where the ring stopped "
         "taking avail entries.",
-        "vring.last_avail_idx is that number; return it as it is (the free-running index, "
-        "not index % num).",
-        "Stop the ring first with vring.stop(): after GET_VRING_BASE the back-end must not "
-        "take or write anything more on it.",
+        "VringControl shows you that number among its attributes; return it as it is (the "
+        "free-running index, not index % num).",
+        "After GET_VRING_BASE the back-end must not take or write anything more on the "
+        "ring: VringControl has a method for that, and it comes before the report.",
     ),
     solution=SOLUTION_GET,
+    own_work=(),
 )
 
 Q2 = Question(
@@ -300,9 +301,10 @@ Q2 = Question(
     ),
     hints=(
         "SET_VRING_BASE's num is the avail index the ring resumes from.",
-        "Assign it: vring.last_avail_idx = num.",
+        "VringControl has exactly one attribute that set_vring_base may assign.",
     ),
     solution=SOLUTION_SET,
+    own_work=(),
 )
 
 
@@ -354,6 +356,7 @@ Q3 = Question(
         "SET_VRING_BASE: both numbers must be the same free-running index.",
     ),
     solution=SOLUTION_MIGRATE,
+    own_work=(),
 )
 
 EXERCISE = Exercise(name="vring_base", title="GET_VRING_BASE / SET_VRING_BASE in a migration",

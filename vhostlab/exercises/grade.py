@@ -15,7 +15,8 @@ Grades every submitted notebook against the instructor's source:
    fresh kernel, an address-space limit (RLIMIT_AS), a per-cell time limit
    and a per-notebook wall-clock limit. Results stream back cell by cell, so
    a loop, an exception, ``os._exit``, a segfault or the memory limit costs
-   only the questions it broke, and the batch goes on. Cells tagged
+   only the questions it broke, and the batch goes on. The kernel gets the
+   student's id as ``VHOSTLAB_STUDENT`` (per-student exercises). Cells tagged
    ``grader-skip`` (the learner's self-checks and demos) are not run.
 4. Report. One CSV row per student, exercise and graded cell (student,
    exercise, grade_id, points, max_points, status) and one markdown feedback
@@ -193,8 +194,12 @@ def _plain(cell: NotebookNode) -> NotebookNode:
 
 # ---------------------------------------------------------------- running
 
-def run_notebook(nb: NotebookNode, limits: Limits) -> tuple[list[dict], str]:
+def run_notebook(nb: NotebookNode, limits: Limits,
+                 student: str | None = None) -> tuple[list[dict], str]:
     """Execute `nb` in a child process under `limits`; (cell records, trouble).
+
+    ``student`` reaches the kernel as ``VHOSTLAB_STUDENT``: exercises whose
+    data differ per student (broken_migration's fault) read it there.
 
     `trouble` is empty when the runner finished; otherwise it says why not
     (the notebook time limit, or the runner's own last words). The child and
@@ -210,8 +215,12 @@ def run_notebook(nb: NotebookNode, limits: Limits) -> tuple[list[dict], str]:
         trouble = ""
         with open(Path(tmp) / "runner.log", "w+b") as log:
             # its own session: one killpg stops the runner and all it started
+            env = dict(os.environ)
+            env.pop("VHOSTLAB_STUDENT", None)
+            if student is not None:
+                env["VHOSTLAB_STUDENT"] = student
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    start_new_session=True)
+                                    start_new_session=True, env=env)
             try:
                 proc.wait(timeout=limits.notebook_timeout)
             except subprocess.TimeoutExpired:
@@ -328,7 +337,7 @@ def grade_one(sub: Submission, limits: Limits) -> list[Row]:
     merged.cells = [c for c in merged.cells
                     if not (nbg.is_grade(c) and nbg.grade_id(c) in missing
                             and not nbg.is_solution(c))]
-    records, trouble = run_notebook(merged, limits)
+    records, trouble = run_notebook(merged, limits, student=sub.student)
     return score(sub, source, missing, records, trouble)
 
 

@@ -208,6 +208,11 @@ class BuiltinMigration:
     request handlers in both back-ends (an exercise runs a learner's
     GET_VRING_BASE / SET_VRING_BASE there); ``wait_timeout`` bounds each wait
     for frames, so a back-end that loses them costs seconds, not minutes.
+    Faults and hooks for the exercises, on the source's front-end:
+    ``log_sync`` reads and clears the log in place of ``DirtyLog.sync``
+    (a function of the log's u64 words returning dirty pages);
+    ``skip_final_sync`` leaves out vhost_log_put's last sync at the stop;
+    ``log_used_ring=False`` sends SET_VRING_ADDR without VHOST_VRING_F_LOG.
     """
 
     ram_size: int = 16 << 20
@@ -217,6 +222,9 @@ class BuiltinMigration:
     queue_size: int = 256
     backend_handlers: dict | None = None
     wait_timeout: float = WAIT_TIMEOUT
+    log_sync: object = None
+    skip_final_sync: bool = False
+    log_used_ring: bool = True
     snapshots: list = field(default_factory=list)
     dirty_rounds: list = field(default_factory=list)    # DirtyRound per sync, for the views
     ops_called: list = field(default_factory=list)
@@ -271,6 +279,9 @@ class BuiltinMigration:
         ops = VhostOps(VhostUserChannel.connect(side.server.socket_path))
         ops.ops_called = self.ops_called           # one list, both QEMUs, in time order
         side.dev = VhostDev(ops, dirty_sink=None)
+        if side is self.src:
+            side.dev.log_sync = self.log_sync
+            side.dev.log_used_ring = self.log_used_ring
         return side.dev
 
     def start_source(self) -> None:
@@ -373,6 +384,8 @@ class BuiltinMigration:
         sink: list[np.ndarray] = []
         dev.dirty_sink = sink.append
         self._t_stop = time.monotonic()                # the guest stops running here
+        if self.skip_final_sync:
+            dev.log_sync = lambda log64: ()            # vhost_log_put's sync finds nothing
         bases = dev.vhost_dev_stop(self.guest)
         dev.dirty_sink = None
         self._pending_log = (np.concatenate(sink).astype(np.int64) if sink

@@ -134,6 +134,11 @@ class VhostDev:
         self.dirty_sink = dirty_sink
         self.syncs = 0
         self.pages_logged = 0
+        # Exercises' knobs: a function(log as u64 words) -> dirty pages that reads and
+        # clears the log instead of DirtyLog.sync; whether SET_VRING_ADDR asks for
+        # the used ring to be logged (VHOST_VRING_F_LOG) while logging is on.
+        self.log_sync: Callable[[np.ndarray], object] | None = None
+        self.log_used_ring = True
         self.timeline: list[TimelineEntry] = []
         self._depth = 0
         ops.channel.listeners.append(self._on_message)
@@ -252,7 +257,8 @@ class VhostDev:
         """SET_VRING_ADDR: user addresses of the ring, log_guest_addr = used ring GPA."""
         self.vhost_ops.vhost_set_vring_addr(
             idx, desc_user_addr=vq.desc, used_user_addr=vq.used, avail_user_addr=vq.avail,
-            log_guest_addr=vq.used_phys, flags=VHOST_VRING_F_LOG if enable_log else 0)
+            log_guest_addr=vq.used_phys,
+            flags=VHOST_VRING_F_LOG if enable_log and self.log_used_ring else 0)
 
     # -- stop ----------------------------------------------------------------
     @vhost_fn
@@ -357,7 +363,11 @@ class VhostDev:
         """
         if not self.log_enabled or not self.started or self.log is None:
             return np.zeros(0, dtype=np.uint64)
-        pages = self.log.sync()   # vhost_dev_sync_region over the whole log
+        if self.log_sync is None:
+            pages = self.log.sync()   # vhost_dev_sync_region over the whole log
+        else:
+            pages = np.unique(np.asarray(self.log_sync(self.log.bitmap.view(np.uint64)),
+                                         dtype=np.int64))
         self.syncs += 1
         pages = self._in_guest_ram(pages)
         self.pages_logged += int(pages.size)
