@@ -147,6 +147,8 @@ def _run_qemu(point: SweepPoint, give_up_s: float, qemu: str | None) -> SweepRes
     # What each sync after the first found dirty: the pages QEMU sent in the round it
     # opened (query-migrate's "remaining" is read too late: QEMU is already sending).
     dirty = tuple(x.pages_sent for x in r.rounds[1:])
+    if not converged and len(dirty) > 1:
+        dirty = dirty[:-1]              # the round migrate_cancel cut short
     return SweepResult(point, "qemu", converged, r.status if converged else
                        ("cancelled" if "not finished" in (r.error or "") else r.status),
                        len(r.rounds), s["total_time_ms"], s["downtime_ms"], r.pages_logged,
