@@ -14,7 +14,7 @@ APT_PACKAGES := qemu-system-x86 dpdk dpdk-dev chromium
 # Ubuntu QEMU, 6.2 or 8.2, lies between them).
 QEMU_RELEASES := bullseye trixie
 
-.PHONY: install system-packages demo test test-qemu-releases lab bench doctor clean
+.PHONY: install system-packages demo test test-qemu-releases lab bench soak doctor clean
 
 install: system-packages $(STAMP)
 
@@ -62,6 +62,11 @@ lab: install
 
 bench: install
 	$(BIN)/vhostlab bench
+
+# 10^6 fuzzed messages and 200 fault cycles against a `vhostlab serve` process;
+# prints one JSON line, fails on any crash, hang, unanswered request or leak.
+soak: install
+	nice -n 10 $(BIN)/python -m vhostlab.backend.soak
 
 doctor: install
 	$(BIN)/vhostlab doctor

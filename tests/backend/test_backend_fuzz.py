@@ -8,6 +8,8 @@ wrong kind (eventfds, memfds, pipes, sockets, /dev/null where another belongs),
 and random bytes in the guest's rings. Each stream goes over a real unix
 socket with SCM_RIGHTS to one BackendServer running in this process.
 
+Every request that waits for a reply must get exactly one correct reply, in
+order, or the connection is closed with the reason in the server's errors.
 After every stream the server must still run, hold none of the stream's fds
 or mappings (the process is back at its baseline of open fds, memfd mappings
 and guest-memory reservations), have hit no internal error, and answer
@@ -29,6 +31,7 @@ from test_backend_protocol import Guest, frames_of, open_fds, wait_until
 from test_backend_reconnect import maps_lines
 from test_backend_scripted import ScriptedFrontend
 from vhostlab.backend import BackendServer
+from vhostlab.backend.soak import check_replies, expected_replies
 from vhostlab.backend.device import OFFERED_PROTOCOL_FEATURES
 from vhostlab.protocol import (ConfigSpace, Feature, LogArea, MemoryRegion, MemoryTable,
                                Message, Request, SingleMemoryRegion, VringAddr,
@@ -202,9 +205,10 @@ class Fds:
         self.opened, self.kicks = [], []
 
 
-def play(path: str, steps, fds: Fds) -> None:
+def play(path: str, steps, fds: Fds) -> bytes:
     """Send every step (fds on its first byte), kick, hang up, read until the back-end
-    closes. Sending stops quietly when the back-end has closed the connection."""
+    closes; returns what it sent back. Sending stops quietly when the back-end has
+    closed the connection."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(5)
     sock.connect(path)
@@ -224,20 +228,27 @@ def play(path: str, steps, fds: Fds) -> None:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        got = bytearray()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if select.select([sock], [], [], 0.5)[0]:
                 try:
-                    if not sock.recv(65536):
-                        return
+                    chunk = sock.recv(65536)
                 except OSError:
-                    return
+                    return bytes(got)
+                if not chunk:
+                    return bytes(got)
+                got += chunk
         raise AssertionError("the back-end did not close the connection after EOF")
     finally:
         sock.close()
 
 
 # -- what must hold after every stream -----------------------------------------------
+def _named_closes(srv: BackendServer) -> int:
+    """Connections the server closed with a reason in its errors ("connection N closed: ...")."""
+    with srv.lock:
+        return srv.device.counters.closed_with_error
 def memfd_mappings() -> list[str]:
     """Mappings of memfds (guest RAM, logs, hot-plugged regions), without addresses."""
     return sorted(line.split(None, 5)[-1] for line in maps_lines() if "/memfd:" in line)
@@ -323,12 +334,19 @@ def test_mutated_streams_leave_the_server_serving_and_nothing_behind(
     offered = srv.device.offered_features
     settle(srv)
     baseline = resources()
+    closes = _named_closes(srv)
     fds = Fds(ring_bytes, avail_idx)
     try:
-        play(srv.socket_path, steps, fds)
+        got = play(srv.socket_path, steps, fds)
     finally:
         fds.close()
     settle(srv)
+    # Exactly one correct answer per request that waits for one, in order
+    # (flags 0x5, its id, a payload of its reply type); or a named close.
+    answered, wrong, closed = check_replies(got, expected_replies(steps))
+    assert not wrong, (answered, got.hex())
+    if closed:
+        assert _named_closes(srv) > closes, "the back-end closed without saying why"
     assert wait_until(lambda: resources() == baseline, 2), (
         describe_fds(open_fds() ^ baseline[0]), memfd_mappings(), reservations())
     assert srv.running

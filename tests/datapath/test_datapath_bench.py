@@ -13,7 +13,7 @@ def test_bench_json_report_covers_every_case(capsys):
     assert bench.main(["--json", "--quick", "--no-startup"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"compile_s", "warm_start_s", "compile_wall_s",
-                           "warm_start_wall_s", "results"}
+                           "warm_start_wall_s", "results", "kicked_frame_ms_by_log_size"}
     assert report["compile_s"] is None and report["warm_start_s"] is None
     cases = {(r["name"], r["impl"], r["frame_bytes"], r["burst"], r["log"])
              for r in report["results"]}

@@ -82,6 +82,7 @@ class Counters:
     rarp_sent: int = 0
     connections: int = 0
     slowest_service_ms: float = 0.0     # the longest a ring service held the lock
+    closed_with_error: int = 0          # connections closed by the device, reason in errors
     messages: Counter = field(default_factory=Counter)
     errors: deque = field(default_factory=lambda: deque(maxlen=ERRORS_KEPT))
 

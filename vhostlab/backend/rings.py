@@ -338,7 +338,10 @@ def _service_tx(dev: VhostUserNetDevice, vring: Vring) -> bool:
         try:
             n = vq.tx_burst(dev.memory, arena, log=log, hdr_len=hdr_len, max_frames=TX_BURST)
         except RingError as exc:
-            error, n = exc, exc.frames
+            # Without its traceback: the frames it holds hold views of guest
+            # memory, which would keep a closed memory table mapped until
+            # the garbage collector finds the cycle through `error`.
+            error, n = exc.with_traceback(None), exc.frames
         sent = int(state["bytes"]) - bytes0
         frames, nbytes = frames + n, nbytes + sent
         if n:
@@ -426,7 +429,7 @@ def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
         try:
             done = vq.rx_burst(dev.memory, arena, log=log, hdr_len=dev.hdr_len, mrg_rxbuf=mrg)
         except RingError as exc:
-            error, done = exc, exc.frames
+            error, done = exc.with_traceback(None), exc.frames     # (see _service_tx)
         dev.counters.guest_rx_frames += vq.frames - frames0
         dev.counters.guest_rx_bytes += vq.bytes - bytes0
         dev.counters.dropped += vq.dropped - dropped0

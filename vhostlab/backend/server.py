@@ -380,6 +380,7 @@ class BackendServer:
                 return
 
     def _fail(self, conn: _Connection, why: str) -> None:
+        self.device.counters.closed_with_error += 1
         self.device.error(f"connection {conn.number} closed: {why}")
         self._disconnect(why)
 

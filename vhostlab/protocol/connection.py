@@ -367,6 +367,17 @@ class FrontendConnection(_Connection):
         self._track(msg)
         return data
 
+    def expect_reply(self, msg: Message) -> bool:
+        """Record ``msg`` as sent by someone else (its bytes went out another
+        way, e.g. a fuzzer's): await its reply if one is due. Negotiation is
+        tracked; postcopy is not (a back-end may refuse it). True if due."""
+        if msg.request not in (Request.POSTCOPY_LISTEN, Request.POSTCOPY_END):
+            self._track(msg)
+        types = self._reply_types(msg)
+        if types is not None:
+            self._expected.append((msg.request, types))
+        return types is not None
+
     def _reply_types(self, msg: Message) -> tuple | None:
         if not self._reply_due(msg):
             return None
