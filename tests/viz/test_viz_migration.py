@@ -52,7 +52,11 @@ def test_migration_ran_and_the_live_view_followed_it(migrated):
     assert live.refreshes >= 2 and not live.running
     final = _text(live.to_html())
     assert f"{len(mig.snapshots)} rounds" in final          # the timeline's last redraw
-    assert f"round {len(mig.snapshots)} (stop-and-copy)" in final  # the slider followed
+    # The dirty map followed the syncs up to vhost_log_put's final one, drawn by band.
+    last_sync = mig.dirty_rounds[-1]
+    assert last_sync.final_sync
+    assert f"newest sync: final sync (vhost_log_put), {len(mig.dirty_rounds)} so far" in final
+    assert "data-view='dirty-bitmap'" in live.to_html() and "RX buffers" in final
     last = mig.src.server.trace.records()[-1]
     assert last.request == "GET_VRING_BASE" and "GET_VRING_BASE (reply)" in final  # trace pane
     # The QEMU launcher's spawner thread lives for the whole process on purpose

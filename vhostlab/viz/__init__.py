@@ -17,6 +17,7 @@ show in JupyterLab, Voila, nbconvert HTML and GitHub's notebook preview:
 - ``DirtyBitmapView``: one sync of the dirty log (a ``DirtyRound``) as labelled
   bands of pages, zoomed to the dirty 64-page words, the vhost log beside the
   guest's own writes; ``DirtyRoundPlayer`` plays a run's syncs;
+  ``NewestDirtyRoundView`` follows a running one (``watch_migration`` uses it);
 - ``LogBitmapView``: any raw log as it is now, one pixel per 4 KiB page;
 - ``MigrationTimelineView``: pages per round, bytes sent, the rounds sent
   with the guest stopped and the downtime;
@@ -45,7 +46,7 @@ Typical sources (each view reads them again whenever it renders)::
 """
 from .bitmap import LogBitmapView, bitmap_rgb, dirty_counts, dirty_ranges, page_bits
 from .calls import CallTimelineView, inferred_timeline, timeline_entries
-from .dirtymap import DirtyBitmapView, DirtyRoundPlayer
+from .dirtymap import DirtyBitmapView, DirtyRoundPlayer, NewestDirtyRoundView
 from .memmap import MemoryMapView, memory_regions
 from .opstable import VhostOpsTableView
 from .png import decode_png, figure_png, rgb_png
@@ -58,6 +59,7 @@ __all__ = [
     "CallTimelineView",
     "DirtyBitmapView",
     "DirtyRoundPlayer",
+    "NewestDirtyRoundView",
     "LiveView",
     "LogBitmapView",
     "MemoryMapView",

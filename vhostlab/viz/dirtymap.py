@@ -278,6 +278,30 @@ class DirtyBitmapView(View):
         return wrap(body, self.title, view="dirty-bitmap")
 
 
+class NewestDirtyRoundView(View):
+    """The newest sync of a running migration, redrawn as syncs arrive.
+
+    ``rounds``: a callable that returns the migration's DirtyRounds so far
+    (``lambda: migration.dirty_rounds``); a LiveView calls ``to_html()`` on
+    every redraw, so the picture follows the syncs while QEMU copies RAM.
+    """
+
+    def __init__(self, rounds, title: str = "The dirty bitmap, newest sync") -> None:
+        self.rounds = rounds
+        self.title = title
+
+    def to_html(self) -> str:
+        rounds = [r for r in self.rounds() if isinstance(r, DirtyRound)]
+        if not rounds:
+            return wrap("<div class='muted'>no sync of the log yet: logging starts with "
+                        "the migration (SET_LOG_BASE, then SET_FEATURES with "
+                        "VHOST_F_LOG_ALL)</div>", self.title, view="dirty-bitmap")
+        r = rounds[-1]
+        label = "final sync (vhost_log_put)" if r.final_sync else f"round {r.round}"
+        return DirtyBitmapView(r, rounds, title=f"{self.title}: {label}, {len(rounds)} so "
+                               "far").to_html()
+
+
 class DirtyRoundPlayer:
     """Play and a slider over a run's DirtyRounds; the static twin shows them all.
 

@@ -402,10 +402,15 @@ def watch_migration(migration: Any, until: Any, trace: Any = None, interval: flo
     ends); ``trace``: a source of vhost-user messages to follow (a back-end,
     a front-end device), if any. Display the result, or call ``show()``.
     """
+    from .dirtymap import NewestDirtyRoundView
     from .timeline import MigrationTimelineView
     from .trace import TraceView
 
-    views: list[Any] = [MigrationTimelineView(migration), RoundSlider(migration)]
+    views: list[Any] = [MigrationTimelineView(migration)]
+    if hasattr(migration, "dirty_rounds"):     # both front-ends keep a DirtyRound per sync
+        views.append(NewestDirtyRoundView(lambda: list(migration.dirty_rounds)))
+    else:
+        views.append(RoundSlider(migration))
     if trace is not None:
         views.append(TraceView(trace, limit=8))
     return LiveView(views, until=until, interval=interval, max_seconds=max_seconds,
