@@ -49,6 +49,7 @@ __all__ = [
 FRONTENDS = ("auto", "qemu", "builtin")
 #: Guest RAM of every lab guest (QEMU's -m): small enough for Binder's 2 GB.
 RAM_SIZE = 128 << 20
+RX_AT_STOP = 8            # RX frames a real QEMU's source back-end writes as its rings stop
 #: Process-wide helper threads that rightly outlive a lab: the QEMU launcher
 #: forks every QEMU from one sleeping thread, so that PR_SET_PDEATHSIG ties
 #: each QEMU to this process (the kernel ties that signal to the forking thread).
@@ -296,10 +297,11 @@ class Lab:
             device.guest.post_rx_buffers(rx_buffers)
         return device
 
-    def migration(self, *, break_logging: bool = False) -> "LabMigration":
+    def migration(self, *, break_logging: bool = False,
+                  skip_final_sync: bool = False) -> "LabMigration":
         """A live migration by the lab's front-end (call ``start()``); see LabMigration."""
         label = self._label("migration")
-        mig = LabMigration(self.frontend, break_logging)
+        mig = LabMigration(self.frontend, break_logging, skip_final_sync)
         return self.own(mig, mig.close, label, alive=mig.running)
 
     def new_log(self, memory):
@@ -501,20 +503,28 @@ class LabMigration:
     while it runs. ``summary()`` is the JSON summary both give (the one
     ``vhostlab demo --json`` prints): ``migration``, ``vhost_log``, ``frames``,
     ``integrity``, ``ops_called``. ``break_logging``: the back-ends skip logging.
+    ``skip_final_sync``: vhost_log_put's final sync finds nothing (the built-in
+    front-end leaves it out; with a real QEMU the source back-end discards its
+    marks as the rings stop, see MigrationConfig). With a real QEMU the source
+    back-end also writes RX_AT_STOP frames as GET_VRING_BASE arrives, so the
+    window that only the final sync covers is never empty.
     """
 
-    def __init__(self, frontend: str, break_logging: bool):
+    def __init__(self, frontend: str, break_logging: bool, skip_final_sync: bool = False):
         self.frontend, self.break_logging = frontend, break_logging
+        self.skip_final_sync = skip_final_sync
         self.thread: threading.Thread | None = None
         self._summary: dict | None = None
         self._error: BaseException | None = None
         if frontend == "qemu":
             from vhostlab.qemu.migration import MigrationConfig, QemuMigration
-            config = MigrationConfig(ram_size=RAM_SIZE, break_logging=break_logging)
+            config = MigrationConfig(ram_size=RAM_SIZE, break_logging=break_logging,
+                                     rx_at_stop=RX_AT_STOP, skip_final_sync=skip_final_sync)
             self.impl = QemuMigration(config, keep=True)   # keep: traces stay readable
         else:
             from vhostlab.frontend import BuiltinMigration
-            self.impl = BuiltinMigration(ram_size=RAM_SIZE, break_logging=break_logging)
+            self.impl = BuiltinMigration(ram_size=RAM_SIZE, break_logging=break_logging,
+                                         skip_final_sync=skip_final_sync)
 
     def start(self) -> "LabMigration":
         """Start the migration in a background thread; returns at once."""

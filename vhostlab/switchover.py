@@ -21,6 +21,12 @@ memory
 
 Each copy is a :class:`VringAtSwitchover` of plain values and numpy copies;
 nothing keeps a mapping alive.
+
+:class:`StopWindow` acts in the window between QEMU's last dirty-bitmap sync
+and the stop, on the source: it can write RX frames there (a real back-end
+receives right up to GET_VRING_BASE; the kit's paced traffic leaves those few
+milliseconds empty), and it can emulate a skipped final sync by discarding
+the log's marks as the rings stop.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import numpy as np
 from vhostlab.protocol import Request
 from vhostlab.ring.layout import VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, vring_views
 
-__all__ = ["VringAtSwitchover", "SwitchoverRecorder", "frames_in_pages"]
+__all__ = ["VringAtSwitchover", "SwitchoverRecorder", "StopWindow", "frames_in_pages"]
 
 PAGE = 4096
 
@@ -151,6 +157,52 @@ class SwitchoverRecorder:
         for b in logs:
             out[:len(b)] |= np.frombuffer(b, np.uint8)
         return out
+
+
+class StopWindow:
+    """The source back-end's GET_VRING_BASE, with the window before the stop made visible.
+
+    ``frames()`` (optional) returns RX frames; the back-end writes them into
+    the guest's RX buffers when GET_VRING_BASE for ring 0 arrives, before the
+    ring stops, so they are marked in the log after QEMU's last bitmap sync:
+    only ``vhost_log_put``'s final sync reports them. ``delivered``: how many.
+
+    ``discard_marks`` is an emulated fault, not a QEMU option (QEMU cannot be
+    told to skip that sync): after each GET_VRING_BASE has stopped its ring,
+    the back-end takes every mark out of the shared log (an exchange per
+    64-bit word, as ``vhost_dev_sync_region`` does) and throws it away, so
+    the final sync finds nothing: what a front-end that skipped the final
+    sync would lose. ``discarded``: those pages.
+
+    Install it after a :class:`SwitchoverRecorder`, so that the recorder's
+    copy of the log is taken after the frames and before the discard.
+    """
+
+    def __init__(self, frames: Callable[[], list] | None = None, discard_marks: bool = False):
+        self.frames, self.discard_marks = frames, discard_marks
+        self.delivered = 0
+        self.discarded: set[int] = set()
+
+    def install(self, server) -> "StopWindow":
+        from vhostlab.backend import rings
+        from vhostlab.ring import FrameArena
+        inner: Callable = server.handlers[Request.GET_VRING_BASE]
+
+        def handler(dev, msg, fds):
+            index = getattr(msg.payload, "index", None)
+            if index == 0 and self.frames is not None and not self.delivered:
+                frames = self.frames()
+                if frames:
+                    before = dev.counters.guest_rx_frames
+                    rings.deliver(dev, FrameArena.from_frames(frames), 0)
+                    self.delivered = dev.counters.guest_rx_frames - before
+            out = inner(dev, msg, fds)
+            if self.discard_marks and dev.log is not None and not dev.log.closed:
+                self.discarded.update(int(p) for p in dev.log.sync())
+            return out
+
+        server.handlers[Request.GET_VRING_BASE] = handler
+        return self
 
 
 def frames_in_pages(ring: VringAtSwitchover, read: Callable[[int, int], bytes],

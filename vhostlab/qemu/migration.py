@@ -55,7 +55,7 @@ from typing import Callable
 import numpy as np
 
 from vhostlab.dirtylog import DirtyRound
-from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
+from vhostlab.switchover import StopWindow, SwitchoverRecorder, frames_in_pages
 
 from .errors import GuestDriverError, QemuError
 from .host import VhostUserHost, ops_called, process_peak_rss
@@ -86,7 +86,12 @@ class MigrationConfig:
     reaches this. ``working_set`` / ``dirty_rate``: how much guest RAM it
     rewrites, how fast. ``rx_burst`` / ``tx_burst`` frames go each way every
     ``burst_interval``. ``destination_uri`` replaces the destination QEMU's
-    own (to show a destination that never comes up).
+    own (to show a destination that never comes up). ``rx_at_stop``: RX
+    frames the source back-end writes as GET_VRING_BASE arrives, after QEMU's
+    last bitmap sync (only the final sync reports them). ``skip_final_sync``
+    emulates a front-end that skips vhost_log_put's final sync (QEMU has no
+    such switch): the source back-end discards its log marks as the rings
+    stop, so that sync finds nothing (switchover.StopWindow).
     """
 
     ram_size: int = DEFAULT_RAM_SIZE
@@ -102,6 +107,8 @@ class MigrationConfig:
     warm_up_frames: int = 16
     after_frames: int = 16
     break_logging: bool = False
+    rx_at_stop: int = 0
+    skip_final_sync: bool = False
     timeout: float = 60.0
     qemu: str | None = None
     destination_uri: str | None = None
@@ -270,6 +277,7 @@ class MigrationResult:
             "total_time_ms": q.get("total-time"),
             "downtime_ms": q.get("downtime"),
             "break_logging": self.config.break_logging,
+            "skip_final_sync": self.config.skip_final_sync,
             "vring_handoff": self.verify.handoff if self.verify else {},
             "rarp_frames": self.rarp_frames,
             "driver_errors": list(self.verify.driver_errors) if self.verify else [],
@@ -332,6 +340,7 @@ class QemuMigration:
         self.dirty_rounds: list[DirtyRound] = []
         self.guest_writes = GuestWrites()
         self.switchover = SwitchoverRecorder()
+        self.stop_window = StopWindow()
 
     # -- running -------------------------------------------------------------------
     def start(self) -> "QemuMigration":
@@ -445,6 +454,8 @@ class QemuMigration:
                                  qemu=c.qemu).start()
         self.switchover.install(self.src.server, "source")
         self.switchover.install(self.dst.server, "destination")
+        self.stop_window = StopWindow(self._frames_at_stop if c.rx_at_stop else None,
+                                      discard_marks=c.skip_final_sync).install(self.src.server)
         guest = self.src.init_guest()
         guest.qtest.on_write = self.guest_writes.record
         self.dirtier = GuestDirtier(guest, c.working_set, c.dirty_rate)
@@ -454,6 +465,10 @@ class QemuMigration:
 
     def _frames(self, ledger: FrameLedger, n: int) -> list[bytes]:
         return [ledger.make(self._rng.randint(60, 1514)) for _ in range(n)]
+
+    def _frames_at_stop(self) -> list[bytes]:
+        n = min(self.config.rx_at_stop, RX_BUDGET - self._rx_unread)
+        return self._frames(self.rx, n) if n > 0 else []
 
     def _warm_up(self) -> None:
         n = self.config.warm_up_frames
@@ -569,7 +584,8 @@ class QemuMigration:
         GET_VRING_BASE; and the pages that differ at the destination, with their frames."""
         guest = self.src.guest
         log = self.switchover.final_log()
-        logged = DirtyRound.bitmap_pages(log.tobytes()) if log is not None else ()
+        skipped = self.config.skip_final_sync      # then the sync found the log emptied
+        logged = DirtyRound.bitmap_pages(log.tobytes()) if log is not None and not skipped else ()
         a = guest.allocator
         bad = mismatched_pages(self.src.server, self.dst.server, a.start // 4096,
                                -(-a.next // 4096))
@@ -582,7 +598,10 @@ class QemuMigration:
             self.config.ram_size // 4096, logged, self.guest_writes.take(), qemu_bands(guest),
             final_sync=True, mismatched=[(int(p), frames.get(int(p), ())) for p in bad],
             note="vhost_dev_stop -> vhost_log_put(dev, true): the last sync, after "
-                 "GET_VRING_BASE stopped the rings")
+                 "GET_VRING_BASE stopped the rings" + (
+                     f"; it found nothing: the back-end discarded "
+                     f"{len(self.stop_window.discarded)} marked pages (skip_final_sync)"
+                     if skipped else ""))
         with self._lock:
             self.dirty_rounds.append(dr)
 
@@ -715,6 +734,7 @@ class QemuMigration:
         except Exception as exc:  # the picture is extra; the checks below still run
             self.result.notes.append(f"no final dirty-log frame: {exc}")
         self._take_wire(self.src)          # TX frames the source back-end took before the stop
+        self._rx_unread += self.stop_window.delivered
         report = verify_destination(self.src, self.dst, self._guest_state, self.rx,
                                     expected_rx=self._rx_unread)
         self.result.verify = report
