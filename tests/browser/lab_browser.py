@@ -451,12 +451,13 @@ class LabPage:
                 return bad
             self.page.wait_for_timeout(500)
 
-    def problems(self, result: RunResult) -> list[str]:
-        """What went wrong, as sentences: failed cells, widgets not drawn (or
-        shown as text), console errors. Empty when the run was clean."""
+    def problems(self, result: RunResult, widget_wait: float = 30.0) -> list[str]:
+        """What went wrong, as sentences: failed cells, widgets not drawn within
+        ``widget_wait`` seconds (or shown as text), console errors. Empty when
+        the run was clean."""
         out = [e["text"] for e in result.errors]
         out += [f"cell {w['cell']}: widget not drawn: {w['text']!r}"
-                for w in self.widgets_drawn()]
+                for w in self.widgets_drawn(widget_wait)]
         out += self.console_errors
         return out
 

@@ -136,6 +136,7 @@ def check_dirty_bitmaps(page) -> list[str]:
         if not re.search(r"\bring", view["text"], re.IGNORECASE):
             names.append("ring")
         if share >= MIN_DIRTY and not names:
+            print(f"\n{page.notebook}: dirty-bitmap view {i}: dirty cells {share:.1%} of the image")
             return []
         seen.append(f"view {i}: dirty cells {share:.2%} of the image (want >= {MIN_DIRTY:.0%})"
                     + (f", band names missing: {names}" if names else ""))
@@ -184,3 +185,49 @@ def test_lab_runs_clean_in_a_real_browser(name, jupyterlab, browser, shots):
     if killed and not problems:
         problems.append(f"processes still running after the kernel shut down: {killed}")
     assert not problems, f"{name} in JupyterLab (Run All):\n  " + "\n  ".join(problems)
+
+
+def test_the_checks_catch_a_broken_notebook(jupyterlab, browser):
+    """The checks above, held against a notebook that breaks each of them."""
+    import nbformat
+
+    cells = [
+        "import ipywidgets\nipywidgets.IntSlider(value=3)",                  # drawn: fine
+        "from IPython.display import display, Javascript\n"
+        "display(Javascript(\"console.error('vhostlab-check-console')\"))",
+        "display({'text/plain': 'IntSlider(value=0, max=9)'}, raw=True)",    # a widget as text
+        "display({'application/vnd.jupyter.widget-view+json': {'model_id': 'no-such-model',"
+        " 'version_major': 2, 'version_minor': 0}, 'text/plain': 'x'}, raw=True)",
+        "1 / 0",
+        "print('never reached')",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nbformat.write(nb, str(jupyterlab.root / "zz_broken_on_purpose.ipynb"))
+    page = browser.open(jupyterlab, "zz_broken_on_purpose.ipynb")
+    try:
+        result = page.run_all(timeout=60)
+        problems = "\n".join(page.problems(result, widget_wait=5))
+    finally:
+        page.close()
+        jupyterlab.shutdown_kernels()
+    assert "cell 4 (1 / 0): ZeroDivisionError" in problems, problems
+    assert "a widget shown as text: IntSlider(value=0, max=9)" in problems, problems
+    assert "cell 3: widget not drawn" in problems, problems
+    assert "vhostlab-check-console" in problems, problems
+    assert "cell 0" not in problems, problems
+
+
+def test_dirty_fraction_counts_the_legend_colours_only():
+    from vhostlab.viz.png import data_uri, rgb_png
+
+    rgb = np.full((10, 20, 3), 0xee, dtype=np.uint8)          # 200 px of "clean"
+    rgb[0, :4] = (0xe6, 0x9f, 0x00)                           # 4 px vhost log
+    rgb[1, :6] = (0x1f, 0x77, 0xb4)                           # 6 px guest
+    rgb[2, :10] = (0xe6, 0x9f, 0x01)                          # near miss: not counted
+    src = data_uri(rgb_png(rgb))
+    assert dirty_fraction(src, ["#e69f00", "#1f77b4"]) == pytest.approx(10 / 200)
+    assert dirty_fraction(src, ["#e69f00"]) == pytest.approx(4 / 200)
+    with pytest.raises(ValueError, match="lowercase"):
+        dirty_fraction(src, ["#E69F00"])
