@@ -20,6 +20,17 @@ WRONG = {
                       "8 bytes"),
     ("lab01", "q3"): ('import struct\ndef set_vring_num_bytes(i, n):\n'
                       '    return struct.pack("<II", i, n)', "header"),
+    ("lab02", "q1"): ("import struct\ndef reply_header(r, n):\n"
+                      "    return struct.pack('<III', r, 0xd, n)", "0x5"),
+    ("lab02", "q2"): ('blocker_function = "vhost_dev_init"', "VHOST_F_LOG_ALL"),
+    ("lab02", "q3"): ("def expects_reply(r, ack, need, shmfd):\n"
+                      "    return r.startswith('GET_') or (ack and need)", "SET_LOG_BASE"),
+    ("lab06", "q1"): ("def log_bytes(ram):\n    return ram // 4096", "bit"),
+    ("lab06", "q2"): ('logged = {"RX buffers", "TX buffers", "RX used ring", "TX used ring"}',
+                      "only reads"),
+    ("lab06", "q3"): ('log_base_sender = "vhost_dev_start"', "already on"),
+    ("lab07", "q1"): ("def log_put_syncs(refcnt):\n    return True", "shared"),
+    ("lab07", "q2"): ('lost_pages = "A"', "earlier syncs"),
     ("lab03", "q1"): ("def gpa_to_offset(regions, gpa, length):\n    return gpa", "GPA itself"),
     ("lab03", "q2"): ("def mem_table_payload_size(n):\n    return 32 * n", "nregions"),
     ("lab04", "q1"): ("def used_offset(num):\n    return 16 * num + 6 + 2 * num", "4096"),

@@ -27,9 +27,12 @@ EXERCISES = {
 LAB_CHECKS = {
     "lab00": ("vhostlab.exercises.lab_checks_a", "LAB00"),
     "lab01": ("vhostlab.exercises.lab_checks_a", "LAB01"),
+    "lab02": ("vhostlab.exercises.lab_checks_c", "LAB02"),
     "lab03": ("vhostlab.exercises.lab_checks_a", "LAB03"),
     "lab04": ("vhostlab.exercises.lab_checks_a", "LAB04"),
     "lab05": ("vhostlab.exercises.lab_checks_b", "LAB05"),
+    "lab06": ("vhostlab.exercises.lab_checks_c", "LAB06"),
+    "lab07": ("vhostlab.exercises.lab_checks_c", "LAB07"),
     "lab08": ("vhostlab.exercises.lab_checks_b", "LAB08"),
     "lab09": ("vhostlab.exercises.lab_checks_b", "LAB09"),
 }
