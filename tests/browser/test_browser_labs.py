@@ -17,7 +17,8 @@ kernel is shut down through JupyterLab's API afterwards, whatever happened.
 
 Without playwright or a Chromium the tests skip with the reason; with
 VHOSTLAB_REQUIRE_BROWSER=1 (CI) they fail instead. A picture of each
-notebook after Run All goes to $VHOSTLAB_BROWSER_SHOTS (default: a pytest
+notebook after Run All (its first 15,000 px), and one of each dirty-bitmap
+and virtqueue view, go to $VHOSTLAB_BROWSER_SHOTS (default: a pytest
 temporary directory); the path and each lab's time are printed (pytest -s).
 """
 from __future__ import annotations
