@@ -52,7 +52,7 @@ from .qtest import QTest
 __all__ = [
     "VirtioNetGuest", "RingState", "UsedElem", "GuestAllocator",
     "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
-    "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
+    "VIRTIO_NET_F_MTU", "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
     "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",
     "VIRTIO_CONFIG_S_ACKNOWLEDGE", "VIRTIO_CONFIG_S_DRIVER", "VIRTIO_CONFIG_S_DRIVER_OK",
     "VIRTIO_CONFIG_S_FAILED",
@@ -85,6 +85,7 @@ VIRTIO_CONFIG_S_DRIVER_OK = 4
 VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
 VIRTIO_CONFIG_S_FAILED = 0x80
 
+VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
@@ -95,7 +96,7 @@ VIRTIO_RING_F_EVENT_IDX = 29
 RX_QUEUE, TX_QUEUE = 0, 1
 DEFAULT_FEATURES = 1 << VIRTIO_NET_F_MAC
 #: The features this driver implements; offloads (CSUM, GSO ...) are not among them.
-SUPPORTED_FEATURES = sum(1 << b for b in (VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+SUPPORTED_FEATURES = sum(1 << b for b in (VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
                                           VIRTIO_NET_F_STATUS, VIRTIO_F_NOTIFY_ON_EMPTY,
                                           VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX))
 MAX_FRAME = 1514  # Ethernet header + 1500 bytes MTU, no FCS
@@ -177,11 +178,14 @@ class VirtioNetGuest:
     device's INTx to IOAPIC input ``irq_line`` and intercepts it over qtest,
     so :meth:`wait_used` sleeps until the device signals (no polling).
     Initialises the device at once; raises GuestDriverError if it cannot.
+    ``init=False`` leaves every step to the caller, one at a time:
+    :meth:`probe`, :meth:`set_status`, :meth:`negotiate_features`,
+    :meth:`setup_queue` per queue, :meth:`driver_ok`.
     """
 
     def __init__(self, qtest: QTest, *, ram_size: int, features: int = DEFAULT_FEATURES,
                  buffer_size: int = 2048, io_base: int = 0xC000, irq_line: int = 11,
-                 interrupts: bool = True, ring_base: int = RING_BASE):
+                 interrupts: bool = True, ring_base: int = RING_BASE, init: bool = True):
         unsupported = features & ~SUPPORTED_FEATURES
         if unsupported:
             bits = [b for b in range(64) if unsupported >> b & 1]
@@ -204,8 +208,10 @@ class VirtioNetGuest:
         self.mac: str | None = None
         self.rx_buffer_size = 0
         self._lock = threading.RLock()
-        with self._lock:
-            self._init_device(interrupts)
+        self._interrupts = interrupts
+        if init:
+            with self._lock:
+                self._init_device(interrupts)
 
     # -- PCI ------------------------------------------------------------------
     def _cfg_addr(self, slot: int, reg: int) -> int:
@@ -292,18 +298,38 @@ class VirtioNetGuest:
 
     # -- initialisation ---------------------------------------------------------
     def _init_device(self, interrupts: bool) -> None:
-        self.slot = self._find_device()
-        self._program_bar0()
-        if interrupts:
-            self._route_interrupt()
+        self.probe(interrupts)
         self.set_status(0)
         self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
         self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
+        self.negotiate_features()
+        for q in (RX_QUEUE, TX_QUEUE):
+            self._setup_queue(q)
+        self.driver_ok()
+
+    def probe(self, interrupts: bool | None = None) -> int:
+        """Find the device, give BAR0 its I/O base, route INTx; returns the PCI slot."""
+        self.slot = self._find_device()
+        self._program_bar0()
+        if self._interrupts if interrupts is None else interrupts:
+            self._route_interrupt()
+        return self.slot
+
+    def negotiate_features(self) -> int:
+        """Read the host features, write the requested ones the device offers; returns them."""
         self.host_features = self.qtest.inl(self.io_base + VIRTIO_PCI_HOST_FEATURES)
         self.guest_features = self.requested_features & self.host_features
         self.qtest.outl(self.io_base + VIRTIO_PCI_GUEST_FEATURES, self.guest_features)
-        for q in (RX_QUEUE, TX_QUEUE):
-            self._setup_queue(q)
+        return self.guest_features
+
+    def setup_queue(self, index: int) -> VringLayout:
+        """Select queue ``index``, read its size, place its ring and write the PFN."""
+        with self._lock:
+            self._setup_queue(index)
+            return self.queues[index].gpas
+
+    def driver_ok(self) -> int:
+        """Write DRIVER_OK (with vhost, QEMU starts the back-end); returns the status read back."""
         self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
                         | VIRTIO_CONFIG_S_DRIVER_OK)
         status = self.status()
@@ -315,6 +341,11 @@ class VirtioNetGuest:
             # struct virtio_net_config starts with mac[6]; legacy config is in I/O space.
             base = self.io_base + VIRTIO_PCI_CONFIG_OFF
             self.mac = ":".join(f"{self.qtest.inb(base + i):02x}" for i in range(6))
+        return status
+
+    def config_mtu(self) -> int:
+        """The ``mtu`` field of virtio_net_config (offset 10; meaningful with VIRTIO_NET_F_MTU)."""
+        return self.qtest.inw(self.io_base + VIRTIO_PCI_CONFIG_OFF + 10)
 
     def _setup_queue(self, index: int) -> None:
         num = self.queue_size(index)

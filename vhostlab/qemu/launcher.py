@@ -194,8 +194,13 @@ def _escape(value: str) -> str:
 
 def vhost_user_netdev(socket_path: str, *, reconnect: int | None = None,
                       queues: int | None = None, netdev_id: str = "net0",
-                      chardev_id: str = "chr0") -> NetdevSpec:
-    """A vhost-user netdev: QEMU connects as client to the back-end listening at ``socket_path``."""
+                      chardev_id: str = "chr0", host_mtu: int | None = None) -> NetdevSpec:
+    """A vhost-user netdev: QEMU connects as client to the back-end listening at ``socket_path``.
+
+    ``host_mtu`` sets the virtio-net-pci property of that name: the device then
+    offers VIRTIO_NET_F_MTU, and a guest that acks it makes QEMU send
+    NET_SET_MTU (``vhost_net_set_mtu``) before it starts the back-end.
+    """
     chardev = f"socket,id={chardev_id},path={_escape(socket_path)}"
     if reconnect is not None:
         chardev += f",reconnect={int(reconnect)}"
@@ -207,6 +212,10 @@ def vhost_user_netdev(socket_path: str, *, reconnect: int | None = None,
         netdev += f",queues={queues}"
         if queues > 1:
             props = ("mq=on", f"vectors={2 * queues + 2}")
+    if host_mtu is not None:
+        if not 68 <= host_mtu <= 65535:
+            raise ValueError(f"host_mtu={host_mtu} outside 68..65535")
+        props += (f"host_mtu={int(host_mtu)}",)
     return NetdevSpec(("-chardev", chardev, "-netdev", netdev), netdev_id, props,
                       f"vhost-user back-end at {socket_path}")
 
