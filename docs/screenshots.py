@@ -67,9 +67,9 @@ SHOTS = (
     # both rings with their pointers, the chains, the top of the table.
     Shot("04_virtqueues", "dev.vring_view(1)", "vring-view.png",
          until="[...out.querySelectorAll('table')].pop().rows[6]"),
-    # The live migration view, its round slider moved back to round 2.
-    Shot("07_live_migration", "mig.watch()", "migration-dashboard.png",
-         focus=".widget-slider .noUi-handle", keys=("Home", "ArrowRight")),
+    # The live migration view as it stopped: the rounds, and the newest sync's
+    # dirty pages by labelled bands.
+    Shot("07_live_migration", "mig.watch()", "migration-dashboard.png", colors=0),
     # The dirty-page map of one log sync: guest RAM in labelled bands, a cell
     # per page, the vhost log beside QEMU's own bitmap (the player opens at
     # the busiest sync).
