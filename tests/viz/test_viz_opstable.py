@@ -53,3 +53,35 @@ def test_only_migration_keeps_the_migration_ops():
     rows = _rows(VhostOpsTableView(only_migration=True).to_html())
     assert set(rows) == {op.name for op in VHOST_OPS_TABLE if op.migration}
     assert {"vhost_set_log_base", "vhost_set_features", "vhost_get_vring_base"} <= set(rows)
+
+
+def test_coverage_column_comes_from_the_stepper_data():
+    from vhostlab.qemu.stepper import NOT_CALLABLE_HERE, coverage_column
+    from vhostlab.viz.opstable import COVERAGE_HEADER
+    column = coverage_column()
+    page = VhostOpsTableView(coverage=column).to_html()
+    assert COVERAGE_HEADER in page
+    rows = _rows(page)
+    assert len(rows) == 35
+    for op in VHOST_OPS_TABLE:
+        text = " ".join(rows[op.name].split())
+        assert " ".join(column[op.name].split()) in text, op.name
+    for op in ("vhost_net_set_mtu", "vhost_set_vring_enable", "vhost_get_vring_base",
+               "vhost_set_log_base", "vhost_migration_done"):
+        assert rows[op].split(COVERAGE_HEADER)[-1].count("yes") >= 1, op
+        assert column[op].startswith("yes")
+    assert "yes: migrate" in column["vhost_migration_done"]
+    assert column["vhost_scsi_set_endpoint"] == "no: " + NOT_CALLABLE_HERE["vhost_scsi_set_endpoint"]
+    called = sum(column[op.name].startswith("yes") for op in VHOST_OPS_TABLE)
+    assert f"{called} called by real QEMU here" in page
+    # ops newer than the seed's list are named under the table, not lost
+    assert "newer than the seed's list" in page and "vhost_set_vring_err" in page
+
+
+def test_no_coverage_no_column():
+    from vhostlab.viz.opstable import COVERAGE_HEADER
+    assert COVERAGE_HEADER not in VhostOpsTableView().to_html()
+    page = VhostOpsTableView(coverage={"vhost_set_owner": "yes: start QEMU"}).to_html()
+    rows = _rows(page)
+    assert "not recorded" in rows["vhost_get_vring_base"]
+    assert "yes: start QEMU" in " ".join(rows["vhost_set_owner"].split())

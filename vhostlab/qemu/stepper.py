@@ -17,9 +17,10 @@ back-ends' traces have been quiet for a short while (each trace wakes a
 condition variable when it records a message: no polling), and keeps the
 messages recorded since the step began. From those it infers the VhostOps
 calls (``attribute_ops``, by hw/virtio/vhost-user.c ``user_ops``) and the
-vhost.c functions that made them (``vhostlab.viz.calls.inferred_timeline``),
-shown as a ``CallTimelineView`` marked as inferred: QEMU never says which
-function sent a message.
+vhost.c functions that made them (``infer_calls``, by hw/virtio/vhost.c's
+calling sequences, for the sequences of QEMU 5.2 to 10.0), shown as a
+``CallTimelineView`` marked as inferred: QEMU never says which function sent
+a message.
 
 :func:`coverage` turns the steps' data into the lab's "called by real QEMU
 here, by which action" column, and :data:`NOT_CALLABLE_HERE` says in one line
@@ -45,7 +46,7 @@ from .launcher import CI_QEMU_RELEASES, DEFAULT_RAM_SIZE, QemuInstance, require_
 from .traffic import CaptureWire
 
 __all__ = ["Step", "StepResult", "QemuStepper", "STEPS", "NOT_CALLABLE_HERE", "HOST_MTU",
-           "attribute_ops", "coverage", "coverage_column", "step_named"]
+           "attribute_ops", "infer_calls", "coverage", "coverage_column", "step_named"]
 
 #: The device property the stepper starts QEMU with (the guest acks VIRTIO_NET_F_MTU).
 HOST_MTU = 1400
@@ -303,6 +304,117 @@ def attribute_ops(records: Iterable[TraceRecord]) -> list[tuple[TraceRecord, str
     return out
 
 
+# -- which vhost.c functions sent them ------------------------------------------------------
+_LOG_ON = ("vhost_log_global_start", "vhost_migration_log", "vhost_dev_set_log")
+_LOG_OFF = ("vhost_log_global_stop", "vhost_migration_log", "vhost_dev_set_log")
+_STOP = ("vhost_net_stop", "vhost_dev_stop")
+_RING_START = ("SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_KICK",
+               "SET_VRING_CALL")
+_F_LOG_ALL = 1 << 26
+
+
+def _value(rec: Any) -> int:
+    payload = (getattr(rec, "fields", None) or {}).get("payload") or {}
+    return int(payload.get("value", 0) or 0) if hasattr(payload, "get") else 0
+
+
+def _start_spans(ins: list) -> set[int]:
+    """Indices of requests sent by one vhost_net_start (SET_FEATURES .. the last ring)."""
+    inside: set[int] = set()
+    names = [r.request for r in ins]
+    for i, n in enumerate(names):
+        if n != "SET_FEATURES":
+            continue
+        j = i + 1
+        while j < len(names) and names[j] not in ("SET_VRING_NUM", "GET_VRING_BASE",
+                                                   "SET_LOG_BASE", "SET_FEATURES"):
+            j += 1
+        if j == len(names) or names[j] != "SET_VRING_NUM":
+            continue                       # a logging toggle, not a start
+        lo = i
+        while lo > 0 and names[lo - 1] in ("SET_VRING_ENABLE", "NET_SET_MTU"):
+            lo -= 1                        # 7.2+: enable (and the MTU) come first
+        while j < len(names) and names[j] in (*_RING_START, "SET_VRING_ENABLE",
+                                              "GET_STATUS", "SET_STATUS"):
+            if names[j] == "SET_STATUS" and _value(ins[j]) == 0:
+                break
+            j += 1
+        inside.update(range(lo, j))
+    return inside
+
+
+def infer_calls(records: Sequence[TraceRecord]) -> list[dict]:
+    """Timeline entries (as ``CallTimelineView`` draws them) for one back-end's whole trace.
+
+    Each request's VhostOps entry comes from :func:`attribute_ops`; the vhost.c
+    functions around it from where it sits: inside a start (SET_FEATURES up to
+    the last ring: ``vhost_net_start`` -> ``vhost_dev_start``), beside
+    GET_VRING_BASE (``vhost_net_stop`` -> ``vhost_dev_stop``), a SET_FEATURES
+    that turns VHOST_F_LOG_ALL on or off with its SET_VRING_ADDRs
+    (``vhost_log_global_start`` / ``_stop``), before SET_OWNER
+    (``vhost_dev_init``). QEMU never says; this is a reading.
+    """
+    pairs = attribute_ops(records)
+    ins = [r for r, _op in pairs]
+    starts = _start_spans(ins)
+    owned: set[int] = set()
+    log = _LOG_ON
+    paths: dict[int, tuple] = {}
+    for i, (rec, op) in enumerate(pairs):
+        req = rec.request
+        if req == "SET_OWNER":
+            owned.add(rec.connection)
+        if op == "vhost_backend_init" or (rec.connection not in owned) or \
+                (i and paths.get(ins[i - 1].seq, ("",))[0] == "vhost_dev_init"
+                 and req in ("GET_FEATURES", "SET_VRING_CALL", "SET_VRING_ERR")):
+            path = ("vhost_dev_init", op)
+        elif req == "NET_SET_MTU":
+            path = ("virtio_net_vhost_status", op)
+        elif i in starts:
+            if req == "SET_VRING_ENABLE":
+                path = ("vhost_net_start", op)
+            elif op == "vhost_set_features":
+                path = ("vhost_net_start", "vhost_dev_start", "vhost_dev_set_features", op)
+            elif req in _RING_START:
+                path = ("vhost_net_start", "vhost_dev_start", "vhost_virtqueue_start", op)
+            else:
+                path = ("vhost_net_start", "vhost_dev_start", op)
+        elif req == "GET_VRING_BASE":
+            path = (*_STOP, "vhost_virtqueue_stop", op)
+        elif op in ("vhost_reset_status", "vhost_dev_start") and _value(rec) == 0:
+            path = (*_STOP, op)
+        elif req == "SET_LOG_BASE":
+            path = (*_LOG_ON, "vhost_dev_log_resize", op)
+        elif op == "vhost_set_features":
+            log = _LOG_ON if req != "SET_FEATURES" and log == _LOG_ON or \
+                req == "SET_FEATURES" and _value(rec) & _F_LOG_ALL else _LOG_OFF
+            path = (*log, "vhost_dev_set_features", op)
+        elif req == "SET_VRING_ADDR":
+            path = (*log, "vhost_virtqueue_set_addr", op)
+        elif req == "SEND_RARP":
+            path = ("vhost_net_notify_migration_done", op)
+        else:
+            path = (op,)
+        paths[rec.seq] = path
+    out: list[dict] = []
+    open_path: tuple = ()
+    last_depth = 0
+    for rec in records:
+        if rec.direction != "in" or rec.seq not in paths:
+            out.append({"kind": "message", "name": rec.request, "depth": last_depth,
+                        "record": rec})
+            continue
+        path = paths[rec.seq]
+        common = 0
+        while common < min(len(path), len(open_path)) and path[common] == open_path[common]:
+            common += 1
+        out += [{"kind": "call", "name": n, "depth": d}
+                for d, n in enumerate(path) if d >= common]
+        open_path, last_depth = path, len(path)
+        out.append({"kind": "message", "name": rec.request, "depth": len(path), "record": rec})
+    return out
+
+
 # -- waiting for a quiet trace ------------------------------------------------------------
 class _Quiet:
     """A condition every watched trace notifies when it records a message."""
@@ -387,6 +499,7 @@ class StepResult:
     timelines: dict[str, list[dict]]                  # host -> inferred timeline entries
     detail: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    timeline_view: Any = None                         # e.g. vhostlab.viz.CallTimelineView
 
     @property
     def requests(self) -> list[str]:
@@ -423,13 +536,18 @@ class StepResult:
         return problems
 
     def views(self) -> list:
-        """One inferred CallTimelineView per host that received messages."""
-        from vhostlab.viz.calls import CallTimelineView
+        """One inferred timeline view per host that received messages.
+
+        Drawn by ``timeline_view`` (the stepper's, e.g. ``CallTimelineView``:
+        the viz layer sits above this one); empty when there is none.
+        """
+        if self.timeline_view is None:
+            return []
         note = ("Inferred: QEMU does not report which vhost.c function sent a message; "
                 "this nesting is read from the message sequence by hw/virtio/vhost.c's "
                 "calling sequences.")
-        return [CallTimelineView(entries, title=f"{host}: calls and messages (inferred)",
-                                 note=note)
+        return [self.timeline_view(entries, title=f"{host}: calls and messages (inferred)",
+                                   note=note)
                 for host, entries in self.timelines.items() if entries]
 
     def to_html(self) -> str:
@@ -491,13 +609,17 @@ class QemuStepper:
     """A real QEMU, one named guest or QMP action at a time (see the module's docstring).
 
     ``qemu``: the QEMU binary (default: $VHOSTLAB_QEMU or PATH). ``quiet``: how
-    long the traces must stay silent to end a step. Use as a context manager,
+    long the traces must stay silent to end a step. ``timeline_view``: what
+    draws a step's inferred calls (``vhostlab.viz.CallTimelineView``, which
+    ``lab.qemu_stepper()`` passes); without it a step shows its messages only. Use as a context manager,
     or call ``close()`` (also run by a finalizer and at interpreter exit).
     """
 
     def __init__(self, *, qemu: str | None = None, ram_size: int = DEFAULT_RAM_SIZE,
-                 quiet: float = _QUIET, timeout: float = 15.0) -> None:
+                 quiet: float = _QUIET, timeout: float = 15.0,
+                 timeline_view: Any = None) -> None:
         self.info = require_qemu(qemu)
+        self.timeline_view = timeline_view
         self.version = self.info.version
         self.ram_size, self.quiet, self.timeout = ram_size, quiet, timeout
         self.steps = STEPS
@@ -570,7 +692,6 @@ class QemuStepper:
 
     def _result(self, step: Step, marks: dict[str, int], detail: dict,
                 seconds: float) -> StepResult:
-        from vhostlab.viz.calls import inferred_timeline
         records, ops, timelines = {}, {}, {}
         for name, host in self._own.hosts.items():
             full = host.server.trace.records()
@@ -580,9 +701,9 @@ class QemuStepper:
             seqs = {r.seq for r in mine}
             records[name] = mine
             ops[name] = [(r, op) for r, op in attribute_ops(full) if r.seq in seqs]
-            timelines[name] = _slice_timeline(inferred_timeline(list(full)), seqs)
+            timelines[name] = _slice_timeline(infer_calls(full), seqs)
         return StepResult(self.position, step, self.version, records, ops, timelines,
-                          detail, seconds)
+                          detail, seconds, self.timeline_view)
 
     # -- what the stepper found -----------------------------------------------------------
     def ops_seen(self) -> dict[str, list[str]]:
@@ -829,7 +950,8 @@ def coverage(version: Sequence[int] | None = (7, 2),
     owned: list[TraceRecord] = []
     for step in steps:
         msgs, _absent, _note = step.expected(version)
-        records = [TraceRecord(len(owned) + i + 1, 0.0, conn[step.on], "in", m, {}, b"", 0)
+        records = [TraceRecord(len(owned) + i + 1, 0.0, conn[step.on], "in", m,
+                               _recorded_fields(msgs, i), b"", 0)
                    for i, m in enumerate(msgs)]
         pairs = attribute_ops(owned + records)
         owned += records
@@ -838,6 +960,14 @@ def coverage(version: Sequence[int] | None = (7, 2),
             if step.name not in out[op]:
                 out[op].append(step.name)
     return out
+
+
+def _recorded_fields(msgs: Sequence[str], i: int) -> dict:
+    # The data names requests only: a SET_STATUS beside GET_VRING_BASE is the reset (0).
+    if msgs[i] != "SET_STATUS":
+        return {}
+    near = msgs[max(i - 1, 0):i + 2]
+    return {"payload": {"value": 0 if "GET_VRING_BASE" in near else 0xF}}
 
 
 def coverage_column(seen: Mapping[str, Sequence[str]] | None = None,
