@@ -315,6 +315,21 @@ class Lab:
         """A recorder of what each VhostOps call did (lab 08)."""
         return OpReference(ops, backend)
 
+    def qemu_stepper(self, **kwargs: Any) -> Any:
+        """A real QEMU stepped one guest or QMP action at a time (lab 08).
+
+        Returns a ``vhostlab.qemu.stepper.QemuStepper`` the lab owns (closed
+        with the lab), or None on the built-in front-end: there is no QEMU.
+        """
+        if self.frontend != "qemu":
+            return None
+        from vhostlab.qemu.stepper import QemuStepper
+        from vhostlab.viz import CallTimelineView
+        kwargs.setdefault("qemu", (self.qemu or {}).get("path"))
+        stepper = QemuStepper(timeline_view=CallTimelineView, **kwargs)
+        return self.own(stepper, stepper.close, self._label("qemu-stepper"),
+                        alive=stepper.alive)
+
     def tx_ring(self, frames: int = 256, frame_bytes: int = 64, hdr_len: int = 12) -> "TxRing":
         """A TX virtqueue in its own guest memory, full of ``frames`` frames (lab 05)."""
         label = self._label("tx-ring")
