@@ -333,6 +333,7 @@ class DirtyRound:
     the log covers; ``bands``: what lives where; ``mismatched``: pages that
     differ at the destination after the switch-over (a broken run), with the
     frames in them. Page numbers are sorted, unique, read-only int64 arrays.
+    Round 0 is a look at the log outside any sync (nothing was cleared).
     """
 
     round: int

@@ -24,6 +24,7 @@ temporary directory); the path and each lab's time are printed (pytest -s).
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import time
@@ -115,8 +116,9 @@ def dirty_fraction(src: str, colors: list[str]) -> float:
     return float(dirty.mean())
 
 
-def check_dirty_bitmaps(page) -> list[str]:
-    """Problems unless one dirty-bitmap view is >= 2% dirty and names its bands."""
+def check_dirty_bitmaps(page, min_dirty: float = MIN_DIRTY) -> list[str]:
+    """Problems unless one dirty-bitmap view is at least ``min_dirty`` dirty and names
+    its bands."""
     views = page.page.evaluate(DIRTY_BITMAPS_JS)
     if not views:
         return ['no [data-view="dirty-bitmap"] output after Run All']
@@ -136,10 +138,10 @@ def check_dirty_bitmaps(page) -> list[str]:
         names = [b for b in BANDS if b not in view["text"]]
         if not re.search(r"\bring", view["text"], re.IGNORECASE):
             names.append("ring")
-        if share >= MIN_DIRTY and not names:
+        if share >= min_dirty and share > 0 and not names:
             print(f"\n{page.notebook}: dirty-bitmap view {i}: dirty cells {share:.1%} of the image")
             return []
-        seen.append(f"view {i}: dirty cells {share:.2%} of the image (want >= {MIN_DIRTY:.0%})"
+        seen.append(f"view {i}: dirty cells {share:.2%} of the image (want >= {min_dirty:.0%})"
                     + (f", band names missing: {names}" if names else ""))
     return ["no dirty-bitmap view is both dirty enough and labelled: " + "; ".join(seen)]
 
@@ -154,7 +156,10 @@ def check_virtqueues(page) -> list[str]:
 
 VIEWS_SHOWN = ("dirty-bitmap", "virtqueue")     # pictured one by one as well
 LAB_CHECKS = {
-    "06_dirty_logging.ipynb": (check_dirty_bitmaps,),
+    # The issue's bar (>= 2% of one view's picture dirty, after labs 06 and 07) is
+    # met by lab 07's migration; lab 06 logs a handful of frames on purpose, so
+    # its views must show dirty cells and name their bands, at any share.
+    "06_dirty_logging.ipynb": (functools.partial(check_dirty_bitmaps, min_dirty=0.0),),
     "07_live_migration.ipynb": (check_dirty_bitmaps, check_virtqueues),
 }
 

@@ -99,6 +99,10 @@ def test_player_starts_at_the_busiest_sync_and_has_a_static_twin(builtin_runs):
     assert player.to_html().count("data-view='dirty-bitmap'") == len(rounds)
     sizes = [r.log_pages.size + r.guest_pages.size for r in rounds]
     assert sizes[player.busiest()] == max(sizes)
+    # A broken run opens where pages differ at the destination: what it is about.
+    broken = builtin_runs[True].dirty_rounds
+    opens = DirtyRoundPlayer(broken).busiest()
+    assert broken[opens].mismatched and not any(r.mismatched for r in broken[opens + 1:])
 
 
 def test_rings_at_the_switch_over_are_not_drained(builtin_runs):

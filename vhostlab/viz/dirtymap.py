@@ -207,7 +207,10 @@ class DirtyBitmapView(View):
     def caption(self) -> str:
         s = self.snapshot
         when = f"at {s.sync_time:.2f} s after migrate"
-        if s.final_sync:
+        if s.round == 0:        # a look at the log, not a sync (DirtyRound's convention)
+            head = (f"The vhost log as it is now, with no sync run on it yet: "
+                    f"{s.log_pages.size} pages the back-end marked")
+        elif s.final_sync:
             head = (f"Final sync (vhost_log_put, in vhost_dev_stop) {when}: it took "
                     f"{s.log_pages.size} pages the back-end had marked since the last sync")
         else:
@@ -325,8 +328,12 @@ class DirtyRoundPlayer:
         return DirtyBitmapView(r, self.rounds, title=f"{label}, {i + 1} of {len(self.rounds)}")
 
     def busiest(self) -> int:
-        """The index of the sync with the most dirty pages: the frame shown first."""
-        sizes = [r.log_pages.size + r.guest_pages.size + len(r.mismatched) for r in self.rounds]
+        """The frame shown first: the sync with pages that differ at the destination
+        (what a broken run is about), else the one with the most dirty pages."""
+        broken = [i for i, r in enumerate(self.rounds) if r.mismatched]
+        if broken:
+            return broken[-1]
+        sizes = [r.log_pages.size + r.guest_pages.size for r in self.rounds]
         return int(np.argmax(sizes))
 
     @property
