@@ -680,9 +680,15 @@ class QemuStepper:
         return result
 
     def run(self, until: str | None = None) -> list[StepResult]:
-        """Run the steps up to and including ``until`` (default: all that are left)."""
+        """Run the steps up to and including ``until`` (default: all that are left).
+
+        A step that already ran is not run again: ``run("DRIVER_OK")`` after the
+        "next" button went past it returns an empty list.
+        """
         if until is not None:
             step_named(until)
+            if any(r.step.name == until for r in self.results):
+                return []
         out = []
         while not self.done:
             out.append(self.step())
