@@ -259,13 +259,17 @@ class DirtyBitmapView(View):
         s = self.snapshot
         if not s.mismatched:
             return ""
-        items = "".join(
-            f"<li>page {m.page:#x} (GPA {m.page * PAGE:#x}): "
-            f"{esc(', '.join(m.frames) or 'no frame found there')}</li>"
-            for m in s.mismatched[:40])
-        more = f"<li>... {len(s.mismatched) - 40} more</li>" if len(s.mismatched) > 40 else ""
-        return (f"<div class='bad'>Pages that differ at the destination, and the frames "
-                f"that lived in them:</div><ul>{items}{more}</ul>")
+        def items(ms) -> str:
+            return "".join(f"<li>page {m.page:#x} (GPA {m.page * PAGE:#x}): "
+                           f"{esc(', '.join(m.frames) or 'no frame found there')}</li>"
+                           for m in ms)
+        shown, rest = s.mismatched[:6], s.mismatched[6:200]
+        more = (f"<details><summary>{len(s.mismatched) - len(shown)} more pages</summary>"
+                f"<ul>{items(rest)}</ul>"
+                + (f"<div>... and {len(s.mismatched) - 206} more</div>"
+                   if len(s.mismatched) > 206 else "") + "</details>") if rest else ""
+        return (f"<div class='bad'>{len(s.mismatched)} pages differ at the destination; "
+                f"the frames that lived in them:</div><ul>{items(shown)}</ul>{more}")
 
     def to_html(self) -> str:
         png, blocks = render(self.snapshot, self.context)
