@@ -84,6 +84,10 @@ def test_queue_sizes_come_from_qemu(requires_qemu, walked):
     detail = _result(walked, "queue addresses").detail
     size = 1024 if walked.version[:2] >= (10, 0) else 256
     assert detail["queue 0"].startswith(f"size {size},"), detail
+    assert f"{size} entries" in step_named("queue addresses").expected(walked.version)[2]
+    nums = [r.fields["payload"]["num"] for r in _result(walked, "DRIVER_OK").records["source"]
+            if r.request == "SET_VRING_NUM" and r.direction == "in"]
+    assert nums == [size, size]
 
 
 def test_logging_on_and_off(requires_qemu, walked):
@@ -167,7 +171,8 @@ def test_steps_are_data_and_differences_are_said():
                  "stop", "cont", "migrate", "migrate_cancel", "set_link off", "set_link on"):
         assert step_named(name).action and step_named(name).expect
     assert "legacy" in step_named("FEATURES_OK").action
-    for name in ("stop", "set_link off", "reset", "DRIVER_OK", "start QEMU"):
+    for name in ("stop", "set_link off", "reset", "DRIVER_OK", "start QEMU",
+                 "queue addresses"):
         notes = {step_named(name).expected(v)[2] for v in ((5, 2), (7, 2), (10, 0))}
         assert len(notes) >= 2, name
     with pytest.raises(KeyError, match="no step"):

@@ -197,7 +197,12 @@ STEPS: tuple[Step, ...] = (
          "per queue: outw BAR0+0x0e Q (select), inw BAR0+0x0c (size), "
          "outl BAR0+0x08 PFN (ring address)",
          "nothing: QEMU notes the ring address; it sends it (as its own virtual "
-         "address) in SET_VRING_ADDR at DRIVER_OK", absent=("SET_VRING_ADDR",)),
+         "address) in SET_VRING_ADDR at DRIVER_OK", absent=("SET_VRING_ADDR",),
+         by_version=((_V52, (), ("SET_VRING_ADDR",),
+                      "5.2 and 7.2: each legacy queue has 256 entries"),
+                     (_V10, (), ("SET_VRING_ADDR",),
+                      "10.0: each legacy queue has 1024 entries (256 up to 7.2); the size "
+                      "comes from QEMU, so SET_VRING_NUM says 1024 at DRIVER_OK"))),
     Step("DRIVER_OK", "guest", "outb BAR0+0x12 7 (status DRIVER_OK)",
          "virtio_net_set_status -> vhost_net_set_mtu (NET_SET_MTU: the guest acked MTU) "
          "-> vhost_net_start -> vhost_dev_start: SET_FEATURES, the memory table "
