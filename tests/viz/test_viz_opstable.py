@@ -71,7 +71,8 @@ def test_coverage_column_comes_from_the_stepper_data():
         assert rows[op].split(COVERAGE_HEADER)[-1].count("yes") >= 1, op
         assert column[op].startswith("yes")
     assert "yes: migrate" in column["vhost_migration_done"]
-    assert column["vhost_scsi_set_endpoint"] == "no: " + NOT_CALLABLE_HERE["vhost_scsi_set_endpoint"]
+    scsi = "vhost_scsi_set_endpoint"
+    assert column[scsi] == "no: " + NOT_CALLABLE_HERE[scsi]
     called = sum(column[op.name].startswith("yes") for op in VHOST_OPS_TABLE)
     assert f"{called} called by real QEMU here" in page
     # ops newer than the seed's list are named under the table, not lost

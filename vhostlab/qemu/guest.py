@@ -96,7 +96,8 @@ VIRTIO_RING_F_EVENT_IDX = 29
 RX_QUEUE, TX_QUEUE = 0, 1
 DEFAULT_FEATURES = 1 << VIRTIO_NET_F_MAC
 #: The features this driver implements; offloads (CSUM, GSO ...) are not among them.
-SUPPORTED_FEATURES = sum(1 << b for b in (VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+SUPPORTED_FEATURES = sum(1 << b for b in (VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC,
+                                          VIRTIO_NET_F_MRG_RXBUF,
                                           VIRTIO_NET_F_STATUS, VIRTIO_F_NOTIFY_ON_EMPTY,
                                           VIRTIO_F_ANY_LAYOUT, VIRTIO_RING_F_EVENT_IDX))
 MAX_FRAME = 1514  # Ethernet header + 1500 bytes MTU, no FCS

@@ -42,7 +42,8 @@ from vhostlab.backend.trace import MessageTrace
 from .guest import (RX_QUEUE, TX_QUEUE, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VirtioNetGuest)
 from .host import MESSAGE_OPS
-from .launcher import CI_QEMU_RELEASES, DEFAULT_RAM_SIZE, QemuInstance, require_qemu, vhost_user_netdev
+from .launcher import (CI_QEMU_RELEASES, DEFAULT_RAM_SIZE, QemuInstance, require_qemu,
+                       vhost_user_netdev)
 from .traffic import CaptureWire
 
 __all__ = ["Step", "StepResult", "QemuStepper", "STEPS", "NOT_CALLABLE_HERE", "HOST_MTU",
@@ -616,8 +617,9 @@ class QemuStepper:
     ``qemu``: the QEMU binary (default: $VHOSTLAB_QEMU or PATH). ``quiet``: how
     long the traces must stay silent to end a step. ``timeline_view``: what
     draws a step's inferred calls (``vhostlab.viz.CallTimelineView``, which
-    ``lab.qemu_stepper()`` passes); without it a step shows its messages only. Use as a context manager,
-    or call ``close()`` (also run by a finalizer and at interpreter exit).
+    ``lab.qemu_stepper()`` passes); without it a step shows its messages only.
+    Use as a context manager, or call ``close()`` (also run by a finalizer and
+    at interpreter exit).
     """
 
     def __init__(self, *, qemu: str | None = None, ram_size: int = DEFAULT_RAM_SIZE,
