@@ -68,6 +68,18 @@ class Guest:
         self.kick = {i: k for i, (k, c) in self.info["rings"].items()}
         self.call = {i: c for i, (k, c) in self.info["rings"].items()}
 
+    def restart(self) -> None:
+        """Start the rings again as vhost_dev_start does after a device reset:
+        fresh rings (SET_VRING_NUM ... CALL, then ENABLE), and no memory table."""
+        self.drivers = [VirtqueueDriver(self.fe.memory, RING_NUM, self.fe.ring_gpas(i)[0])
+                        for i in range(len(self.drivers))]
+        rings = {i: self.fe.start_ring(i) for i in range(len(self.drivers))}
+        for i in rings:
+            self.fe.send(Request.SET_VRING_ENABLE, VringState(i, 1))
+        self.fe.sync()
+        self.kick = {i: k for i, (k, c) in rings.items()}
+        self.call = {i: c for i, (k, c) in rings.items()}
+
     def post_rx(self, n: int, pair: int = 0) -> None:
         drv = self.drivers[2 * pair]
         for i in range(n):

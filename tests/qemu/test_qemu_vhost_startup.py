@@ -67,6 +67,29 @@ def test_startup_sequence_and_device_state(host):
         assert ring.num == guest.queue_size(queue)             # SET_VRING_NUM: what the device said
 
 
+def test_a_guest_that_resets_the_device_and_starts_again_still_has_frames_flow(host):
+    # A driver reload: status 0, then the whole initialisation again. QEMU 10.0
+    # sends RESET_DEVICE at the reset and, at DRIVER_OK, the rings but no memory
+    # table (it did not change): the back-end must have kept the one it had.
+    guest = host.init_guest()
+    first = FrameLedger(FROM_GUEST)
+    guest.transmit([first.make(100)])
+    assert host.server.wait_for(lambda s: s.counters["guest_tx_frames"] == 1, timeout=10)
+    guest.reset()
+    guest.set_status(1)
+    guest.set_status(3)
+    guest.negotiate_features()
+    for q in (RX_QUEUE, TX_QUEUE):
+        guest.setup_queue(q)
+    guest.driver_ok()
+    assert host.server.wait_for(lambda s: all(v.started for v in s.vrings), timeout=10)
+    again = [first.make(n) for n in (60, 700)]
+    guest.transmit(again)
+    assert host.server.wait_for(lambda s: s.counters["guest_tx_frames"] == 3, timeout=10)
+    assert host.wire.take()[-2:] == again
+    assert not host.counters()["errors"]
+
+
 def test_frames_both_ways_byte_for_byte(host):
     guest = host.init_guest()
     guest.post_rx_buffers()

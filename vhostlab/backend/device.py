@@ -191,6 +191,25 @@ class VhostUserNetDevice:
         self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
         self.busy: set[int] = set()        # rings a service left work on (rings.service)
 
+    def reset(self) -> None:
+        """RESET_DEVICE: the device's own state back to its initial values (rings
+        stopped and disabled, queued frames dropped, features, status, MAC, MTU,
+        link); what the front-end's session set up stays (ownership, protocol
+        features, memory table, log)."""
+        for vring in self.vrings:
+            self.stop_vring(vring)
+            vring.enabled = False
+            vring.base = 0
+        self.counters.dropped += sum(self.backlog_frames)   # frames nobody will take now
+        for q in self.backlog:
+            q.clear()
+        self.backlog_frames = [0] * self.queue_pairs
+        self.backlog_bytes = [0] * self.queue_pairs
+        self.features = 0
+        self.status = 0
+        self.mac, self.mtu = self.initial_mac, self.initial_mtu
+        self.link_status = VIRTIO_NET_S_LINK_UP
+
     # -- negotiated state -------------------------------------------------------
     def has_feature(self, bit: int) -> bool:
         return bool(self.features & int(bit))

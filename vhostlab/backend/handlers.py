@@ -222,10 +222,13 @@ def reset_owner(dev, msg, fds):
 def reset_device(dev, msg, fds):
     _gate_offered(dev, msg, ProtocolFeature.RESET_DEVICE)
     # "disable all rings and reset all internal device state to the initial
-    # state ... The back-end retains ownership of the device."
-    protocol_features = dev.protocol_features
-    dev.release()
-    dev.owner, dev.protocol_features = True, protocol_features
+    # state ... The back-end retains ownership of the device." The memory
+    # table and the log stay: they are the front-end's, not the device's
+    # state. QEMU 10.0 sends RESET_DEVICE when the guest writes status 0 (7.2
+    # sends none) and at the next DRIVER_OK only the rings again, never an
+    # unchanged memory table; libvhost-user's vu_reset_device_exec only
+    # disables the rings.
+    dev.reset()
     return None
 
 
