@@ -192,7 +192,9 @@ def test_destination_killed_mid_migration(requires_qemu):
         result = m.run()
         assert killed and result.status == "failed"
         assert result.error.startswith("MigrationFailedError: migration failed:")
-        # QEMU turned dirty logging on for the migration and off after it failed.
+        # QEMU turned dirty logging on for the migration and off after it failed
+        # (vhost_log_global_stop may come after query-migrate said failed: wait for it).
+        assert m.src.server.wait_for(lambda s: not s.logging, timeout=20)
         features = [r.fields["payload"]["value"] for r in m.src.trace()
                     if r.request == "SET_FEATURES" and r.direction == "in"]
         assert features[-2] & LOG_ALL and not features[-1] & LOG_ALL

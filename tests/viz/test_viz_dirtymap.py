@@ -120,24 +120,38 @@ def test_rings_at_the_switch_over_are_not_drained(builtin_runs):
 
 
 def test_inferred_nesting_of_a_qemu_like_trace():
-    from types import SimpleNamespace as R
+    from vhostlab.backend.trace import MessageTrace
+
+    trace = MessageTrace()
 
     def rec(req, d="in", **payload):
-        return R(request=req, direction=d, fields={"payload": payload})
-    trace = [rec("GET_FEATURES"), rec("SET_OWNER"), rec("SET_FEATURES", value=1),
-             rec("SET_MEM_TABLE"), rec("SET_VRING_NUM"), rec("SET_VRING_KICK"),
-             rec("SET_VRING_ENABLE"), rec("SET_LOG_BASE"), rec("SET_LOG_BASE", "out"),
-             rec("SET_FEATURES", value=1 << 26),
-             rec("SET_VRING_ADDR", flags=1), rec("SET_STATUS", value=0),
-             rec("GET_VRING_BASE", index=0), rec("GET_VRING_BASE", index=1)]
-    entries = inferred_timeline(trace)
+        trace.record(d, req, {"payload": payload}, b"")
+    # QEMU 7.2's shape: start-up, logging on at migrate, SET_STATUS 0 before the stop.
+    for req in ("GET_FEATURES", "SET_OWNER"):
+        rec(req)
+    rec("SET_FEATURES", value=1)
+    for req in ("SET_MEM_TABLE", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR",
+                "SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ENABLE"):
+        rec(req, index=0)
+    rec("SET_LOG_BASE")
+    rec("SET_LOG_BASE", "out")
+    rec("SET_FEATURES", value=1 << 26)
+    rec("SET_VRING_ADDR", index=0, flags=1)
+    rec("SET_STATUS", value=0)
+    rec("GET_VRING_BASE", index=0)
+    rec("GET_VRING_BASE", index=1)
+    entries = inferred_timeline(trace.records())
     calls = [(e["depth"], e["name"]) for e in entries if e["kind"] == "call"]
-    assert (0, "vhost_dev_start") in calls and (0, "vhost_log_global_start") in calls
+    assert (0, "vhost_dev_init") in calls
+    assert (0, "vhost_net_start") in calls and (1, "vhost_dev_start") in calls
+    assert (2, "vhost_virtqueue_start") in calls
+    assert (0, "vhost_log_global_start") in calls and (3, "vhost_dev_log_resize") in calls
     assert (3, "vhost_dev_set_features") in calls and (4, "vhost_set_features") in calls
-    assert (1, "vhost_user_dev_start(dev, false)") in calls
-    assert (1, "vhost_virtqueue_stop") in calls and (2, "vhost_get_vring_base") in calls
+    assert (1, "vhost_dev_stop") in calls and (2, "vhost_dev_start") in calls  # (dev, false)
+    assert (2, "vhost_virtqueue_stop") in calls and (3, "vhost_get_vring_base") in calls
     assert entries[-1]["kind"] == "event" and "vhost_log_put" in entries[-1]["name"]
-    html = CallTimelineView.inferred(trace).to_html()
+    assert entries[-1]["depth"] == 2                            # inside vhost_dev_stop
+    html = CallTimelineView.inferred(trace.records()).to_html()
     assert "Inferred" in html and "data-view='call-timeline'" in html
 
 

@@ -111,93 +111,35 @@ class CallTimelineView(View):
 
 
 # -- a real QEMU: the nesting inferred from the back-end's trace ---------------------
-_LOG = ("vhost_log_global_start", "vhost_migration_log", "vhost_dev_set_log")
-_OP = {"SEND_RARP": "vhost_migration_done", "GET_PROTOCOL_FEATURES": "vhost_backend_init",
-       "SET_PROTOCOL_FEATURES": "vhost_backend_init", "GET_QUEUE_NUM": "vhost_backend_init",
-       "GET_MAX_MEM_SLOTS": "vhost_backend_init", "SET_BACKEND_REQ_FD": "vhost_backend_init",
-       "GET_STATUS": "vhost_user_get_status", "SET_STATUS": "vhost_user_set_status"}
-VHOST_F_LOG_ALL = 1 << 26
-
-
-def _payload(record: Any) -> dict:
-    fields = field(record, "fields", default={}) or {}
-    p = fields.get("payload") if isinstance(fields, Mapping) else None
-    return p if isinstance(p, Mapping) else {}
-
-
-def _path(req: str, payload: dict, nxt: str | None, prev: str | None, phase: str) -> tuple:
-    """The vhost.c calls (outermost first) that send ``req``, and the phase after it."""
-    op = _OP.get(req, "vhost_" + req.lower())
-    if req == "GET_VRING_BASE":
-        return ("vhost_dev_stop", "vhost_virtqueue_stop", op), "stop"
-    if req == "SET_STATUS" and payload.get("value", payload.get("status")) == 0 and \
-            "GET_VRING_BASE" in (nxt, prev):
-        who = ("vhost_user_dev_start(dev, false)" if nxt == "GET_VRING_BASE"
-               else "vhost_user_reset_status")
-        return ("vhost_dev_stop", who, op), "stop"
-    if phase in ("log", "unlog") and req in ("SET_FEATURES", "GET_STATUS", "SET_STATUS"):
-        return (*_LOG, "vhost_dev_set_features", "vhost_set_features"), phase
-    if phase in ("log", "unlog") and req == "SET_VRING_ADDR":
-        return (*_LOG, "vhost_virtqueue_set_addr", op), phase
-    if req == "SET_LOG_BASE" and phase != "start":
-        return (*_LOG, "vhost_dev_log_resize", op), "log"
-    if req == "SET_FEATURES" and nxt in ("SET_MEM_TABLE", "ADD_MEM_REG", "GET_STATUS"):
-        if nxt != "GET_STATUS" or phase in ("init", "ready"):
-            return ("vhost_dev_start", "vhost_dev_set_features", op), "start"
-    if req == "SET_FEATURES" and phase == "logging" and not payload.get("value", 0) & \
-            VHOST_F_LOG_ALL:
-        return ("vhost_log_global_stop", *_LOG[1:], "vhost_dev_set_features", op), "unlog"
-    if phase == "start" and req in ("GET_STATUS", "SET_STATUS") and prev == "SET_FEATURES":
-        return ("vhost_dev_start", "vhost_dev_set_features", "vhost_set_features"), phase
-    if phase == "start" and req in ("SET_MEM_TABLE", "ADD_MEM_REG", "SET_LOG_BASE"):
-        return ("vhost_dev_start", "vhost_set_mem_table" if req != "SET_LOG_BASE" else op), phase
-    if phase == "start" and req in ("SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR",
-                                    "SET_VRING_KICK", "SET_VRING_CALL"):
-        return ("vhost_dev_start", "vhost_virtqueue_start", op), phase
-    if req == "SEND_RARP":
-        return ("vhost_net_notify_migration_done", op), phase
-    if phase == "init":
-        return ("vhost_dev_init", op), phase
-    return (op,), ("logging" if phase == "log" else "ready")
+_STOP_CALLS = ("vhost_net_stop", "vhost_dev_stop")
 
 
 def inferred_timeline(records: Any) -> list[dict]:
     """Timeline entries (as ``CallTimelineView`` draws them) inferred from a back-end's
-    trace of a real QEMU: which vhost.c function sent each message, by the
-    calling sequences of hw/virtio/vhost.c. QEMU does not say; this is a reading."""
+    trace of a real QEMU: which vhost.c function sent each message
+    (:func:`vhostlab.qemu.inference.infer_calls`), with ``vhost_log_put``'s final
+    sync after a stop that came with logging on. QEMU does not say; this is a reading."""
+    from vhostlab.qemu.inference import infer_calls
+
     records = list(resolve(records, "trace") if not isinstance(records, (list, tuple))
                    else records)
-    ins = [r for r in records if field(r, "direction", default="in") == "in"]
-    names = [str(field(r, "request")) for r in ins]
     out: list[dict] = []
-    open_path: tuple = ()
-    phase, logged, i = "init", False, -1
-    for r in records:
-        req = str(field(r, "request"))
-        if field(r, "direction", default="in") != "in":
-            out.append({"kind": "message", "name": req, "depth": len(open_path), "record": r})
-            continue
-        i += 1
-        nxt = names[i + 1] if i + 1 < len(names) else None
-        prev = names[i - 1] if i else None
-        was = phase
-        path, phase = _path(req, _payload(r), nxt, prev, phase)
-        logged = logged or phase == "log"
-        if was == "stop" and phase != "stop" and logged:
-            out.append(_final_sync())
-        if path[:-1] != open_path[:-1] or path[-1] != (open_path[-1] if open_path else None):
-            common = 0
-            while common < min(len(path), len(open_path)) and path[common] == open_path[common]:
-                common += 1
-            out += [{"kind": "call", "name": n, "depth": d}
-                    for d, n in enumerate(path) if d >= common]
-        open_path = path
-        out.append({"kind": "message", "name": req, "depth": len(path), "record": r})
-    if phase == "stop" and logged:
-        out.append(_final_sync())
+    logged, stop_depth = False, None
+    for e in infer_calls(records):
+        if e["kind"] == "call" and e["name"] in _STOP_CALLS:
+            stop_depth = e["depth"] if stop_depth is None else min(stop_depth, e["depth"])
+        elif e["kind"] == "call" and stop_depth is not None and e["depth"] <= stop_depth:
+            if logged:
+                out.append(_final_sync(stop_depth + 2))
+            stop_depth = None
+        if e["kind"] == "message" and e["name"] == "SET_LOG_BASE":
+            logged = True
+        out.append(e)
+    if stop_depth is not None and logged:
+        out.append(_final_sync(stop_depth + 2))
     return out
 
 
-def _final_sync() -> dict:
+def _final_sync(depth: int) -> dict:
     return {"kind": "event", "name": "vhost_log_put(dev, true): the final log sync",
-            "depth": 1, "detail": {"message": "none: QEMU reads the shared log itself"}}
+            "depth": depth, "detail": {"message": "none: QEMU reads the shared log itself"}}
