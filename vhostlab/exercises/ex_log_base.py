@@ -16,7 +16,10 @@ Graded by hostile SET_LOG_BASE messages over real memfds; by a log whose
 (:class:`RacingLog`), and by a real writer thread marking bits with atomic
 ORs while the learner's sync runs; and by the built-in live migration with
 the learner's SET_LOG_BASE in the source back-end and the learner's sync in
-the source front-end: no frame may be lost.
+the source front-end: no frame may be lost. When QEMU is installed, also by
+a live migration between two real QEMUs with the learner's SET_LOG_BASE in
+the source back-end (QEMU does its own syncs there): no frame may be lost,
+no page may differ.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from vhostlab.protocol import HEADER_SIZE, LogArea, Message, ProtocolFeature, Re
 from vhostlab.ring.atomics import atomic_or, atomic_xchg
 
 __all__ = ["EXERCISE", "SETUP", "LogBaseArea", "RacingLog", "xchg64", "area_from_message",
-           "log_base_message", "memfd_of", "migrate_with_log", "learner_handlers"]
+           "log_base_message", "memfd_of", "migrate_with_log", "migrate_with_log_qemu",
+           "learner_handlers", "usable_qemu"]
 
 SETUP = '''\
 import mmap
@@ -515,6 +519,29 @@ def migrate_with_log(set_log_base: Callable, vhost_log_sync: Callable, *, rounds
                 "frames": {"lost": None, "duplicated": None, "corrupted": None}}
 
 
+QEMU_MIGRATION = dict(busy_syncs=3, timeout=60.0)
+
+
+def migrate_with_log_qemu(set_log_base: Callable, qemu: str | None = None, **config) -> dict:
+    """A live migration between two real QEMUs with your SET_LOG_BASE in the source
+    back-end; its summary (``vhostlab.qemu.MigrationResult.summary()``)."""
+    from vhostlab.qemu.migration import MigrationConfig, QemuMigration
+    options = {**QEMU_MIGRATION, **config}
+    cfg = MigrationConfig(qemu=qemu, source_handlers=learner_handlers(set_log_base), **options)
+    try:
+        return QemuMigration(cfg).run().summary()
+    except Exception as exc:  # a learner bug can stall or break the migration
+        return {"integrity": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "frames": {"lost": None, "duplicated": None, "corrupted": None}}
+
+
+def usable_qemu() -> str | None:
+    """The QEMU the log_base exercise migrates with, or None (no QEMU: built-in only)."""
+    from vhostlab.qemu.launcher import find_qemu
+    info = find_qemu()
+    return info.path if info is not None and info.usable else None
+
+
 def _exec(code: str) -> Callable:
     ns = {"np": np, "os": os, "mmap": mmap, "xchg64": xchg64}
     exec(code, ns)
@@ -526,11 +553,22 @@ _REF_MAP, _REF_SYNC = _exec(SOLUTION_SET_LOG_BASE), _exec(SOLUTION_LOG_SYNC)
 
 
 def _run_migration(targets, args):
-    summary = migrate_with_log(*targets)
+    if args == ("qemu",):
+        qemu = usable_qemu()
+        if qemu is None:        # graded on the built-in front-end alone (the case before)
+            return {"integrity": "ok", "error": None, "pages_mismatched": 0,
+                    "frontend": "no QEMU here: not run"}
+        targets[1](np.zeros(4, np.uint64))      # a stub's NotImplementedError surfaces here
+        summary, front = migrate_with_log_qemu(targets[0], qemu), "real QEMU"
+    else:
+        summary, front = migrate_with_log(*targets), "built-in"
     if tuple(targets) == (_REF_MAP, _REF_SYNC) and summary.get("integrity") != "ok":
-        raise RuntimeError("the built-in migration fails even with the reference answers: "
+        raise RuntimeError(f"the {front} migration fails even with the reference answers: "
                            f"{summary.get('error') or summary.get('frames')}")
     frames = summary.get("frames", {})
+    mig = summary.get("migration", {})
+    if summary.get("error") is None and mig.get("error"):
+        summary = {**summary, "error": mig.get("error")}
     return {"integrity": summary.get("integrity"), "lost": frames.get("lost"),
             "duplicated": frames.get("duplicated"), "corrupted": frames.get("corrupted"),
             "error": summary.get("error"),
@@ -540,12 +578,14 @@ def _run_migration(targets, args):
 Q3 = Question(
     name="q3", title="a live migration with your log loses no frame",
     targets=("set_log_base", "vhost_log_sync"), reference=(_REF_MAP, _REF_SYNC),
-    run=_run_migration, seconds=90.0,
+    run=_run_migration, seconds=180.0,
     compare=lambda got, want: got.get("integrity") == "ok",
     correct_message="the guest moved to the destination and every frame the back-end "
                     "wrote during the rounds arrived intact, through your log.",
     cases=(Case("a built-in live migration (3 rounds, frames both ways after each copy)",
-                lambda: fixed()),),
+                lambda: fixed()),
+           Case("a live migration between two real QEMUs, your SET_LOG_BASE in the source "
+                "back-end (run only where QEMU is installed)", lambda: fixed("qemu"))),
     mistakes=(
         Mistake(lambda got, want, args: got.get("error") is not None,
                 "the migration itself failed: a back-end refused your SET_LOG_BASE answer "

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from vhostlab.backend import BackendServer, TraceRecord
 
@@ -183,14 +183,17 @@ class VhostUserHost:
     ``incoming=True`` makes QEMU a migration destination (``-incoming``, see
     :attr:`migration_uri`). ``reconnect`` (seconds) lets QEMU reconnect to a
     restarted back-end. ``break_logging`` makes the back-end skip dirty
-    logging (the demo's negative control). Use as a context manager, or
+    logging (the demo's negative control). ``handlers`` (request -> handler)
+    replace the back-end's own, as ``BackendServer(handlers=...)``. Use as a context manager, or
     ``start()`` / ``close()``.
     """
 
     def __init__(self, name: str, *, ram_size: int = DEFAULT_RAM_SIZE, incoming: bool = False,
                  break_logging: bool = False, reconnect: int | None = None,
-                 qemu: str | None = None, timeout: float = 10.0):
+                 qemu: str | None = None, timeout: float = 10.0,
+                 handlers: Mapping | None = None):
         self.name, self.ram_size, self.incoming = name, ram_size, incoming
+        self.handlers = handlers
         self.break_logging, self.reconnect = break_logging, reconnect
         self.qemu_path, self.timeout = qemu, timeout
         self.wire = CaptureWire()
@@ -230,7 +233,8 @@ class VhostUserHost:
         if self._own.server is not None and self._own.server.running:
             raise RuntimeError(f"{self.name}: the back-end is already running")
         self._own.server = BackendServer(self.socket_path, wire=self.wire,
-                                         break_logging=self.break_logging).start()
+                                         break_logging=self.break_logging,
+                                         handlers=self.handlers).start()
         return self._own.server
 
     def stop_backend(self) -> None:

@@ -50,7 +50,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -92,6 +92,9 @@ class MigrationConfig:
     emulates a front-end that skips vhost_log_put's final sync (QEMU has no
     such switch): the source back-end discards its log marks as the rings
     stop, so that sync finds nothing (switchover.StopWindow).
+    ``source_handlers``: request -> handler entries the source back-end uses
+    instead of its own (``BackendServer(handlers=...)``), e.g. an exercise's
+    SET_LOG_BASE.
     """
 
     ram_size: int = DEFAULT_RAM_SIZE
@@ -112,6 +115,7 @@ class MigrationConfig:
     timeout: float = 60.0
     qemu: str | None = None
     destination_uri: str | None = None
+    source_handlers: Mapping | None = None
 
 
 @dataclass(frozen=True)
@@ -448,7 +452,7 @@ class QemuMigration:
         c = self.config
         self._set_phase("starting", "starting two back-ends and two QEMUs")
         self.src = VhostUserHost("source", ram_size=c.ram_size, break_logging=c.break_logging,
-                                 qemu=c.qemu).start()
+                                 qemu=c.qemu, handlers=c.source_handlers).start()
         self.result.qemu_version = self.src.qemu.info.version_string
         self.dst = VhostUserHost("destination", ram_size=c.ram_size, incoming=True,
                                  qemu=c.qemu).start()
