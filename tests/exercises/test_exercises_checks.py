@@ -9,10 +9,14 @@ import pytest
 
 from vhostlab.exercises import EXERCISES, Outcome, bind, load
 from vhostlab.exercises import notebook as nbg
+from vhostlab.exercises.ex_challenge import usable_qemu as _usable_qemu
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "labs" / "exercises" / "source"
 READY = sorted(p.parent.name for p in SOURCE.glob("*/*.ipynb"))
+# the challenge is graded against a real QEMU only (test_exercises_challenge covers
+# the rest, a missing QEMU included)
+READY = [n for n in READY if n != "challenge" or _usable_qemu()]
 
 
 def namespace(name: str, *solutions: str) -> dict:

@@ -18,12 +18,16 @@ import pytest
 
 from vhostlab.exercises import grade as grade_mod
 from vhostlab.exercises import notebook as nbg
+from vhostlab.exercises.ex_challenge import usable_qemu as _usable_qemu
 from vhostlab.exercises.grade import Limits, find_submissions, grade_class, merge
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "labs" / "exercises" / "source"
 RELEASE = ROOT / "labs" / "exercises" / "release"
 READY = sorted(p.parent.name for p in SOURCE.glob("*/*.ipynb"))
+# the challenge is graded against a real QEMU only (test_exercises_challenge covers
+# the rest, a missing QEMU included)
+READY = [n for n in READY if n != "challenge" or _usable_qemu()]
 
 
 def source_nb(name: str):
@@ -102,8 +106,32 @@ def vhost_log_sync(log64):
         pages += [w * 64 + b for b in range(64) if bits >> b & 1]
     return pages'''
 
+NEED_EVENT = """\
+def vring_need_event(event_idx, new_idx, old_idx):
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+"""
+ONE_BUFFER_COUNT = """\
+def place_frame(frame_len, hdr_len, buffer_sizes):
+    left, lengths = hdr_len + frame_len, []
+    for size in buffer_sizes:
+        if left == 0:
+            break
+        lengths.append(min(size, left))
+        left -= lengths[-1]
+    return None if left else (1, lengths)"""
+
 # student -> (exercise, notebook factory, {grade_id: expected status})
 BROKEN = {
+    "never_signals": ("challenge", lambda: replaced(
+        "challenge", should_signal=NEED_EVENT + "def should_signal(ring):\n    return False"),
+        {"test_event_idx": "failed", "test_mrg_rxbuf": "passed"}),
+    "always_signals": ("challenge", lambda: replaced(
+        "challenge", should_signal=NEED_EVENT + "def should_signal(ring):\n    return True"),
+        {"test_event_idx": "failed", "test_mrg_rxbuf": "passed"}),
+    "one_buffer": ("challenge", lambda: replaced("challenge", place_frame=ONE_BUFFER_COUNT),
+                   {"test_event_idx": "passed", "test_mrg_rxbuf": "failed"}),
     "loops_forever": ("descriptor_chain", lambda: replaced(
         "descriptor_chain", walk_chain=WALK_WITHOUT_LOOP_CHECK),
         {"test_walk_chain": "failed", "test_find_region": "passed",

@@ -160,6 +160,7 @@ class VhostUserNetDevice:
         self.watch: Callable[[int, Vring], None] = lambda fd, vring: None
         self.unwatch: Callable[[int], None] = lambda fd: None
         self.tx_arena = None                              # made by the datapath on first use
+        self.overrides = None       # backend.overrides.RingOverrides: Python-level decisions
         self.backlog: list[deque] = [deque() for _ in range(queue_pairs)]
         self.backlog_frames = [0] * queue_pairs
         self.backlog_bytes = [0] * queue_pairs

@@ -36,6 +36,7 @@ import numpy as np
 from vhostlab.backend.device import (RX_BACKLOG_BYTES, RX_BACKLOG_FRAMES, VhostUserNetDevice,
                                      Vring)
 from vhostlab.backend.errors import RequestError
+from vhostlab.backend.overrides import decide_call, rx_burst_placed
 from vhostlab.dirtylog import DirtyLog, DirtyLogError
 from vhostlab.memory import GuestMemory, GuestMemoryError, UnmappedAddressError
 from vhostlab.protocol import VHOST_LOG_PAGE, Feature, LogArea, Message, VringAddr
@@ -272,8 +273,14 @@ def _signal(fd: int) -> None:
 
 
 def _call(dev: VhostUserNetDevice, vring: Vring) -> None:
-    """Signal the call eventfd if the burst decided the driver wants an interrupt."""
-    if vring.ring.take_call() and vring.call_fd >= 0:
+    """Signal the call eventfd if the burst decided the driver wants an interrupt
+    (or, when this device has an override, if the override decided so)."""
+    hooks = dev.overrides
+    if hooks is not None and hooks.should_signal is not None:
+        need = decide_call(dev, vring, hooks)
+    else:
+        need = vring.ring.take_call()
+    if need and vring.call_fd >= 0:
         _signal(vring.call_fd)
         dev.counters.calls += 1
 
@@ -427,7 +434,11 @@ def _service_rx(dev: VhostUserNetDevice, pair: int) -> bool:
         frames0, bytes0, dropped0 = vq.frames, vq.bytes, vq.dropped
         error = None
         try:
-            done = vq.rx_burst(dev.memory, arena, log=log, hdr_len=dev.hdr_len, mrg_rxbuf=mrg)
+            if dev.overrides is not None and dev.overrides.place_frame is not None and mrg:
+                done = rx_burst_placed(dev, vq, arena, dev.hdr_len, dev.overrides, log=log)
+            else:
+                done = vq.rx_burst(dev.memory, arena, log=log, hdr_len=dev.hdr_len,
+                                   mrg_rxbuf=mrg)
         except RingError as exc:
             error, done = exc.with_traceback(None), exc.frames     # (see _service_tx)
         dev.counters.guest_rx_frames += vq.frames - frames0

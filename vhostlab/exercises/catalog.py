@@ -20,6 +20,7 @@ EXERCISES = {
     "vring_base": "vhostlab.exercises.ex_vring_base",
     "log_base": "vhostlab.exercises.ex_log_base",
     "broken_migration": "vhostlab.exercises.ex_broken_migration",
+    "challenge": "vhostlab.exercises.ex_challenge",
 }
 
 
