@@ -68,7 +68,7 @@ NO_QEMU = ("needs a real QEMU: this challenge is graded inside a back-end that s
 
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_RING_F_EVENT_IDX = 29
-RX_QUEUE, IRQ_WAIT_S = 0, 2.0
+RX_QUEUE, IRQ_WAIT_S = 0, 4.0
 
 
 def usable_qemu() -> str | None:
@@ -199,7 +199,10 @@ def _run_signal(targets, args):
     out = run_event_idx(targets[1])
     if out["errors"]:
         return ("raised", out["errors"][0])
-    if out["stalled"]:
+    # A round without an interrupt counts against the answer only when it skipped
+    # a signal the reference gives: with none missed, the stall is QEMU's
+    # interrupt delivery on a loaded machine, not the decision.
+    if out["stalled"] and out["missed"]:
         return ("stalled", out["stalled"], out["missed"])
     if out["missed"] or out["extra"]:
         return ("wrong", out["missed"], out["extra"], out["calls"], out["reference_calls"])
