@@ -31,28 +31,79 @@ def test_all_matches_public_names(name):
     assert not unlisted, f"{name} defines public names missing from __all__: {unlisted}"
 
 
-def test_lower_layers_do_not_import_higher_ones():
-    """protocol < memory < ring/dirtylog < backend < frontend/qemu < viz/exercises (DESIGN.md)."""
+#: Every top-level module or package of vhostlab and its layer: a module may
+#: import its own layer and the layers below it, never one above (DESIGN.md).
+LAYERS = {
+    "__init__": 0, "errors": 0, "sigbus": 0,
+    "protocol": 1, "memory": 1,
+    "ring": 2,
+    "dirtylog": 3,
+    "backend": 4,
+    "switchover": 5,
+    "frontend": 6,
+    "qemu": 7,
+    "viz": 8, "sweep": 8, "bench": 8, "doctor": 8,
+    "exercises": 9,
+    "labkit": 10, "lab": 10, "demo": 10,
+    "cli": 11,
+    "__main__": 12,
+}
+
+
+def _imports(path, package):
+    """The vhostlab modules ``path`` imports, relative imports resolved
+    against ``package`` (its dotted package name)."""
     import ast
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                if node.module:
+                    yield ".".join(base + [node.module])
+                else:
+                    yield from (".".join(base + [a.name]) for a in node.names)
+            elif node.module:
+                yield node.module
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    """Absolute and relative imports alike, every module ranked."""
     import pathlib
-    rank = {"protocol": 0, "memory": 1, "ring": 2, "dirtylog": 2, "backend": 3,
-            "frontend": 4, "qemu": 4, "viz": 5, "exercises": 5, "labkit": 6, "cli": 7}
     root = pathlib.Path(vhostlab.__file__).parent
-    bad = []
-    for path in root.rglob("*.py"):
+    bad, unranked = [], set()
+    for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).parts
         layer = rel[0].removesuffix(".py")
-        if layer not in rank:
+        if layer not in LAYERS:
+            unranked.add(layer)
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            mods = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                mods = [node.module]
-            elif isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            for mod in mods:
-                parts = mod.split(".")
-                if parts[0] == "vhostlab" and len(parts) > 1 and parts[1] in rank:
-                    if rank[parts[1]] > rank[layer]:
-                        bad.append(f"{'/'.join(rel)} imports {mod}")
+        package = ".".join(("vhostlab",) + rel[:-1])
+        for mod in _imports(path, package):
+            parts = mod.split(".")
+            if parts[0] != "vhostlab" or len(parts) < 2 or parts[1] == layer:
+                continue
+            if parts[1] not in LAYERS:
+                unranked.add(parts[1])
+            elif LAYERS[parts[1]] > LAYERS[layer]:
+                bad.append(f"{'/'.join(rel)} (layer {LAYERS[layer]}) imports {mod} "
+                           f"(layer {LAYERS[parts[1]]})")
+    assert not unranked, f"modules with no layer in LAYERS: {sorted(unranked)}"
     assert not bad, "\n".join(bad)
+
+
+def test_every_exception_derives_from_vhostlab_error():
+    """One root: ``except vhostlab.VhostlabError`` catches whatever the kit raises."""
+    import inspect
+    errors = []
+    for info in pkgutil.walk_packages(vhostlab.__path__, "vhostlab."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException)
+                    and obj.__module__ == info.name
+                    and not issubclass(obj, vhostlab.VhostlabError)):
+                errors.append(f"{info.name}.{name}")
+    assert not errors, f"exceptions outside vhostlab.VhostlabError: {errors}"

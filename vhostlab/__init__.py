@@ -2,6 +2,7 @@
 
 The package is layered; lower layers never import higher ones:
 
+    errors      VhostlabError, the root of every error the kit raises
     protocol/   vhost-user wire format, sans-IO
     memory      guest memory regions and address translation
     ring/, dirtylog   split virtqueues and the dirty-page log (numba kernels)
@@ -11,5 +12,7 @@ The package is layered; lower layers never import higher ones:
     cli         the `vhostlab` command
 """
 
+from .errors import VhostlabError
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["VhostlabError", "__version__"]

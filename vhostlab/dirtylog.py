@@ -26,6 +26,8 @@ there for the labs. A write past the log's end is refused with
 """
 from __future__ import annotations
 
+from .errors import VhostlabError
+
 import mmap
 import os
 import stat
@@ -55,7 +57,7 @@ VHOST_LOG_CHUNK = VHOST_LOG_PAGE * VHOST_LOG_BITS
 MAX_LOG_SIZE = 1 << 28
 
 
-class DirtyLogError(Exception):
+class DirtyLogError(VhostlabError):
     """Base class of dirty-log errors."""
 
 

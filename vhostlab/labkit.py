@@ -27,6 +27,8 @@ nothing here spins.
 """
 from __future__ import annotations
 
+from .errors import VhostlabError
+
 import atexit
 import html
 import os
@@ -56,7 +58,7 @@ RX_AT_STOP = 8            # RX frames a real QEMU's source back-end writes as it
 _PROCESS_THREADS = ("vhostlab-qemu-spawner",)
 
 
-class LabSetupError(RuntimeError):
+class LabSetupError(VhostlabError, RuntimeError):
     """The lab cannot be set up as asked (a bad VHOSTLAB_FRONTEND, QEMU missing, lab closed)."""
 
 

@@ -50,6 +50,8 @@ the value and the limit.
 """
 from __future__ import annotations
 
+from .errors import VhostlabError
+
 import ctypes
 import mmap
 import os
@@ -87,7 +89,7 @@ REGION_GPA, REGION_SIZE, REGION_HOST, REGION_UADDR = range(4)
 _U64 = 1 << 64
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(VhostlabError):
     """Base class of every guest-memory error."""
 
 

@@ -8,8 +8,10 @@ connection is closed with a log line naming the problem.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
 
-class BackendError(Exception):
+
+class BackendError(VhostlabError):
     """Base class of every error the back-end raises on purpose."""
 
 
@@ -21,9 +23,13 @@ class PeerCredentialsError(BackendError):
     """The peer on the socket is not a process of an allowed user (SO_PEERCRED)."""
 
     def __init__(self, pid: int, uid: int, allowed: frozenset[int]):
+        super().__init__(f"peer pid {pid} runs as uid {uid}; only uid(s) {sorted(allowed)} "
+                         "may drive this device (SO_PEERCRED)",
+                         what=f"peer pid {pid}", field="uid", value=uid, limit=sorted(allowed))
         self.pid, self.uid, self.allowed = pid, uid, allowed
-        super().__init__(f"peer pid {pid} runs as uid {uid}; only uid(s) "
-                         f"{sorted(allowed)} may drive this device (SO_PEERCRED)")
+
+    def render(self) -> str:
+        return self.reason       # uids read in decimal
 
 
 class TransportError(BackendError):
@@ -34,10 +40,6 @@ class RequestError(BackendError):
     """A request the device refuses: names the request, the field, the value and the limit."""
 
     def __init__(self, request: str, field: str, value: object, limit: object, why: str = ""):
-        self.request, self.field, self.value, self.limit = request, field, value, limit
-        text = f"{request}: {field}={_show(value)} refused (limit: {limit})"
-        super().__init__(f"{text}: {why}" if why else text)
-
-
-def _show(value: object) -> str:
-    return hex(value) if isinstance(value, int) and not isinstance(value, bool) and value > 9 else repr(value)
+        super().__init__(f"refused: {why}" if why else "refused", what=request,
+                         field=field, value=value, limit=limit)
+        self.request = request

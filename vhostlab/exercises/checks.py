@@ -24,6 +24,8 @@ environment, or per exercise/question with ``solution_allowed=False``.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import contextlib
 import html
 import os
@@ -119,7 +121,7 @@ class Raises:
         return " or ".join(t.__name__ for t in self.types)
 
 
-class CheckTimeout(Exception):
+class CheckTimeout(VhostlabError):
     """The learner's code ran past a case's time limit."""
 
 

@@ -9,6 +9,8 @@ project's own TX datapath (``Virtqueue.tx_burst``) takes from the same ring.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import contextlib
 from typing import Iterator
 
@@ -90,7 +92,7 @@ def read_frame(memory, desc, head, num, hdr_len):
     return data[hdr_len:]'''
 
 
-class EndlessWalk(RuntimeError):
+class EndlessWalk(VhostlabError, RuntimeError):
     """A walk read the descriptor table far more often than any chain needs."""
 
 

@@ -14,6 +14,8 @@ installed; nbgrader accepts the same notebooks (a test holds that).
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import re
 from pathlib import Path
 
@@ -33,7 +35,7 @@ TEXT_STUB = "YOUR ANSWER HERE"
 GRADE_ID_RE = re.compile(r"^[a-zA-Z0-9_\-]+$")
 
 
-class NotebookFormatError(ValueError):
+class NotebookFormatError(VhostlabError, ValueError):
     """A source notebook breaks nbgrader's rules (named cell, rule, value)."""
 
 

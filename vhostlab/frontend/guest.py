@@ -23,6 +23,8 @@ buffers from 0x600000, ``BUF_SIZE`` bytes each.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import os
 import select
 from dataclasses import dataclass, field
@@ -51,7 +53,7 @@ DRIVER_FEATURES = int(Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_NET_F_MAC
                       | Feature.VIRTIO_NET_F_STATUS)
 
 
-class GuestError(Exception):
+class GuestError(VhostlabError):
     """The guest driver met something it cannot use (names queue, field, value)."""
 
 

@@ -39,6 +39,8 @@ once, and at switch-over the two RAMs must be equal page for page.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -65,7 +67,7 @@ RARP_ETHERTYPE = b"\x80\x35"
 WAIT_TIMEOUT = 10.0
 
 
-class MigrationError(Exception):
+class MigrationError(VhostlabError):
     """The migration could not be set up or driven (not an integrity failure)."""
 
 

@@ -19,6 +19,8 @@ every other op sends one of ``messages``.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import enum
 from dataclasses import dataclass
 
@@ -170,7 +172,7 @@ def op_info(name: str) -> OpInfo:
                        "VhostOps") from None
 
 
-class VhostOpsError(Exception):
+class VhostOpsError(VhostlabError):
     """Base of every error a VhostOps op raises on its own account."""
 
 

@@ -6,6 +6,8 @@ learner sees why a cell failed and what to try next.
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import signal
 
 __all__ = [
@@ -36,7 +38,7 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-class QemuError(RuntimeError):
+class QemuError(VhostlabError, RuntimeError):
     """Base of every error raised by ``vhostlab.qemu``.
 
     ``exit_code`` is QEMU's return code when it is known (negative: killed by
@@ -46,13 +48,13 @@ class QemuError(RuntimeError):
 
     def __init__(self, message: str, *, exit_code: int | None = None,
                  stderr_tail: str | None = None, hint: str | None = None):
+        super().__init__(message)
         self.message = message
         self.exit_code = exit_code
         self.stderr_tail = stderr_tail
         self.hint = hint
-        super().__init__(message)
 
-    def __str__(self) -> str:
+    def render(self) -> str:
         parts = [self.message]
         if self.stderr_tail:
             tail = "\n".join("    " + line for line in self.stderr_tail.splitlines())

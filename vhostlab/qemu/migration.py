@@ -45,6 +45,8 @@ consistent immutable picture at any time, and ``on_progress`` receives
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 import logging
 import random
 import threading
@@ -292,7 +294,7 @@ class MigrationResult:
         }
 
 
-class _Aborted(Exception):
+class _Aborted(VhostlabError):
     """close() was called while the migration ran."""
 
 

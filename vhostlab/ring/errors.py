@@ -23,6 +23,8 @@ What the error fields hold, by code:
 """
 from __future__ import annotations
 
+from ..errors import VhostlabError
+
 __all__ = [
     "RING_OK", "E_AVAIL_IDX", "E_HEAD", "E_NEXT", "E_LOOP", "E_INDIRECT_NESTED",
     "E_INDIRECT_NEXT", "E_INDIRECT_LEN", "E_INDIRECT_ALIGN", "E_ZERO_LEN",
@@ -60,7 +62,7 @@ E_LOG_RANGE = 18
 E_ARENA = 19
 
 
-class RingError(Exception):
+class RingError(VhostlabError):
     """A virtqueue is broken: its guest (or front-end) broke a rule.
 
     Attributes: ``queue`` (index), ``queue_name``, ``code``, ``head``,
@@ -72,11 +74,17 @@ class RingError(Exception):
     def __init__(self, message: str, *, queue: int = -1, queue_name: str = "",
                  code: int = 0, head=None, index=None, table=None, field: str = "",
                  value=None, limit=None) -> None:
-        super().__init__(message)
+        super().__init__(message, what=f"queue {queue}" if queue >= 0 else None,
+                         field=field or None, value=value, limit=limit)
         self.queue, self.queue_name, self.code = queue, queue_name, code
         self.head, self.index, self.table = head, index, table
-        self.field, self.value, self.limit = field, value, limit
+        self.field = field
         self.frames = 0
+
+    def render(self) -> str:
+        """The sentence :func:`ring_error` wrote: it already names the queue,
+        the descriptor, the field, the value and the limit."""
+        return self.reason
 
 
 class AvailIndexError(RingError):
