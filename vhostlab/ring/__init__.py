@@ -20,7 +20,7 @@ cached on disk (numba ``cache=True``).
 """
 from .arena import MAX_FRAME_SIZE, FrameArena
 from .atomics import (atomic_or, atomic_or_py, atomic_xchg, atomic_xchg_py, borrow, borrow_py,
-                      fence_seq_cst, keep_alive, keep_alive_py,
+                      fence_seq_cst, keep_alive,
                       fence_seq_cst_py, load_acquire, load_acquire_py, load_relaxed,
                       load_relaxed_py, smp_load_acquire, smp_mb, smp_store_release,
                       store_release, store_release_py)
@@ -67,7 +67,7 @@ __all__ = [
     "load_acquire", "load_acquire_py", "store_release", "store_release_py",
     "load_relaxed", "load_relaxed_py", "atomic_or", "atomic_or_py", "atomic_xchg",
     "atomic_xchg_py", "fence_seq_cst", "fence_seq_cst_py", "borrow", "borrow_py",
-    "keep_alive", "keep_alive_py", "smp_load_acquire", "smp_store_release", "smp_mb",
+    "keep_alive", "smp_load_acquire", "smp_store_release", "smp_mb",
     # status codes and errors
     "RING_OK", "E_AVAIL_IDX", "E_HEAD", "E_NEXT", "E_LOOP", "E_INDIRECT_NESTED",
     "E_INDIRECT_NEXT", "E_INDIRECT_LEN", "E_INDIRECT_ALIGN", "E_ZERO_LEN", "E_BUF_ADDR",

@@ -57,7 +57,7 @@ from numba.extending import intrinsic
 
 __all__ = [
     "load_acquire", "store_release", "load_relaxed", "atomic_or", "atomic_xchg",
-    "fence_seq_cst", "borrow", "borrow_py", "keep_alive", "keep_alive_py",
+    "fence_seq_cst", "borrow", "borrow_py", "keep_alive",
     "load_acquire_py", "store_release_py", "load_relaxed_py", "atomic_or_py",
     "atomic_xchg_py", "fence_seq_cst_py",
     "smp_load_acquire", "smp_store_release", "smp_mb",
@@ -74,30 +74,23 @@ def _is_uint_array(arr) -> bool:
             and arr.ndim == 1)
 
 
-@intrinsic
-def load_acquire(typingctx, arr, index):
-    """``arr[index]`` read with acquire ordering."""
-    if not _is_uint_array(arr):
-        return None
+def _load(ordering: str):
+    def typer(typingctx, arr, index):
+        if not _is_uint_array(arr):
+            return None
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        width = ptr.type.pointee.width // 8
-        return builder.load_atomic(ptr, "acquire", width)
-    return arr.dtype(arr, types.intp), codegen
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+            return builder.load_atomic(ptr, ordering, ptr.type.pointee.width // 8)
+        return arr.dtype(arr, types.intp), codegen
+    typer.__name__ = f"load_{ordering}"
+    return typer
 
 
-@intrinsic
-def load_relaxed(typingctx, arr, index):
-    """``arr[index]`` read exactly once (atomic, no ordering)."""
-    if not _is_uint_array(arr):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
-        width = ptr.type.pointee.width // 8
-        return builder.load_atomic(ptr, "monotonic", width)
-    return arr.dtype(arr, types.intp), codegen
+load_acquire = intrinsic(_load("acquire"))
+load_acquire.__doc__ = "``arr[index]`` read with acquire ordering."
+load_relaxed = intrinsic(_load("monotonic"))
+load_relaxed.__doc__ = "``arr[index]`` read exactly once (atomic, no ordering)."
 
 
 @intrinsic
@@ -185,10 +178,6 @@ def keep_alive(typingctx, arr):
     def codegen(context, builder, sig, args):
         return context.get_dummy_value()
     return types.void(arr), codegen
-
-
-def keep_alive_py(arr):
-    """Twin of :func:`keep_alive`: nothing to do."""
 
 
 # --- plain-Python twins: plain numpy accesses (see the module docstring) ---

@@ -9,14 +9,18 @@ edit to any of them makes the cache stale and the kernel compiles afresh.
 
 This touches one private attribute of numba's cache; with a numba that lays
 its cache out differently it does nothing and numba's own stamp stays.
+
+:func:`twin` makes a kernel's plain-Python twin from the kernel's own text
+where the two differ only in the helpers they call: one text serves both, so
+the twin cannot drift from the kernel.
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from types import ModuleType
+from types import FunctionType, ModuleType
 
-__all__ = ["depends_on"]
+__all__ = ["depends_on", "twin"]
 
 
 def depends_on(dispatcher, *modules: ModuleType):
@@ -30,3 +34,22 @@ def depends_on(dispatcher, *modules: ModuleType):
         digest.update(Path(module.__file__).read_bytes())
     cache_file._source_stamp = digest.hexdigest()
     return dispatcher
+
+
+def twin(kernel, **helpers):
+    """The plain-Python twin of the jitted ``kernel``: its own code, run by the
+    interpreter, with each helper it calls by a global name replaced by that
+    helper's twin (``helpers``: name -> twin). Named ``<kernel>_py``.
+
+    The names it calls are bound when the twin is made: make it after them.
+    """
+    code = kernel.py_func.__code__
+    unknown = sorted(set(helpers) - set(code.co_names))
+    if unknown:
+        raise TypeError(f"twin of {kernel.__name__}: it calls no {', '.join(unknown)}")
+    scope = dict(kernel.py_func.__globals__, **helpers)
+    fn = FunctionType(code, scope, f"{code.co_name}_py", kernel.py_func.__defaults__)
+    fn.__qualname__ = fn.__name__
+    fn.__module__ = kernel.py_func.__module__
+    fn.__doc__ = f"Twin of :func:`{code.co_name}` (the same code, plain Python)."
+    return fn

@@ -26,7 +26,10 @@ fill_vec_buf_split and rust-vmm do; :func:`check_indirect` and
 burst: used->idx with release, the dirty log of the used ring, avail_event,
 and whether the driver wants an interrupt.
 
-Each function has a twin ``<name>_py`` over a memoryview with ``struct``.
+Each function has a twin ``<name>_py``. Where the two differ only in the
+helpers they call, the twin is the kernel's own code run by the interpreter
+(``cache.twin``); where they touch guest memory, the twin reads and writes a
+memoryview with ``struct``.
 
 Speed: :func:`chain_next` is inlined into the kernels by numba
 (``inline="always"``), so LLVM optimizes each kernel's loop as one piece, and
@@ -44,6 +47,7 @@ from numba import njit
 
 from ..memory import gpa_to_host, gpa_to_host_py
 from .atomics import fence_seq_cst, load_acquire, load_relaxed, store_release
+from .cache import twin
 from .errors import (E_AVAIL_IDX, E_BUF_ADDR, E_CHAIN_LEN, E_DIRECTION, E_HEAD,
                      E_INDIRECT_ALIGN, E_INDIRECT_LEN, E_INDIRECT_NESTED, E_INDIRECT_NEXT,
                      E_LOG_RANGE, E_LOOP, E_NEXT, E_RING_ADDR, E_RING_ALIGN, E_RING_NUM,
@@ -64,8 +68,9 @@ from .log import vhost_log_write_count, vhost_log_write_count_py
 # head       the chain's head
 # total      bytes in the chain so far
 # index      index of the descriptor chain_next returned last
-CUR_TABLE_GPA, CUR_TOTAL, CUR_INDEX = 2, 6, 7
-CHAIN_END = -1  # chain_next: no more buffers (not an error)
+CUR_TABLE, CUR_TABLE_GPA, CUR_NEXT, CUR_TOTAL, CUR_INDEX = 0, 2, 3, 6, 7
+CHAIN_END = -1      # chain_next: no more buffers (not an error)
+DESC_INDIRECT = -2  # chain_step: the cursor entered an indirect table
 
 _U32_MAX = 0xFFFFFFFF
 # Far past any log (MAX_LOG_SIZE covers 2**43 bytes), and far from int64 wrap.
@@ -98,13 +103,7 @@ def fail(s, code, head, index, table, value, limit):
     return code
 
 
-def fail_py(s, code, head, index, table, value, limit):
-    """Twin of :func:`fail`."""
-    if s["status"] == RING_OK:
-        s["status"] = code
-        s["err_head"], s["err_index"], s["err_table"] = head, index, table
-        s["err_value"], s["err_limit"] = value, limit
-    return code
+fail_py = twin(fail)
 
 
 @njit(cache=True, nogil=True)
@@ -117,13 +116,7 @@ def _ring_area(regions, s, which, gpa, size, align):
     return RING_OK, host
 
 
-def _ring_area_py(regions, s, which, gpa, size, align):
-    if gpa % align:
-        return fail_py(s, E_RING_ALIGN, -1, which, -1, gpa, align), 0
-    host = gpa_to_host_py(regions, gpa, size)
-    if host < 0:
-        return fail_py(s, E_RING_ADDR, -1, which, -1, gpa, size), 0
-    return RING_OK, host
+_ring_area_py = twin(_ring_area, fail=fail_py, gpa_to_host=gpa_to_host_py)
 
 
 @njit(cache=True, nogil=True)
@@ -133,34 +126,21 @@ def map_ring(regions, s):
     Checked on every burst: the memory table may have changed since
     SET_VRING_ADDR.
     """
-    num = s["num"]
-    if num < 1 or num > VIRTQUEUE_MAX_SIZE or num & (num - 1):
-        return fail(s, E_RING_NUM, -1, -1, -1, num, VIRTQUEUE_MAX_SIZE), 0, 0, 0
-    status, desc = _ring_area(regions, s, 0, s["desc"], 16 * num, VRING_DESC_ALIGN)
-    if status != RING_OK:
-        return status, 0, 0, 0
-    status, avail = _ring_area(regions, s, 1, s["avail"], 6 + 2 * num, VRING_AVAIL_ALIGN)
-    if status != RING_OK:
-        return status, 0, 0, 0
-    status, used = _ring_area(regions, s, 2, s["used"], 6 + 8 * num, VRING_USED_ALIGN)
-    return status, desc, avail, used
-
-
-def map_ring_py(regions, s):
-    """Twin of :func:`map_ring`."""
     num = int(s["num"])
     if num < 1 or num > VIRTQUEUE_MAX_SIZE or num & (num - 1):
-        return fail_py(s, E_RING_NUM, -1, -1, -1, num, VIRTQUEUE_MAX_SIZE), 0, 0, 0
-    status, desc = _ring_area_py(regions, s, 0, int(s["desc"]), 16 * num, VRING_DESC_ALIGN)
+        return fail(s, E_RING_NUM, -1, -1, -1, num, VIRTQUEUE_MAX_SIZE), 0, 0, 0
+    status, desc = _ring_area(regions, s, 0, int(s["desc"]), 16 * num, VRING_DESC_ALIGN)
     if status != RING_OK:
         return status, 0, 0, 0
-    status, avail = _ring_area_py(regions, s, 1, int(s["avail"]), 6 + 2 * num,
-                                  VRING_AVAIL_ALIGN)
+    status, avail = _ring_area(regions, s, 1, int(s["avail"]), 6 + 2 * num,
+                               VRING_AVAIL_ALIGN)
     if status != RING_OK:
         return status, 0, 0, 0
-    status, used = _ring_area_py(regions, s, 2, int(s["used"]), 6 + 8 * num,
-                                 VRING_USED_ALIGN)
+    status, used = _ring_area(regions, s, 2, int(s["used"]), 6 + 8 * num, VRING_USED_ALIGN)
     return status, desc, avail, used
+
+
+map_ring_py = twin(map_ring, fail=fail_py, _ring_area=_ring_area_py)
 
 
 @njit(cache=True, nogil=True)
@@ -258,20 +238,7 @@ def check_indirect(regions, addr, length, flags, table_gpa):
     return RING_OK, 0, 0, table
 
 
-def check_indirect_py(regions, addr, length, flags, table_gpa):
-    """Twin of :func:`check_indirect`."""
-    if table_gpa >= 0:
-        return E_INDIRECT_NESTED, flags, 0, -1
-    if flags & VRING_DESC_F_NEXT:
-        return E_INDIRECT_NEXT, flags, 0, -1
-    if length == 0 or length % 16 or length > 16 * INDIRECT_MAX_ENTRIES:
-        return E_INDIRECT_LEN, length, 16 * INDIRECT_MAX_ENTRIES, -1
-    if addr % VRING_DESC_ALIGN:
-        return E_INDIRECT_ALIGN, addr, VRING_DESC_ALIGN, -1
-    table = gpa_to_host_py(regions, addr, length)
-    if table < 0:
-        return E_BUF_ADDR, addr, length, -1
-    return RING_OK, 0, 0, table
+check_indirect_py = twin(check_indirect, gpa_to_host=gpa_to_host_py)
 
 
 @njit(cache=True, nogil=True)
@@ -294,23 +261,35 @@ def check_buffer(regions, addr, length, flags, nxt, size, count, total, want_wri
     return RING_OK, 0, 0, host
 
 
-def check_buffer_py(regions, addr, length, flags, nxt, size, count, total, want_write):
-    """Twin of :func:`check_buffer`."""
-    if length == 0:
-        return E_ZERO_LEN, 0, 1, -1
-    if bool(flags & VRING_DESC_F_WRITE) != want_write:
-        return E_DIRECTION, flags, VRING_DESC_F_WRITE if want_write else 0, -1
-    host = gpa_to_host_py(regions, addr, length)
-    if host < 0:
-        return E_BUF_ADDR, addr, length, -1
-    if total + length > _U32_MAX:
-        return E_CHAIN_LEN, total + length, _U32_MAX, -1
-    if flags & VRING_DESC_F_NEXT:
-        if nxt >= size:
-            return E_NEXT, nxt, size, -1
-        if count >= size:
-            return E_LOOP, count + 1, size, -1
-    return RING_OK, 0, 0, host
+check_buffer_py = twin(check_buffer, gpa_to_host=gpa_to_host_py)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def chain_step(regions, s, cur, addr, length, flags, nxt, want_write):
+    """Check the descriptor just read at the cursor's ``next`` (its four fields
+    given) and move on: ``(status, host, cursor)``.
+
+    status is RING_OK (a buffer at ``host``), DESC_INDIRECT (the cursor now
+    walks the indirect table: read on), or an error code (recorded in ``s``).
+    """
+    table, size, table_gpa, i, count, head, total, _ = cur
+    s["descs"] += 1                                 # the service's weight
+    if flags & VRING_DESC_F_INDIRECT:
+        code, value, limit, indirect = check_indirect(regions, addr, length, flags,
+                                                      table_gpa)
+        if code != RING_OK:
+            return fail(s, code, head, i, table_gpa, value, limit), 0, cur
+        return DESC_INDIRECT, 0, (indirect, length // 16, addr, 0, 1, head, total, i)
+    code, value, limit, host = check_buffer(regions, addr, length, flags, nxt, size, count,
+                                            total, want_write)
+    if code != RING_OK:
+        return fail(s, code, head, i, table_gpa, value, limit), 0, cur
+    after = nxt if flags & VRING_DESC_F_NEXT else -1
+    return RING_OK, host, (table, size, table_gpa, after, count + 1, head, total + length, i)
+
+
+chain_step_py = twin(chain_step, check_indirect=check_indirect_py,
+                     check_buffer=check_buffer_py, fail=fail_py)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -322,54 +301,29 @@ def chain_next(h16, h32, h64, regions, s, cur, want_write):
     (borrowed, see atomics.borrow); ``cur`` comes from chain_start or the
     previous call.
     """
-    table, size, table_gpa, i, count, head, total, _ = cur
-    while i >= 0:
-        s["descs"] += 1                             # the service's weight
-        d = table + 16 * i
+    while cur[CUR_NEXT] >= 0:
+        d = cur[CUR_TABLE] + 16 * cur[CUR_NEXT]
         # Copy the descriptor once: every check and use below sees these values.
         addr = np.int64(load_relaxed(h64, d >> 3))
         length = np.int64(load_relaxed(h32, (d >> 2) + 2))
         flags = np.int64(load_relaxed(h16, (d >> 1) + 6))
         nxt = np.int64(load_relaxed(h16, (d >> 1) + 7))
-        if flags & VRING_DESC_F_INDIRECT:
-            code, value, limit, indirect = check_indirect(regions, addr, length, flags,
-                                                          table_gpa)
-            if code != RING_OK:
-                return fail(s, code, head, i, table_gpa, value, limit), 0, 0, 0, cur
-            table, size, table_gpa, i, count = indirect, length // 16, addr, 0, 1
-            continue
-        code, value, limit, host = check_buffer(regions, addr, length, flags, nxt, size,
-                                                count, total, want_write)
-        if code != RING_OK:
-            return fail(s, code, head, i, table_gpa, value, limit), 0, 0, 0, cur
-        after = nxt if flags & VRING_DESC_F_NEXT else -1
-        cur = (table, size, table_gpa, after, count + 1, head, total + length, i)
-        return RING_OK, host, addr, length, cur
+        status, host, cur = chain_step(regions, s, cur, addr, length, flags, nxt, want_write)
+        if status != DESC_INDIRECT:
+            return status, host, addr, length, cur
     return CHAIN_END, 0, 0, 0, cur
 
 
 def chain_next_py(mv, regions, s, cur, want_write):
     """Twin of :func:`chain_next`; ``mv`` is a memoryview of guest memory."""
-    table, size, table_gpa, i, count, head, total, _ = cur
-    while i >= 0:
-        s["descs"] += 1
-        addr, length, flags, nxt = _DESC.unpack_from(mv, table + 16 * i)
+    while cur[CUR_NEXT] >= 0:
+        addr, length, flags, nxt = _DESC.unpack_from(mv, cur[CUR_TABLE] + 16 * cur[CUR_NEXT])
         if addr >= 1 << 63:
             addr -= 1 << 64        # the kernel keeps addresses in an int64
-        if flags & VRING_DESC_F_INDIRECT:
-            code, value, limit, indirect = check_indirect_py(regions, addr, length, flags,
-                                                             table_gpa)
-            if code != RING_OK:
-                return fail_py(s, code, head, i, table_gpa, value, limit), 0, 0, 0, cur
-            table, size, table_gpa, i, count = indirect, length // 16, addr, 0, 1
-            continue
-        code, value, limit, host = check_buffer_py(regions, addr, length, flags, nxt, size,
-                                                   count, total, want_write)
-        if code != RING_OK:
-            return fail_py(s, code, head, i, table_gpa, value, limit), 0, 0, 0, cur
-        after = nxt if flags & VRING_DESC_F_NEXT else -1
-        cur = (table, size, table_gpa, after, count + 1, head, total + length, i)
-        return RING_OK, host, addr, length, cur
+        status, host, cur = chain_step_py(regions, s, cur, addr, length, flags, nxt,
+                                          want_write)
+        if status != DESC_INDIRECT:
+            return status, host, addr, length, cur
     return CHAIN_END, 0, 0, 0, cur
 
 
@@ -377,13 +331,13 @@ def chain_next_py(mv, regions, s, cur, want_write):
 def log_used(log, s, first, n):
     """Log the used-ring writes of a burst at log_guest_addr + offset: ``n``
     elements from slot ``first``, used->idx, and avail_event with EVENT_IDX."""
-    num, base = s["num"], s["log_guest_addr"]
+    num, base = int(s["num"]), int(s["log_guest_addr"])
     if base < 0 or base > _LOG_GUEST_ADDR_MAX:      # base + offset must not wrap
         return fail(s, E_LOG_RANGE, -1, -1, -1, base, log.size)
     start = first & (num - 1)
     head_part = min(n, num - start)
     spans = ((base + 4 + 8 * start, 8 * head_part), (base + 4, 8 * (n - head_part)),
-             (base + 2, 2), (base + 4 + 8 * num, 2 * s["event_idx"]))
+             (base + 2, 2), (base + 4 + 8 * num, 2 * int(s["event_idx"])))
     for gpa, length in spans:
         status, marked = vhost_log_write_count(log, gpa, length)
         if status != RING_OK:
@@ -392,21 +346,7 @@ def log_used(log, s, first, n):
     return RING_OK
 
 
-def log_used_py(log, s, first, n):
-    """Twin of :func:`log_used`."""
-    num, base = int(s["num"]), int(s["log_guest_addr"])
-    if base < 0 or base > _LOG_GUEST_ADDR_MAX:
-        return fail_py(s, E_LOG_RANGE, -1, -1, -1, base, log.size)
-    start = first & (num - 1)
-    head_part = min(n, num - start)
-    spans = ((base + 4 + 8 * start, 8 * head_part), (base + 4, 8 * (n - head_part)),
-             (base + 2, 2), (base + 4 + 8 * num, 2 * int(s["event_idx"])))
-    for gpa, length in spans:
-        status, marked = vhost_log_write_count_py(log, gpa, length)
-        if status != RING_OK:
-            return fail_py(s, E_LOG_RANGE, -1, -1, -1, gpa, log.size)
-        s["logged"] += marked
-    return RING_OK
+log_used_py = twin(log_used, fail=fail_py, vhost_log_write_count=vhost_log_write_count_py)
 
 
 @njit(cache=True, nogil=True)
