@@ -93,16 +93,25 @@ load_relaxed = intrinsic(_load("monotonic"))
 load_relaxed.__doc__ = "``arr[index]`` read exactly once (atomic, no ordering)."
 
 
+def _is_store(arr, value) -> bool:
+    return _is_uint_array(arr) and isinstance(value, types.Integer)
+
+
+def _element_and_value(context, builder, sig, args):
+    """The element's pointer, and the value cast to the array's dtype."""
+    aryty = sig.args[0]
+    ptr = _element_pointer(context, builder, aryty, args[0], args[1])
+    return ptr, context.cast(builder, args[2], sig.args[2], aryty.dtype)
+
+
 @intrinsic
 def store_release(typingctx, arr, index, value):
     """``arr[index] = value`` with release ordering."""
-    if not _is_uint_array(arr) or not isinstance(value, types.Integer):
+    if not _is_store(arr, value):
         return None
 
     def codegen(context, builder, sig, args):
-        aryty = sig.args[0]
-        ptr = _element_pointer(context, builder, aryty, args[0], args[1])
-        val = context.cast(builder, args[2], sig.args[2], aryty.dtype)
+        ptr, val = _element_and_value(context, builder, sig, args)
         builder.store_atomic(val, ptr, "release", ptr.type.pointee.width // 8)
         return context.get_dummy_value()
     return types.void(arr, types.intp, value), codegen
@@ -110,15 +119,14 @@ def store_release(typingctx, arr, index, value):
 
 def _rmw(op: str, ordering: str):
     def typer(typingctx, arr, index, value):
-        if not _is_uint_array(arr) or not isinstance(value, types.Integer):
+        if not _is_store(arr, value):
             return None
 
         def codegen(context, builder, sig, args):
-            aryty = sig.args[0]
-            ptr = _element_pointer(context, builder, aryty, args[0], args[1])
-            val = context.cast(builder, args[2], sig.args[2], aryty.dtype)
+            ptr, val = _element_and_value(context, builder, sig, args)
             return builder.atomic_rmw(op, ptr, val, ordering)
         return arr.dtype(arr, types.intp, value), codegen
+    typer.__name__ = f"atomic_{op}"
     return typer
 
 

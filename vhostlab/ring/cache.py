@@ -36,10 +36,16 @@ def depends_on(dispatcher, *modules: ModuleType):
     return dispatcher
 
 
+def _nothing(*args):
+    """What a step only compiled code needs does in the interpreter."""
+
+
 def twin(kernel, **helpers):
     """The plain-Python twin of the jitted ``kernel``: its own code, run by the
     interpreter, with each helper it calls by a global name replaced by that
-    helper's twin (``helpers``: name -> twin). Named ``<kernel>_py``.
+    helper's twin (``helpers``: name -> twin, or None for a step only compiled
+    code needs, such as ``keep_alive``: the twin's call does nothing). Named
+    ``<kernel>_py``.
 
     The names it calls are bound when the twin is made: make it after them.
     """
@@ -47,6 +53,7 @@ def twin(kernel, **helpers):
     unknown = sorted(set(helpers) - set(code.co_names))
     if unknown:
         raise TypeError(f"twin of {kernel.__name__}: it calls no {', '.join(unknown)}")
+    helpers = {name: _nothing if fn is None else fn for name, fn in helpers.items()}
     scope = dict(kernel.py_func.__globals__, **helpers)
     fn = FunctionType(code, scope, f"{code.co_name}_py", kernel.py_func.__defaults__)
     fn.__qualname__ = fn.__name__

@@ -1,8 +1,10 @@
 """Walking descriptor chains and returning them: the pieces both kernels share.
 
-A burst starts with :func:`map_ring` (the three areas, checked against the
-memory table every time) and :func:`avail_ready` (avail->idx, with acquire);
-each chain starts at :func:`avail_head`. A chain is walked with a cursor (a
+A burst starts with :func:`burst_start`: :func:`map_ring` (the three areas,
+checked against the memory table every time) and :func:`avail_ready`
+(avail->idx, with acquire). Guest memory goes around as ``mem``, the uint8
+array with its uint16/32/64 views (:func:`guest_views`). Each chain starts at
+:func:`avail_head`. A chain is walked with a cursor (a
 tuple of ints, see below), the way rust-vmm's DescriptorChain is an iterator
 with a TTL. :func:`chain_next` reads one descriptor, copies its four fields
 into locals *once* (the guest can rewrite it at any time), checks them,
@@ -46,7 +48,7 @@ import numpy as np
 from numba import njit
 
 from ..memory import gpa_to_host, gpa_to_host_py
-from .atomics import fence_seq_cst, load_acquire, load_relaxed, store_release
+from .atomics import borrow, fence_seq_cst, load_acquire, load_relaxed, store_release
 from .cache import twin
 from .errors import (E_AVAIL_IDX, E_BUF_ADDR, E_CHAIN_LEN, E_DIRECTION, E_HEAD,
                      E_INDIRECT_ALIGN, E_INDIRECT_LEN, E_INDIRECT_NESTED, E_INDIRECT_NEXT,
@@ -143,8 +145,24 @@ def map_ring(regions, s):
 map_ring_py = twin(map_ring, fail=fail_py, _ring_area=_ring_area_py)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def guest_views(host, regions):
+    """Guest memory and the region table as the kernels pass them around:
+    ``mem = (host, h16, h32, h64)``, the uint8 array and its views as
+    uint16/32/64, and ``regions``, all borrowed (``atomics.borrow``)."""
+    mem = (borrow(host), borrow(host.view(np.uint16)), borrow(host.view(np.uint32)),
+           borrow(host.view(np.uint64)))
+    return mem, borrow(regions)
+
+
+def guest_views_py(host, regions):
+    """Twin of :func:`guest_views`: a memoryview of guest memory (``struct``
+    reads it), and the region table as lists (``gpa_to_host_py``)."""
+    return memoryview(host), regions.tolist()
+
+
 @njit(cache=True, nogil=True)
-def avail_ready(h16, s, avail):
+def avail_ready(mem, s, avail):
     """How many avail entries wait: ``(status, ready)``.
 
     avail->idx is read with acquire: the ring entries and descriptors are read
@@ -152,7 +170,7 @@ def avail_ready(h16, s, avail):
     last_avail_idx.
     """
     last, num = s["last_avail_idx"], s["num"]
-    avail_idx = np.int64(load_acquire(h16, (avail + 2) >> 1))
+    avail_idx = np.int64(load_acquire(mem[1], (avail + 2) >> 1))
     ready = (avail_idx - last) & 0xFFFF
     if ready > num:
         return fail(s, E_AVAIL_IDX, -1, last, -1, avail_idx, num), 0
@@ -169,12 +187,29 @@ def avail_ready_py(mv, s, avail):
     return RING_OK, ready
 
 
-@njit(cache=True, nogil=True)
-def avail_head(h16, s, avail, position):
+@njit(cache=True, nogil=True, inline="always")
+def burst_start(host, regions, s):
+    """Map the ring and see how many avail entries wait:
+    ``(status, mem, regions, desc, avail, used, ready)``, ``mem`` and
+    ``regions`` as :func:`guest_views` gives them."""
+    mem, regions = guest_views(host, regions)
+    status, desc, avail, used = map_ring(regions, s)
+    ready = 0
+    if status == RING_OK:
+        status, ready = avail_ready(mem, s, avail)
+    return status, mem, regions, desc, avail, used, ready
+
+
+burst_start_py = twin(burst_start, guest_views=guest_views_py, map_ring=map_ring_py,
+                      avail_ready=avail_ready_py)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def avail_head(mem, s, avail, position):
     """The chain head in avail.ring[position % num]: ``(status, head)``."""
     num = s["num"]
     slot = position & (num - 1)
-    head = np.int64(h16[((avail + 4) >> 1) + slot])
+    head = np.int64(mem[1][((avail + 4) >> 1) + slot])
     if head >= num:
         return fail(s, E_HEAD, -1, slot, -1, head, num), head
     return RING_OK, head
@@ -202,11 +237,17 @@ def over_budget_py(s):
     return int(s["desc_budget"]) > 0 and int(s["descs"]) >= int(s["desc_budget"])
 
 
-@njit(cache=True, nogil=True)
-def put_used_elem(h32, used, slot, head, length):
+@njit(cache=True, nogil=True, inline="always")
+def put_used_elem(mem, used, slot, head, length):
     """used->ring[slot] = {id: head, len: length} (published later)."""
+    h32 = mem[2]
     elem = ((used + 4) >> 2) + 2 * slot
     h32[elem], h32[elem + 1] = head, length
+
+
+def put_used_elem_py(mv, used, slot, head, length):
+    """Twin of :func:`put_used_elem`."""
+    _USED_ELEM.pack_into(mv, used + 4 + 8 * slot, head, length)
 
 
 @njit(cache=True, nogil=True)
@@ -215,9 +256,7 @@ def chain_start(desc, num, head):
     return (desc, num, -1, head, 1, head, 0, head)
 
 
-def chain_start_py(desc, num, head):
-    """Twin of :func:`chain_start`."""
-    return (desc, num, -1, head, 1, head, 0, head)
+chain_start_py = twin(chain_start)
 
 
 @njit(cache=True, nogil=True)
@@ -293,14 +332,14 @@ chain_step_py = twin(chain_step, check_indirect=check_indirect_py,
 
 
 @njit(cache=True, nogil=True, inline="always")
-def chain_next(h16, h32, h64, regions, s, cur, want_write):
+def chain_next(mem, regions, s, cur, want_write):
     """The chain's next buffer: ``(status, host, gpa, len, cursor)``.
 
     status is RING_OK, CHAIN_END, or an error code (recorded in ``s``).
-    ``h16``/``h32``/``h64`` are the guest memory array viewed as uint16/32/64
-    (borrowed, see atomics.borrow); ``cur`` comes from chain_start or the
-    previous call.
+    ``mem`` is guest memory as :func:`guest_views` gives it; ``cur`` comes
+    from chain_start or the previous call.
     """
+    _, h16, h32, h64 = mem
     while cur[CUR_NEXT] >= 0:
         d = cur[CUR_TABLE] + 16 * cur[CUR_NEXT]
         # Copy the descriptor once: every check and use below sees these values.
@@ -350,7 +389,7 @@ log_used_py = twin(log_used, fail=fail_py, vhost_log_write_count=vhost_log_write
 
 
 @njit(cache=True, nogil=True)
-def publish_used(h16, log, s, avail, used, n):
+def publish_used(mem, log, s, avail, used, n):
     """Make ``n`` used elements (already written) visible, and take stock.
 
     Advances last_avail_idx and used_idx, stores used->idx with release
@@ -359,6 +398,7 @@ def publish_used(h16, log, s, avail, used, n):
     wants an interrupt (``call_pending``), and counts the avail entries still
     waiting (``avail_pending``). Returns RING_OK or E_LOG_RANGE.
     """
+    h16 = mem[1]
     num = s["num"]
     status = RING_OK
     if n > 0:
@@ -419,7 +459,3 @@ def publish_used_py(mv, log, s, avail, used, n):
     s["avail_pending"] = (avail_idx - int(s["last_avail_idx"])) & 0xFFFF
     return status
 
-
-def put_used_elem_py(mv, used, slot, head, length):
-    """Twin helper: used->ring[slot] = {id: head, len: length}."""
-    _USED_ELEM.pack_into(mv, used + 4 + 8 * slot, head, length)

@@ -29,13 +29,12 @@ from numba import njit
 from .. import memory
 from . import atomics, chain, errors, layout
 from . import log as log_kernels
-from .atomics import borrow, keep_alive
-from .cache import depends_on
+from .atomics import borrow, borrow_py, keep_alive
+from .cache import depends_on, twin
 from .chain import (CHAIN_END, CUR_INDEX, CUR_TABLE_GPA, avail_head, avail_head_py,
-                    avail_ready, avail_ready_py, chain_next, chain_next_py, chain_start,
-                    chain_start_py, copy_bytes, fail, fail_py, map_ring, map_ring_py,
-                    over_budget, over_budget_py, publish_used, publish_used_py,
-                    put_used_elem, put_used_elem_py)
+                    burst_start, burst_start_py, chain_next, chain_next_py, chain_start,
+                    chain_start_py, copy_bytes, fail, fail_py, over_budget, over_budget_py,
+                    publish_used, publish_used_py, put_used_elem, put_used_elem_py)
 from .errors import E_ARENA, E_LOG_RANGE, RING_OK
 from .layout import MAX_HDR_LEN
 from .log import vhost_log_write_count, vhost_log_write_count_py
@@ -45,8 +44,30 @@ __all__ = ["vring_rx_burst", "vring_rx_burst_py"]
 _NUM_BUFFERS = 10    # offset of num_buffers in the 12-byte header
 
 
-@njit(cache=True, nogil=True)
-def _write_stream(host, buf, count, pos, hdr_len, arena, src, nb):
+@njit(cache=True, nogil=True, inline="always")
+def put_byte(mem, offset, value):
+    """Guest memory byte at ``offset`` = value."""
+    mem[0][offset] = value
+
+
+def put_byte_py(mv, offset, value):
+    """Twin of :func:`put_byte`."""
+    mv[offset] = value
+
+
+@njit(cache=True, nogil=True, inline="always")
+def copy_to_guest(mem, buf, arena, src, count):
+    """Guest memory at ``buf`` = arena[src:src + count]."""
+    copy_bytes(mem[0], buf, arena, src, count)
+
+
+def copy_to_guest_py(mv, buf, arena, src, count):
+    """Twin of :func:`copy_to_guest`."""
+    mv[buf:buf + count] = arena[src:src + count]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _write_stream(mem, buf, count, pos, hdr_len, arena, src, nb):
     """Write bytes ``pos .. pos+count`` of header-then-frame at ``buf``.
 
     Header bytes are zero except num_buffers = 1; ``nb`` records where its two
@@ -55,42 +76,31 @@ def _write_stream(host, buf, count, pos, hdr_len, arena, src, nb):
     k = 0
     while k < count and pos + k < hdr_len:
         q = pos + k
-        host[buf + k] = 1 if q == _NUM_BUFFERS else 0
+        put_byte(mem, buf + k, 1 if q == _NUM_BUFFERS else 0)
         if q == _NUM_BUFFERS or q == _NUM_BUFFERS + 1:
             nb[q - _NUM_BUFFERS] = buf + k
         k += 1
-    copy_bytes(host, buf + k, arena, src + pos + k - hdr_len, count - k)
+    copy_to_guest(mem, buf + k, arena, src + pos + k - hdr_len, count - k)
 
 
-def _write_stream_py(mv, buf, count, pos, hdr_len, arena, src, nb):
-    """Twin of :func:`_write_stream` (``arena`` a memoryview)."""
-    k = 0
-    while k < count and pos + k < hdr_len:
-        q = pos + k
-        mv[buf + k] = 1 if q == _NUM_BUFFERS else 0
-        if q == _NUM_BUFFERS or q == _NUM_BUFFERS + 1:
-            nb[q - _NUM_BUFFERS] = buf + k
-        k += 1
-    start = src + pos + k - hdr_len
-    mv[buf + k:buf + count] = arena[start:start + count - k]
+_write_stream_py = twin(_write_stream, put_byte=put_byte_py, copy_to_guest=copy_to_guest_py)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def rx_fill_chain(host, h16, h32, h64, regions, log, s, desc, head, arena, src, total, pos,
-                  hdr_len, nb):
+def rx_fill_chain(mem, arena, regions, log, s, desc, head, src, total, pos, hdr_len, nb):
     """Write bytes ``pos..total`` of header-then-frame into chain ``head`` as
     far as it goes, walking (and checking) the chain until the frame is in
     (what lies beyond is not read: a guest's long chain costs no more than
     the frame needs); logs what it writes. Returns ``(status, pos, written)``."""
-    cur = chain_start(desc, s["num"], head)
+    cur = chain_start(desc, int(s["num"]), head)
     written = 0
     while True:
-        status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, True)
+        status, buf, gpa, length, cur = chain_next(mem, regions, s, cur, True)
         if status != RING_OK:
             break
         count = min(length, total - pos)
         if count > 0:
-            _write_stream(host, buf, count, pos, hdr_len, arena, src, nb)
+            _write_stream(mem, buf, count, pos, hdr_len, arena, src, nb)
             pos += count
             written += count
             if log.size > 0:
@@ -104,34 +114,14 @@ def rx_fill_chain(host, h16, h32, h64, regions, log, s, desc, head, arena, src, 
     return (RING_OK if status == CHAIN_END else status), pos, written
 
 
-def rx_fill_chain_py(mv, frames, regions, log, s, desc, head, src, total, pos, hdr_len, nb):
-    """Twin of :func:`rx_fill_chain` (``mv``, ``frames``: memoryviews of guest
-    memory and of the arena)."""
-    cur = chain_start_py(desc, int(s["num"]), head)
-    written = 0
-    while True:
-        status, buf, gpa, length, cur = chain_next_py(mv, regions, s, cur, True)
-        if status != RING_OK:
-            break
-        count = min(length, total - pos)
-        if count > 0:
-            _write_stream_py(mv, buf, count, pos, hdr_len, frames, src, nb)
-            pos += count
-            written += count
-            if log.size > 0:
-                logged, marked = vhost_log_write_count_py(log, gpa, count)
-                if logged != RING_OK:
-                    return fail_py(s, E_LOG_RANGE, head, cur[CUR_INDEX], cur[CUR_TABLE_GPA],
-                                   gpa, log.size), pos, written
-                s["logged"] += marked
-        if pos >= total:
-            break
-    return (RING_OK if status == CHAIN_END else status), pos, written
+rx_fill_chain_py = twin(rx_fill_chain, chain_start=chain_start_py, chain_next=chain_next_py,
+                        _write_stream=_write_stream_py, fail=fail_py,
+                        vhost_log_write_count=vhost_log_write_count_py)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def rx_write_frame(host, h16, h32, h64, regions, log, s, desc, avail, position, left, arena,
-                   src, size, hdr_len, mrg_rxbuf, pending, nb):
+def rx_write_frame(mem, arena, regions, log, s, desc, avail, position, left, src, size,
+                   hdr_len, mrg_rxbuf, pending, nb):
     """Write one frame into the chains at avail ``position`` on (``left`` of
     them are available): one chain, or with MRG_RXBUF as many as it takes.
 
@@ -142,11 +132,11 @@ def rx_write_frame(host, h16, h32, h64, regions, log, s, desc, avail, position, 
     while pos < total or chains == 0:
         if chains >= left:
             break                                   # out of buffers
-        status, head = avail_head(h16, s, avail, position + chains)
+        status, head = avail_head(mem, s, avail, position + chains)
         if status != RING_OK:
             return status, chains, False
-        status, pos, written = rx_fill_chain(host, h16, h32, h64, regions, log, s, desc,
-                                             head, arena, src, total, pos, hdr_len, nb)
+        status, pos, written = rx_fill_chain(mem, arena, regions, log, s, desc, head, src,
+                                             total, pos, hdr_len, nb)
         if status != RING_OK:
             return status, chains, False
         pending[chains, 0], pending[chains, 1] = head, written
@@ -156,43 +146,23 @@ def rx_write_frame(host, h16, h32, h64, regions, log, s, desc, avail, position, 
     return RING_OK, chains, chains > 0 and pos >= total
 
 
-def rx_write_frame_py(mv, frames, regions, log, s, desc, avail, position, left, src, size,
-                      hdr_len, mrg_rxbuf, pending, nb):
-    """Twin of :func:`rx_write_frame` (``pending`` a list it fills)."""
-    total, pos, chains = hdr_len + size, 0, 0
-    while pos < total or chains == 0:
-        if chains >= left:
-            break
-        status, head = avail_head_py(mv, s, avail, position + chains)
-        if status != RING_OK:
-            return status, chains, False
-        status, pos, written = rx_fill_chain_py(mv, frames, regions, log, s, desc, head,
-                                                src, total, pos, hdr_len, nb)
-        if status != RING_OK:
-            return status, chains, False
-        pending.append((head, written))
-        chains += 1
-        if not mrg_rxbuf:
-            break
-    return RING_OK, chains, chains > 0 and pos >= total
+rx_write_frame_py = twin(rx_write_frame, avail_head=avail_head_py,
+                         rx_fill_chain=rx_fill_chain_py)
 
 
-@njit(cache=True, nogil=True)
-def rx_commit_frame(host, h32, used, first, mask, pending, chains, nb, hdr_len):
+@njit(cache=True, nogil=True, inline="always")
+def rx_commit_frame(mem, used, first, mask, pending, chains, nb, hdr_len):
     """The frame is in: num_buffers = chains (MRG_RXBUF), and its chains'
     used elements from used slot ``first`` on (published with the burst)."""
     if chains > 1 and hdr_len >= _NUM_BUFFERS + 2:
-        host[nb[0]], host[nb[1]] = chains & 0xFF, chains >> 8
+        put_byte(mem, nb[0], chains & 0xFF)
+        put_byte(mem, nb[1], chains >> 8)
     for c in range(chains):
-        put_used_elem(h32, used, (first + c) & mask, pending[c, 0], pending[c, 1])
+        put_used_elem(mem, used, (first + c) & mask, pending[c, 0], pending[c, 1])
 
 
-def rx_commit_frame_py(mv, used, first, mask, pending, nb, hdr_len):
-    """Twin of :func:`rx_commit_frame` (``pending`` a list)."""
-    if len(pending) > 1 and hdr_len >= _NUM_BUFFERS + 2:
-        mv[nb[0]], mv[nb[1]] = len(pending) & 0xFF, len(pending) >> 8
-    for c, (head, written) in enumerate(pending):
-        put_used_elem_py(mv, used, (first + c) & mask, head, written)
+rx_commit_frame_py = twin(rx_commit_frame, put_byte=put_byte_py,
+                          put_used_elem=put_used_elem_py)
 
 
 @njit(cache=True, nogil=True)
@@ -201,32 +171,28 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
     """Write ``nframes`` arena frames into RX chains; ``(status, n)``."""
     s = vq[0]
     if s["status"] != RING_OK:
-        return s["status"], 0
+        return int(s["status"]), 0
     if nframes > offsets.size or nframes > lengths.size or not 0 <= hdr_len <= MAX_HDR_LEN:
         return E_ARENA, 0
-    status, desc, avail, used = map_ring(regions, s)
+    status, mem, regions, desc, avail, used, ready = burst_start(host, regions, s)
     if status != RING_OK:
         return status, 0
-    h16, h32, h64 = (borrow(host.view(np.uint16)), borrow(host.view(np.uint32)),
-                     borrow(host.view(np.uint64)))
-    regions, host, arena, log = borrow(regions), borrow(host), borrow(arena), borrow(log)
-    status, ready = avail_ready(h16, s, avail)
-    if status != RING_OK:
-        return status, 0
-    last, used_idx, mask = s["last_avail_idx"], s["used_idx"], s["num"] - 1
-    # A frame's chains go in the used ring only once all of it is written.
-    pending_owner, nb_owner = np.empty((s["num"], 2), np.int64), np.empty(2, np.int64)
-    pending = borrow(pending_owner)
-    nb = borrow(nb_owner)                  # where num_buffers' two bytes went
+    # Borrowed arrays: passing them to the helpers costs no reference counting.
+    arena, log = borrow(arena), borrow(log)
+    last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
+    # A frame's chains go in the used ring only once all of it is written:
+    # pending holds each one's (head, bytes), nb where num_buffers' bytes went.
+    pending_owner, nb_owner = np.empty((int(s["num"]), 2), np.int64), np.empty(2, np.int64)
+    pending, nb = borrow(pending_owner), borrow(nb_owner)
     taken = f = delivered = nbytes = dropped = 0
     while f < nframes and not over_budget(s):
-        src, size = offsets[f], lengths[f]
+        src, size = int(offsets[f]), int(lengths[f])
         if src < 0 or size < 0 or src + size > arena.size:
             status = E_ARENA                    # the caller's bug: ring not broken
             break
         status, chains, whole = rx_write_frame(
-            host, h16, h32, h64, regions, log, s, desc, avail, last + taken, ready - taken,
-            arena, src, size, hdr_len, mrg_rxbuf, pending, nb)
+            mem, arena, regions, log, s, desc, avail, last + taken, ready - taken, src, size,
+            hdr_len, mrg_rxbuf, pending, nb)
         if status != RING_OK:
             break
         if not whole:
@@ -235,7 +201,7 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
                 f += 1
                 continue
             break                               # wait for more buffers
-        rx_commit_frame(host, h32, used, used_idx + taken, mask, pending, chains, nb, hdr_len)
+        rx_commit_frame(mem, used, used_idx + taken, mask, pending, chains, nb, hdr_len)
         taken += chains
         nbytes += size
         delivered += 1
@@ -245,56 +211,12 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
     s["frames"] += delivered
     s["bytes"] += nbytes
     s["dropped"] += dropped
-    published = publish_used(h16, log, s, avail, used, taken)
+    published = publish_used(mem, log, s, avail, used, taken)
     return (status if status != RING_OK else published), f
 
 
 depends_on(vring_rx_burst, memory, atomics, chain, errors, layout, log_kernels)
-
-
-def vring_rx_burst_py(host, regions, vq, log, arena, offsets, lengths, nframes, hdr_len,
-                      mrg_rxbuf):
-    """Plain-Python twin of :func:`vring_rx_burst`."""
-    s = vq[0]
-    if s["status"] != RING_OK:
-        return int(s["status"]), 0
-    if nframes > offsets.size or nframes > lengths.size or not 0 <= hdr_len <= MAX_HDR_LEN:
-        return E_ARENA, 0
-    table = regions.tolist()
-    status, desc, avail, used = map_ring_py(table, s)
-    if status != RING_OK:
-        return status, 0
-    mv, frames = memoryview(host), memoryview(arena)
-    status, ready = avail_ready_py(mv, s, avail)
-    if status != RING_OK:
-        return status, 0
-    last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
-    nb = [0, 0]
-    taken = f = delivered = nbytes = dropped = 0
-    while f < nframes and not over_budget_py(s):
-        src, size = int(offsets[f]), int(lengths[f])
-        if src < 0 or size < 0 or src + size > arena.size:
-            status = E_ARENA
-            break
-        pending = []
-        status, chains, whole = rx_write_frame_py(
-            mv, frames, table, log, s, desc, avail, last + taken, ready - taken, src, size,
-            hdr_len, mrg_rxbuf, pending, nb)
-        if status != RING_OK:
-            break
-        if not whole:
-            if not mrg_rxbuf and chains == 1:
-                dropped += 1
-                f += 1
-                continue
-            break
-        rx_commit_frame_py(mv, used, used_idx + taken, mask, pending, nb, hdr_len)
-        taken += chains
-        nbytes += size
-        delivered += 1
-        f += 1
-    s["frames"] += delivered
-    s["bytes"] += nbytes
-    s["dropped"] += dropped
-    published = publish_used_py(mv, log, s, avail, used, taken)
-    return (status if status != RING_OK else published), f
+vring_rx_burst_py = twin(vring_rx_burst, burst_start=burst_start_py, borrow=borrow_py,
+                         keep_alive=None, over_budget=over_budget_py,
+                         rx_write_frame=rx_write_frame_py, rx_commit_frame=rx_commit_frame_py,
+                         publish_used=publish_used_py)

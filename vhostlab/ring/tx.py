@@ -24,19 +24,17 @@ chain is started (the service's weight, as vhost_exceeds_weight).
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 from .. import memory
 from . import atomics, chain, errors, layout
 from . import log as log_kernels
-from .atomics import borrow
-from .cache import depends_on
-from .chain import (CHAIN_END, CUR_TOTAL, avail_head, avail_head_py, avail_ready,
-                    avail_ready_py, chain_next, chain_next_py, chain_start, chain_start_py,
-                    copy_bytes, fail, fail_py, map_ring, map_ring_py, over_budget,
-                    over_budget_py, publish_used, publish_used_py, put_used_elem,
-                    put_used_elem_py)
+from .atomics import borrow, borrow_py
+from .cache import depends_on, twin
+from .chain import (CHAIN_END, CUR_TOTAL, avail_head, avail_head_py, burst_start,
+                    burst_start_py, chain_next, chain_next_py, chain_start, chain_start_py,
+                    copy_bytes, fail, fail_py, over_budget, over_budget_py, publish_used,
+                    publish_used_py, put_used_elem, put_used_elem_py)
 from .errors import E_ARENA, E_CHAIN_SHORT, E_FRAME_TOO_BIG, RING_OK
 from .layout import MAX_HDR_LEN
 
@@ -47,7 +45,18 @@ _OVERSIZED = -3      # tx_copy_chain: the chain is longer than max_chain (droppe
 
 
 @njit(cache=True, nogil=True, inline="always")
-def tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena, cursor, hdr_len):
+def copy_from_guest(arena, cursor, mem, buf, count):
+    """arena[cursor:cursor + count] = guest memory at ``buf``."""
+    copy_bytes(arena, cursor, mem[0], buf, count)
+
+
+def copy_from_guest_py(arena, cursor, mv, buf, count):
+    """Twin of :func:`copy_from_guest`."""
+    arena[cursor:cursor + count] = mv[buf:buf + count]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def tx_copy_chain(mem, regions, s, desc, head, arena, cursor, hdr_len):
     """Copy chain ``head``'s readable bytes, minus ``hdr_len`` header bytes,
     to ``arena[cursor:]``; returns ``(status, end)``.
 
@@ -55,11 +64,11 @@ def tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena, cursor, hd
     frame would have ended) or _OVERSIZED (the chain passed ``max_chain``
     bytes; ``end`` is its length so far).
     """
-    cur = chain_start(desc, s["num"], head)
+    cur = chain_start(desc, int(s["num"]), head)
     skip = hdr_len
-    limit = s["max_chain"]
+    limit = int(s["max_chain"])
     while True:
-        status, buf, gpa, length, cur = chain_next(h16, h32, h64, regions, s, cur, False)
+        status, buf, gpa, length, cur = chain_next(mem, regions, s, cur, False)
         if status != RING_OK:
             break
         if limit > 0 and cur[CUR_TOTAL] > limit:    # walk no further: it is dropped
@@ -69,7 +78,7 @@ def tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena, cursor, hd
         count = length - strip
         if cursor + count > arena.size:
             return _ARENA_FULL, cursor + count
-        copy_bytes(arena, cursor, host, buf + strip, count)
+        copy_from_guest(arena, cursor, mem, buf + strip, count)
         cursor += count
     if status != CHAIN_END:
         return status, cursor
@@ -78,30 +87,8 @@ def tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena, cursor, hd
     return RING_OK, cursor
 
 
-def tx_copy_chain_py(mv, out, regions, s, desc, head, arena, cursor, hdr_len):
-    """Twin of :func:`tx_copy_chain` (``mv``, ``out``: memoryviews of guest
-    memory and of the arena)."""
-    cur = chain_start_py(desc, int(s["num"]), head)
-    skip = hdr_len
-    limit = int(s["max_chain"])
-    while True:
-        status, buf, gpa, length, cur = chain_next_py(mv, regions, s, cur, False)
-        if status != RING_OK:
-            break
-        if limit > 0 and cur[CUR_TOTAL] > limit:
-            return _OVERSIZED, cur[CUR_TOTAL]
-        strip = min(skip, length)
-        skip -= strip
-        count = length - strip
-        if cursor + count > arena.size:
-            return _ARENA_FULL, cursor + count
-        out[cursor:cursor + count] = mv[buf + strip:buf + length]
-        cursor += count
-    if status != CHAIN_END:
-        return status, cursor
-    if skip > 0:
-        return fail_py(s, E_CHAIN_SHORT, head, head, -1, cur[CUR_TOTAL], hdr_len), cursor
-    return RING_OK, cursor
+tx_copy_chain_py = twin(tx_copy_chain, chain_start=chain_start_py, chain_next=chain_next_py,
+                        copy_from_guest=copy_from_guest_py, fail=fail_py)
 
 
 @njit(cache=True, nogil=True)
@@ -109,28 +96,22 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
     """Take up to ``max_frames`` TX chains into the arena; ``(status, n)``."""
     s = vq[0]
     if s["status"] != RING_OK:                  # broken: touch nothing
-        return s["status"], 0
+        return int(s["status"]), 0
     if not 0 <= hdr_len <= MAX_HDR_LEN:
         return E_ARENA, 0
-    status, desc, avail, used = map_ring(regions, s)
+    status, mem, regions, desc, avail, used, ready = burst_start(host, regions, s)
     if status != RING_OK:
         return status, 0
     # Borrowed arrays: passing them to the helpers costs no reference counting.
-    h16, h32, h64 = (borrow(host.view(np.uint16)), borrow(host.view(np.uint32)),
-                     borrow(host.view(np.uint64)))
-    regions, host, arena, log = borrow(regions), borrow(host), borrow(arena), borrow(log)
-    status, ready = avail_ready(h16, s, avail)
-    if status != RING_OK:
-        return status, 0
+    arena, log = borrow(arena), borrow(log)
     limit = min(ready, max_frames, offsets.size, lengths.size)
-    last, used_idx, mask = s["last_avail_idx"], s["used_idx"], s["num"] - 1
+    last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
     n = taken = cursor = nbytes = 0
     while n < limit and taken < ready and not over_budget(s):
-        status, head = avail_head(h16, s, avail, last + taken)
+        status, head = avail_head(mem, s, avail, last + taken)
         if status != RING_OK:
             break
-        status, end = tx_copy_chain(host, h16, h32, h64, regions, s, desc, head, arena,
-                                    cursor, hdr_len)
+        status, end = tx_copy_chain(mem, regions, s, desc, head, arena, cursor, hdr_len)
         if status == _ARENA_FULL:               # stays available for the next burst,
             status = RING_OK if n else fail(    # unless not even an empty arena holds it
                 s, E_FRAME_TOO_BIG, head, head, -1, end - cursor, arena.size)
@@ -146,59 +127,16 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
             nbytes += end - cursor
             cursor = end
             n += 1
-        put_used_elem(h32, used, (used_idx + taken) & mask, head, 0)   # the device wrote 0
+        put_used_elem(mem, used, (used_idx + taken) & mask, head, 0)   # the device wrote 0
         taken += 1
     s["frames"] += n
     s["bytes"] += nbytes
-    published = publish_used(h16, log, s, avail, used, taken)
+    published = publish_used(mem, log, s, avail, used, taken)
     return (status if status != RING_OK else published), n
 
 
 depends_on(vring_tx_burst, memory, atomics, chain, errors, layout, log_kernels)
-
-
-def vring_tx_burst_py(host, regions, vq, log, arena, offsets, lengths, hdr_len, max_frames):
-    """Plain-Python twin of :func:`vring_tx_burst`."""
-    s = vq[0]
-    if s["status"] != RING_OK:
-        return int(s["status"]), 0
-    if not 0 <= hdr_len <= MAX_HDR_LEN:
-        return E_ARENA, 0
-    table = regions.tolist()
-    status, desc, avail, used = map_ring_py(table, s)
-    if status != RING_OK:
-        return status, 0
-    mv, out = memoryview(host), memoryview(arena)
-    frame_offsets, frame_lengths = memoryview(offsets), memoryview(lengths)
-    status, ready = avail_ready_py(mv, s, avail)
-    if status != RING_OK:
-        return status, 0
-    limit = min(ready, max_frames, offsets.size, lengths.size)
-    last, used_idx, mask = int(s["last_avail_idx"]), int(s["used_idx"]), int(s["num"]) - 1
-    n = taken = cursor = nbytes = 0
-    while n < limit and taken < ready and not over_budget_py(s):
-        status, head = avail_head_py(mv, s, avail, last + taken)
-        if status != RING_OK:
-            break
-        status, end = tx_copy_chain_py(mv, out, table, s, desc, head, arena, cursor, hdr_len)
-        if status == _ARENA_FULL:
-            status = RING_OK if n else fail_py(
-                s, E_FRAME_TOO_BIG, head, head, -1, end - cursor, arena.size)
-            break
-        if status == _OVERSIZED:
-            s["oversized"] += 1
-            s["oversized_head"], s["oversized_len"] = head, end
-            status = RING_OK
-        elif status != RING_OK:
-            break
-        else:
-            frame_offsets[n], frame_lengths[n] = cursor, end - cursor
-            nbytes += end - cursor
-            cursor = end
-            n += 1
-        put_used_elem_py(mv, used, (used_idx + taken) & mask, head, 0)
-        taken += 1
-    s["frames"] += n
-    s["bytes"] += nbytes
-    published = publish_used_py(mv, log, s, avail, used, taken)
-    return (status if status != RING_OK else published), n
+vring_tx_burst_py = twin(vring_tx_burst, burst_start=burst_start_py, borrow=borrow_py,
+                         over_budget=over_budget_py, avail_head=avail_head_py,
+                         tx_copy_chain=tx_copy_chain_py, fail=fail_py,
+                         put_used_elem=put_used_elem_py, publish_used=publish_used_py)
