@@ -459,3 +459,16 @@ def publish_used_py(mv, log, s, avail, used, n):
     s["avail_pending"] = (avail_idx - int(s["last_avail_idx"])) & 0xFFFF
     return status
 
+
+@njit(cache=True, nogil=True, inline="always")
+def burst_end(mem, log, s, avail, used, taken, frames, nbytes, status):
+    """End a burst: count ``frames`` and ``nbytes``, and publish ``taken`` used
+    elements (:func:`publish_used`). Returns the burst's status: its own error
+    if it had one, else publish_used's."""
+    s["frames"] += frames
+    s["bytes"] += nbytes
+    published = publish_used(mem, log, s, avail, used, taken)
+    return status if status != RING_OK else published
+
+
+burst_end_py = twin(burst_end, publish_used=publish_used_py)

@@ -37,14 +37,21 @@ import numpy as np
 from numba import njit
 
 __all__ = [
+    # flags: descriptor (2.7.5), avail and used (2.7.7, 2.7.10), vhost_vring_addr
     "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE", "VRING_DESC_F_INDIRECT",
-    "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY", "VHOST_VRING_F_LOG",
-    "VIRTQUEUE_MAX_SIZE", "VRING_DESC_ALIGN", "VRING_AVAIL_ALIGN", "VRING_USED_ALIGN",
-    "VRING_DESC_SIZE", "INDIRECT_MAX_ENTRIES", "VRING_DESC_DTYPE",
-    "VRING_USED_ELEM_DTYPE", "VRING_STATE_DTYPE", "VringLayout", "VringViews",
+    "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY",
+    "VHOST_VRING_F_LOG",
+    # sizes and alignments
+    "VIRTQUEUE_MAX_SIZE", "VRING_DESC_SIZE", "INDIRECT_MAX_ENTRIES",
+    "VRING_DESC_ALIGN", "VRING_AVAIL_ALIGN", "VRING_USED_ALIGN",
     "vring_desc_size", "vring_avail_size", "vring_used_size", "vring_size",
-    "vring_layout", "vring_views", "vring_need_event", "vring_need_event_py",
+    # the virtio-net header in front of every frame
     "VIRTIO_NET_HDR_LEN", "VIRTIO_NET_HDR_MRG_LEN", "MAX_HDR_LEN",
+    # where a ring lies, and numpy views of it
+    "VRING_DESC_DTYPE", "VRING_USED_ELEM_DTYPE", "VRING_STATE_DTYPE",
+    "VringLayout", "VringViews", "vring_layout", "vring_views",
+    # EVENT_IDX (2.7.10)
+    "vring_need_event", "vring_need_event_py",
 ]
 
 # Descriptor flags (2.7.5)

@@ -20,6 +20,10 @@ Returns ``(status, n)``: frames ``0 .. n-1`` are done (delivered or dropped);
 the burst stops early when the ring runs out of buffers, or when ``descs``
 reaches ``desc_budget`` (the service's weight). A chain is walked only until
 the frame is in: descriptors after that are neither read nor checked.
+
+Each twin here is its kernel's own code run by the interpreter
+(``cache.twin``); only the helpers that touch guest memory (in ``chain`` and
+the ``put_byte``/``copy_*`` pairs) have twins of their own, over a memoryview.
 """
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ from . import log as log_kernels
 from .atomics import borrow, borrow_py, keep_alive
 from .cache import depends_on, twin
 from .chain import (CHAIN_END, CUR_INDEX, CUR_TABLE_GPA, avail_head, avail_head_py,
-                    burst_start, burst_start_py, chain_next, chain_next_py, chain_start,
-                    chain_start_py, copy_bytes, fail, fail_py, over_budget, over_budget_py,
-                    publish_used, publish_used_py, put_used_elem, put_used_elem_py)
+                    burst_end, burst_end_py, burst_start, burst_start_py, chain_next,
+                    chain_next_py, chain_start, chain_start_py, copy_bytes, fail, fail_py,
+                    over_budget, over_budget_py, put_used_elem, put_used_elem_py)
 from .errors import E_ARENA, E_LOG_RANGE, RING_OK
 from .layout import MAX_HDR_LEN
 from .log import vhost_log_write_count, vhost_log_write_count_py
@@ -208,15 +212,12 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
         f += 1
     keep_alive(pending_owner)              # the borrowed views were used up to here
     keep_alive(nb_owner)
-    s["frames"] += delivered
-    s["bytes"] += nbytes
     s["dropped"] += dropped
-    published = publish_used(mem, log, s, avail, used, taken)
-    return (status if status != RING_OK else published), f
+    return burst_end(mem, log, s, avail, used, taken, delivered, nbytes, status), f
 
 
 depends_on(vring_rx_burst, memory, atomics, chain, errors, layout, log_kernels)
 vring_rx_burst_py = twin(vring_rx_burst, burst_start=burst_start_py, borrow=borrow_py,
                          keep_alive=None, over_budget=over_budget_py,
                          rx_write_frame=rx_write_frame_py, rx_commit_frame=rx_commit_frame_py,
-                         publish_used=publish_used_py)
+                         burst_end=burst_end_py)

@@ -21,6 +21,10 @@ wrote: a chain longer than ``max_chain`` bytes (the device sets max(MTU,
 counted in ``oversized`` (a frame no wire could carry; Linux's vhost-net
 drops it the same way); and once ``descs`` reaches ``desc_budget`` no new
 chain is started (the service's weight, as vhost_exceeds_weight).
+
+Each twin here is its kernel's own code run by the interpreter
+(``cache.twin``); only the helpers that touch guest memory (in ``chain`` and
+``copy_from_guest``) have twins of their own, over a memoryview.
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ from . import atomics, chain, errors, layout
 from . import log as log_kernels
 from .atomics import borrow, borrow_py
 from .cache import depends_on, twin
-from .chain import (CHAIN_END, CUR_TOTAL, avail_head, avail_head_py, burst_start,
-                    burst_start_py, chain_next, chain_next_py, chain_start, chain_start_py,
-                    copy_bytes, fail, fail_py, over_budget, over_budget_py, publish_used,
-                    publish_used_py, put_used_elem, put_used_elem_py)
+from .chain import (CHAIN_END, CUR_TOTAL, avail_head, avail_head_py, burst_end,
+                    burst_end_py, burst_start, burst_start_py, chain_next, chain_next_py,
+                    chain_start, chain_start_py, copy_bytes, fail, fail_py, over_budget,
+                    over_budget_py, put_used_elem, put_used_elem_py)
 from .errors import E_ARENA, E_CHAIN_SHORT, E_FRAME_TOO_BIG, RING_OK
 from .layout import MAX_HDR_LEN
 
@@ -129,14 +133,11 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
             n += 1
         put_used_elem(mem, used, (used_idx + taken) & mask, head, 0)   # the device wrote 0
         taken += 1
-    s["frames"] += n
-    s["bytes"] += nbytes
-    published = publish_used(mem, log, s, avail, used, taken)
-    return (status if status != RING_OK else published), n
+    return burst_end(mem, log, s, avail, used, taken, n, nbytes, status), n
 
 
 depends_on(vring_tx_burst, memory, atomics, chain, errors, layout, log_kernels)
 vring_tx_burst_py = twin(vring_tx_burst, burst_start=burst_start_py, borrow=borrow_py,
                          over_budget=over_budget_py, avail_head=avail_head_py,
                          tx_copy_chain=tx_copy_chain_py, fail=fail_py,
-                         put_used_elem=put_used_elem_py, publish_used=publish_used_py)
+                         put_used_elem=put_used_elem_py, burst_end=burst_end_py)
