@@ -37,7 +37,8 @@ from typing import Callable
 import numpy as np
 
 from vhostlab.protocol import Request
-from vhostlab.ring.layout import VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, vring_views
+from vhostlab.ring.layout import (VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, VringCopy,
+                                  vring_views)
 
 __all__ = ["VringAtSwitchover", "SwitchoverRecorder", "StopWindow", "frames_in_pages"]
 
@@ -45,7 +46,7 @@ PAGE = 4096
 
 
 @dataclass(frozen=True)
-class VringAtSwitchover:
+class VringAtSwitchover(VringCopy):
     """One split ring at the switch-over, copied from guest memory by a back-end.
 
     ``side``: "source" (taken just before GET_VRING_BASE) or "destination"
@@ -59,14 +60,6 @@ class VringAtSwitchover:
     side: str
     moment: str
     index: int
-    num: int
-    desc: np.ndarray
-    avail_flags: int
-    avail_idx: int
-    avail_ring: np.ndarray
-    used_flags: int
-    used_idx: int
-    used_ring: np.ndarray
     last_avail_idx: int
     in_flight: tuple[int, ...]
     gpas: dict

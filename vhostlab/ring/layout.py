@@ -31,6 +31,7 @@ counters, and the error record of a broken ring (see ``errors``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -49,7 +50,7 @@ __all__ = [
     "VIRTIO_NET_HDR_LEN", "VIRTIO_NET_HDR_MRG_LEN", "MAX_HDR_LEN",
     # where a ring lies, and numpy views of it
     "VRING_DESC_DTYPE", "VRING_USED_ELEM_DTYPE", "VRING_STATE_DTYPE",
-    "VringLayout", "VringViews", "vring_layout", "vring_views",
+    "VringLayout", "VringViews", "VringCopy", "vring_layout", "vring_views",
     # EVENT_IDX (2.7.10)
     "vring_need_event", "vring_need_event_py",
 ]
@@ -171,6 +172,23 @@ class VringViews(NamedTuple):
     used_idx: np.ndarray
     used_ring: np.ndarray
     avail_event: np.ndarray
+
+
+@dataclass(frozen=True)
+class VringCopy:
+    """One ring's three areas copied out of guest memory at one moment:
+    plain values and numpy copies (``desc``: VRING_DESC_DTYPE, ``used_ring``:
+    VRING_USED_ELEM_DTYPE) that keep nothing mapped. The switch-over record
+    and the virtqueue view's snapshot add what they know about the ring."""
+
+    num: int
+    desc: np.ndarray
+    avail_flags: int
+    avail_idx: int
+    avail_ring: np.ndarray
+    used_flags: int
+    used_idx: int
+    used_ring: np.ndarray
 
 
 def vring_views(memory, num: int, desc: int, avail: int, used: int) -> VringViews:

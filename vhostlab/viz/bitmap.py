@@ -18,6 +18,7 @@ which is why pre-copy needs a stop-and-copy at the end).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -147,6 +148,7 @@ def dirty_ranges(bits: np.ndarray, limit: int = 8,
     return [(int(s) * page, int(e) * page - 1) for s, e in zip(starts[:limit], ends[:limit])]
 
 
+@dataclass(eq=False, repr=False)
 class LogBitmapView(View):
     """The dirty log as an image, for one bitmap or one round of a migration.
 
@@ -159,15 +161,12 @@ class LogBitmapView(View):
     (what the back-end marked in the vhost log) or, say, "guest_bitmap".
     """
 
-    def __init__(self, source: Any, round: int | None = None, pages: int | None = None,
-                 title: str | None = None, scale: int = 2,
-                 bitmap: str = "log_bitmap") -> None:
-        self.source = source
-        self.round = round
-        self.pages = pages
-        self.title = title
-        self.scale = scale
-        self.bitmap = bitmap
+    source: Any
+    round: int | None = None
+    pages: int | None = None
+    title: str | None = None
+    scale: int = 2
+    bitmap: str = "log_bitmap"
 
     def _rounds(self, src: Any) -> list[Any] | None:
         """The round snapshots, or None when ``src`` is one log or bitmap."""

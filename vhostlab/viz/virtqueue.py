@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from vhostlab.ring.layout import VringCopy
+
 from ._common import View, as_int, esc, field, fmt_hex, resolve, table, wrap
 
 VRING_DESC_F_NEXT = 1
@@ -37,7 +39,7 @@ CHAIN_COLOURS = ("#dbeafe", "#dcfce7", "#fef9c3", "#fde2e2", "#ede9fe", "#cffafe
 
 
 @dataclass(frozen=True)
-class RingSnapshot:
+class RingSnapshot(VringCopy):
     """One split ring at one moment, as plain values and numpy copies.
 
     ``last_avail_idx`` is the device's counter (None if the source is the
@@ -48,14 +50,6 @@ class RingSnapshot:
     not say).
     """
 
-    num: int
-    desc: np.ndarray
-    avail_flags: int
-    avail_idx: int
-    avail_ring: np.ndarray
-    used_flags: int
-    used_idx: int
-    used_ring: np.ndarray
     last_avail_idx: int | None = None
     last_used_idx: int | None = None
     index: int | None = None
@@ -316,6 +310,7 @@ def descriptor_states(snap: RingSnapshot, recent: int = 16) -> dict[int, tuple[s
     return out
 
 
+@dataclass(eq=False, repr=False)
 class VirtqueueView(View):
     """Descriptor table, chains, avail and used rings of one split virtqueue.
 
@@ -334,17 +329,14 @@ class VirtqueueView(View):
     chains drawn (and what counts as recent).
     """
 
-    def __init__(self, source: Any, state: Any = None, memory: Any = None,
-                 title: str | None = None, max_desc: int = 32, max_chains: int = 16,
-                 ring_columns: int = 16, ring_window: bool = True) -> None:
-        self.source = source
-        self.state = state
-        self.memory = memory
-        self.title = title
-        self.max_desc = max_desc
-        self.max_chains = max_chains
-        self.ring_columns = ring_columns
-        self.ring_window = ring_window
+    source: Any
+    state: Any = None
+    memory: Any = None
+    title: str | None = None
+    max_desc: int = 32
+    max_chains: int = 16
+    ring_columns: int = 16
+    ring_window: bool = True
 
     def snapshot(self) -> RingSnapshot:
         """The ring as it is now."""

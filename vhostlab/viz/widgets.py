@@ -54,9 +54,11 @@ class WidgetView:
 
     title = ""
 
+    _box: Any = None    # the ipywidgets box a subclass builds in __init__
+
     @property
-    def widget(self) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def widget(self) -> Any:
+        return self._box
 
     def to_html(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -113,10 +115,6 @@ class Stepper(WidgetView):
                             w.HBox([self._next, self._rest]), self._busy, self._status,
                             self._area])
         self.refresh()
-
-    @property
-    def widget(self) -> Any:
-        return self._box
 
     @property
     def done(self) -> bool:
@@ -198,10 +196,6 @@ class RoundSlider(WidgetView):
         self._box = w.VBox([w.HTML(f"<b>{esc(title)}</b>"), self._slider, self._numbers,
                             self._image])
         self.refresh()
-
-    @property
-    def widget(self) -> Any:
-        return self._box
 
     def rounds(self) -> list[Any]:
         """The round snapshots, read from the source now."""
@@ -295,10 +289,6 @@ class LiveView(WidgetView):
         self.refresh()
         if start:
             self.start()
-
-    @property
-    def widget(self) -> Any:
-        return self._box
 
     @property
     def running(self) -> bool:
