@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 DURATION = 8.0            # seconds of traffic per back-end
 WARMUP_SAMPLES = 2        # per-second samples skipped at the start
@@ -128,24 +129,33 @@ def _traffic(log_path: str, proc: subprocess.Popen, duration: float,
     time.sleep(duration)
 
 
+def _send(testpmd: str, workdir: str, sock: str, receiver: subprocess.Popen, name: str,
+          finish: Callable[[], object], kill: int, duration: float) -> str:
+    """Once `receiver` listens on `sock`, let virtio-user send into it for
+    `duration` seconds, stop the sender, then `finish()` the receiver (both
+    get `kill` if anything is still running). Returns the sender's log."""
+    log_path = os.path.join(workdir, f"tx-{name}")
+    tx = None
+    try:
+        _wait_for(sock, receiver)
+        tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}{name[0]}"), log_path)
+        _traffic(log_path, tx, duration)
+        stop(tx)
+        finish()
+    finally:
+        for proc in (tx, receiver):
+            if proc is not None:
+                stop(proc, kill)
+    return _read(log_path)
+
+
 def measure_ours(testpmd: str, workdir: str, duration: float = DURATION) -> dict:
     """virtio-user -> this back-end (`vhostlab serve --mode poll`)."""
     sock = os.path.join(workdir, "ours.sock")
     serve = start([sys.executable, "-m", "vhostlab.backend.serve", "--socket", sock,
                    "--mode", "poll", "--wire", "sink", "--once"], os.path.join(workdir, "serve"))
-    tx = None
-    try:
-        _wait_for(sock, serve)
-        tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}o"),
-                   os.path.join(workdir, "tx-ours"))
-        _traffic(os.path.join(workdir, "tx-ours"), tx, duration)
-        stop(tx)
-        serve.wait(30)
-    finally:
-        for proc in (tx, serve):
-            if proc is not None:
-                stop(proc, signal.SIGTERM)
-    text = _read(os.path.join(workdir, "tx-ours"))
+    text = _send(testpmd, workdir, sock, serve, "ours", lambda: serve.wait(30),
+                 signal.SIGTERM, duration)
     summary_line = _read(os.path.join(workdir, "serve")).strip().splitlines()
     summary = next((json.loads(line) for line in reversed(summary_line)
                     if line.startswith("{")), {})
@@ -157,19 +167,7 @@ def measure_dpdk(testpmd: str, workdir: str, duration: float = DURATION) -> dict
     """virtio-user -> DPDK's vhost PMD (testpmd rxonly)."""
     sock = os.path.join(workdir, "dpdk.sock")
     rx = start(vhost_cmd(testpmd, sock, f"vhostlab{os.getpid()}v"), os.path.join(workdir, "rx"))
-    tx = None
-    try:
-        _wait_for(sock, rx)
-        tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}d"),
-                   os.path.join(workdir, "tx-dpdk"))
-        _traffic(os.path.join(workdir, "tx-dpdk"), tx, duration)
-        stop(tx)
-        stop(rx)
-    finally:
-        for proc in (tx, rx):
-            if proc is not None:
-                stop(proc, signal.SIGKILL)
-    text = _read(os.path.join(workdir, "tx-dpdk"))
+    text = _send(testpmd, workdir, sock, rx, "dpdk", lambda: stop(rx), signal.SIGKILL, duration)
     received = forward_totals(_read(os.path.join(workdir, "rx")))
     return {"pps": steady_rate(pps_samples(text)), "sender": forward_totals(text),
             "backend_frames": received["RX-packets"]}
