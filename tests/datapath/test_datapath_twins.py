@@ -224,3 +224,15 @@ def test_a_broken_ring_returns_its_error_and_touches_nothing(memory, s):
     assert vring_tx_burst(*args) == (status, 0) == vring_tx_burst_py(*args)
     assert memory.read(REGION_A[0], REGION_A[1]) == before
     assert args[2].tobytes() == state.tobytes()
+
+
+def test_a_twin_made_from_its_kernel_runs_no_compiled_code():
+    """cache.twin swaps every jitted helper for its twin, or refuses."""
+    from vhostlab.ring import chain
+    from vhostlab.ring.cache import twin
+    with pytest.raises(TypeError, match="no twin given for check_buffer, fail"):
+        twin(chain.chain_step, check_indirect=chain.check_indirect_py)
+    with pytest.raises(TypeError, match="it calls no avail_head"):
+        twin(chain.chain_step, avail_head=chain.avail_head_py)
+    assert chain.chain_step_py.__name__ == "chain_step_py"
+    assert chain.chain_step_py.__code__ is chain.chain_step.py_func.__code__

@@ -12,13 +12,18 @@ its cache out differently it does nothing and numba's own stamp stays.
 
 :func:`twin` makes a kernel's plain-Python twin from the kernel's own text
 where the two differ only in the helpers they call: one text serves both, so
-the twin cannot drift from the kernel.
+the twin cannot drift from the kernel. It refuses to make a twin that would
+still call compiled code (a dispatcher, or an intrinsic: numba's private
+``_Intrinsic`` class).
 """
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 from types import FunctionType, ModuleType
+
+from numba.core.dispatcher import Dispatcher
+from numba.core.extending import _Intrinsic
 
 __all__ = ["depends_on", "twin"]
 
@@ -55,6 +60,10 @@ def twin(kernel, **helpers):
         raise TypeError(f"twin of {kernel.__name__}: it calls no {', '.join(unknown)}")
     helpers = {name: _nothing if fn is None else fn for name, fn in helpers.items()}
     scope = dict(kernel.py_func.__globals__, **helpers)
+    compiled = sorted(name for name in code.co_names
+                      if isinstance(scope.get(name), (Dispatcher, _Intrinsic)))
+    if compiled:     # the twin would run compiled code, or fail on a memoryview
+        raise TypeError(f"twin of {kernel.__name__}: no twin given for {', '.join(compiled)}")
     fn = FunctionType(code, scope, f"{code.co_name}_py", kernel.py_func.__defaults__)
     fn.__qualname__ = fn.__name__
     fn.__module__ = kernel.py_func.__module__
