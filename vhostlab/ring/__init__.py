@@ -37,7 +37,7 @@ from .layout import (INDIRECT_MAX_ENTRIES, MAX_HDR_LEN, VHOST_VRING_F_LOG, VRING
                      VRING_DESC_ALIGN, VRING_DESC_SIZE, VRING_USED_ALIGN,
                      VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN, VIRTQUEUE_MAX_SIZE,
                      VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_DTYPE, VRING_DESC_F_INDIRECT,
-                     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_STATE_DTYPE,
+                     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_STATE_DTYPE, VringCopy,
                      VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY, VringLayout, VringViews,
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event,
                      vring_need_event_py, vring_size, vring_used_size, vring_views)
@@ -54,7 +54,7 @@ __all__ = [
     "VIRTQUEUE_MAX_SIZE", "VRING_DESC_ALIGN", "VRING_AVAIL_ALIGN", "VRING_USED_ALIGN",
     "VRING_DESC_SIZE", "INDIRECT_MAX_ENTRIES", "VIRTIO_NET_HDR_LEN",
     "VIRTIO_NET_HDR_MRG_LEN", "MAX_HDR_LEN", "VRING_DESC_DTYPE", "VRING_USED_ELEM_DTYPE",
-    "VRING_STATE_DTYPE", "VringLayout", "VringViews", "vring_desc_size",
+    "VRING_STATE_DTYPE", "VringCopy", "VringLayout", "VringViews", "vring_desc_size",
     "vring_avail_size", "vring_used_size", "vring_size", "vring_layout", "vring_views",
     "vring_need_event", "vring_need_event_py",
     # device side, driver side, frames
