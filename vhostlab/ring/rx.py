@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .. import memory
+from ..memory import translation
 from . import atomics, chain, errors, layout
 from . import log as log_kernels
 from .atomics import borrow, keep_alive
@@ -249,7 +249,7 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
     return (status if status != RING_OK else published), f
 
 
-depends_on(vring_rx_burst, memory, atomics, chain, errors, layout, log_kernels)
+depends_on(vring_rx_burst, translation, atomics, chain, errors, layout, log_kernels)
 
 
 def vring_rx_burst_py(host, regions, vq, log, arena, offsets, lengths, nframes, hdr_len,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .. import memory
+from ..memory import translation
 from . import atomics, chain, errors, layout
 from . import log as log_kernels
 from .atomics import borrow
@@ -154,7 +154,7 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
     return (status if status != RING_OK else published), n
 
 
-depends_on(vring_tx_burst, memory, atomics, chain, errors, layout, log_kernels)
+depends_on(vring_tx_burst, translation, atomics, chain, errors, layout, log_kernels)
 
 
 def vring_tx_burst_py(host, regions, vq, log, arena, offsets, lengths, hdr_len, max_frames):
