@@ -61,3 +61,11 @@ __all__ = [
     "RegionOverlapError", "RegionLimitError", "RegionFileError",
     "RegionNotFoundError",
 ]
+
+# The public classes say they come from the package, where they are imported
+# from (an error a learner's code raised reads "memory.UnmappedAddressError").
+for _cls in (GuestMemory, GuestMemoryRegion, AddressSpace, MappedArea, GuestMemoryError,
+             UnmappedAddressError, InvalidRegionError, RegionOverlapError,
+             RegionLimitError, RegionFileError, RegionNotFoundError):
+    _cls.__module__ = __name__
+del _cls
