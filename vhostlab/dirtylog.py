@@ -31,18 +31,19 @@ from .errors import VhostlabError
 import mmap
 import os
 import stat
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
 
 from . import sigbus
+from .memory import MappedArea, views_alive
+from .protocol.constants import VHOST_LOG_PAGE
 from .ring import atomics
 from .ring.atomics import atomic_xchg, atomic_xchg_py
 from .ring.cache import depends_on
 from .ring.errors import RING_OK
-from .ring.log import VHOST_LOG_PAGE, vhost_log_write
+from .ring.log import vhost_log_write
 
 __all__ = [
     "VHOST_LOG_PAGE", "VHOST_LOG_BITS", "VHOST_LOG_CHUNK", "MAX_LOG_SIZE",
@@ -118,7 +119,7 @@ def vhost_dev_sync_region_py(log64, first_chunk, last_chunk, pages):
     return n
 
 
-class DirtyLog:
+class DirtyLog(MappedArea):
     """A mapped dirty-page log: ``bitmap`` (uint8, ``size`` bytes).
 
     Build one with :meth:`from_fd` (back-end) or :meth:`allocate`
@@ -268,7 +269,7 @@ class DirtyLog:
         close an owned memfd. Idempotent."""
         if self._mm is None:
             return
-        views = sys.getrefcount(self.bitmap) > 2
+        views = views_alive(self.bitmap)
         self.bitmap = np.zeros(0, np.uint8)
         if self._guard is not None:
             self._guard.release()
@@ -278,18 +279,6 @@ class DirtyLog:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-    def __enter__(self) -> "DirtyLog":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         if self.closed:

@@ -40,10 +40,11 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["SweepPoint", "SweepResult", "default_grid", "run_point", "sweep", "plot_sweep",
-           "PAGE", "FRAME_BYTES"]
+from vhostlab.memory import TARGET_PAGE_SIZE
 
-PAGE = 4096
+__all__ = ["SweepPoint", "SweepResult", "default_grid", "run_point", "sweep", "plot_sweep",
+           "TARGET_PAGE_SIZE", "FRAME_BYTES"]
+
 FRAME_BYTES = 2048          # one RX buffer of the built-in guest per frame (guest.BUF_SIZE)
 RX_CHUNK = 128              # frames per burst: the RX ring (256) never fills up
 
@@ -59,7 +60,7 @@ class SweepPoint:
     @property
     def threshold_pages(self) -> float:
         """What QEMU may send with the guest stopped: bandwidth x downtime-limit, in pages."""
-        return self.max_bandwidth * self.downtime_limit / 1000 / PAGE
+        return self.max_bandwidth * self.downtime_limit / 1000 / TARGET_PAGE_SIZE
 
     def label(self) -> str:
         return (f"{self.max_bandwidth / 2**20:g} MiB/s, dirty {self.dirty_rate / 2**20:g} MiB/s, "
@@ -171,7 +172,7 @@ def _run_builtin(point: SweepPoint, max_rounds: int) -> SweepResult:
         m.begin()
         snap = m.copy_round("live")                       # round 1: every page
         while True:
-            seconds = snap.pages_copied * PAGE / point.max_bandwidth
+            seconds = snap.pages_copied * TARGET_PAGE_SIZE / point.max_bandwidth
             clock += seconds
             _guest_runs(m, point.dirty_rate * seconds / FRAME_BYTES)
             pending = _pending_pages(m)
@@ -189,7 +190,7 @@ def _run_builtin(point: SweepPoint, max_rounds: int) -> SweepResult:
         m.resume()
         m.check_wires()
         summary = m.summary()
-        downtime = final.pages_copied * PAGE / point.max_bandwidth
+        downtime = final.pages_copied * TARGET_PAGE_SIZE / point.max_bandwidth
         return SweepResult(point, "builtin", True, "completed", len(m.snapshots),
                            round((clock + downtime) * 1e3, 1), round(downtime * 1e3, 1),
                            summary["vhost_log"]["pages_logged"], tuple(logged), tuple(dirty),

@@ -36,13 +36,12 @@ from typing import Callable
 
 import numpy as np
 
+from vhostlab.memory import TARGET_PAGE_SIZE
 from vhostlab.protocol import Request
 from vhostlab.ring.layout import (VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, VringCopy,
                                   vring_views)
 
 __all__ = ["VringAtSwitchover", "SwitchoverRecorder", "StopWindow", "frames_in_pages"]
-
-PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -217,7 +216,8 @@ def frames_in_pages(ring: VringAtSwitchover, read: Callable[[int, int], bytes],
             continue
         d = ring.desc[head]
         gpa, room = int(d["addr"]), int(d["len"])
-        first, last = gpa // PAGE, (gpa + max(1, min(length, room)) - 1) // PAGE
+        first = gpa // TARGET_PAGE_SIZE
+        last = (gpa + max(1, min(length, room)) - 1) // TARGET_PAGE_SIZE
         hit = [p for p in range(first, last + 1) if p in want]
         if not hit:
             continue

@@ -12,7 +12,7 @@ import pytest
 from test_datapath_support import (BUF_GPA, INDIRECT, NEXT, WRITE, Rig, maps_lines,
                                    memfd_with, two_region_memory)
 from vhostlab.dirtylog import DirtyLog
-from vhostlab.memory import GuestMemory, MemoryRegion
+from vhostlab.memory import GuestMemory, GuestMemoryRegion
 from vhostlab.ring import (AvailIndexError, BufferAddressError, ChainLengthError,
                            DescriptorDirectionError, DescriptorIndexError,
                            DescriptorLoopError, FrameArena, IndirectDescriptorError,
@@ -130,7 +130,7 @@ def test_buffer_against_a_guard_page(direction, impl):
     fd = memfd_with(2 * 4096)
     rig = Rig(num=8)
     try:
-        rig.memory.add_region(MemoryRegion(0x10_0000_0000, 2 * 4096, 0x6000_0000_0000, 0), fd)
+        rig.memory.add_region(GuestMemoryRegion(0x10_0000_0000, 2 * 4096, 0x6000_0000_0000, 0), fd)
         region = next(r for r in rig.memory.regions if r.guest_phys_addr == 0x10_0000_0000)
         after = _perms_after(rig.memory, region)
         assert after == "---p"
@@ -185,7 +185,7 @@ def test_lengths_past_u32(impl):
     fd = memfd_with(size)
     rig = Rig(num=8)
     try:
-        rig.memory.add_region(MemoryRegion(1 << 32, size, 0x6100_0000_0000, 0), fd)
+        rig.memory.add_region(GuestMemoryRegion(1 << 32, size, 0x6100_0000_0000, 0), fd)
         for i in range(4):
             rig.desc(i, 1 << 32, 1 if i < 3 else 0xFFFFFFFF, WRITE | (NEXT if i < 3 else 0),
                      i + 1)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_datapath_support import maps_lines, memfd_with, open_fds, two_region_memory
 from vhostlab import memory as memory_module
 from vhostlab.memory import (GuestMemory, GuestMemoryError, InvalidRegionError,
-                             MemoryRegion, RegionFileError, RegionLimitError,
+                             GuestMemoryRegion, RegionFileError, RegionLimitError,
                              RegionNotFoundError, RegionOverlapError,
                              UnmappedAddressError, gpa_to_host, gpa_to_host_py)
 
@@ -97,14 +97,14 @@ def test_a_range_straddling_two_adjacent_regions_is_refused():
 
 
 @pytest.mark.parametrize("region, fd_size, error, words", [
-    (MemoryRegion(0, 0, 0, 0), MiB, InvalidRegionError, "memory_size = 0"),
-    (MemoryRegion(0x800, 0x1000, 0, 0), MiB, InvalidRegionError, "multiples of 0x1000"),
-    (MemoryRegion(0, 0x1000, 0, 0x10), MiB, InvalidRegionError, "mmap_offset"),
-    (MemoryRegion(0, 2 * MiB, 0, 0), MiB, RegionFileError, "exceeds the file size 0x100000"),
-    (MemoryRegion(0, MiB, 0, 0x1000), MiB, RegionFileError, "mmap_offset 0x1000 \\+ memory_size"),
-    (MemoryRegion((1 << 63) - 0x1000, 0x2000, 0, 0), MiB, InvalidRegionError, "exceeds 0x8000"),
-    (MemoryRegion(0, 0x1000, (1 << 64) - 0x800, 0), MiB, InvalidRegionError, "wraps"),
-    (MemoryRegion(0, 0x1000, 1 << 64, 0), MiB, InvalidRegionError, "userspace_addr.*u64"),
+    (GuestMemoryRegion(0, 0, 0, 0), MiB, InvalidRegionError, "memory_size = 0"),
+    (GuestMemoryRegion(0x800, 0x1000, 0, 0), MiB, InvalidRegionError, "multiples of 0x1000"),
+    (GuestMemoryRegion(0, 0x1000, 0, 0x10), MiB, InvalidRegionError, "mmap_offset"),
+    (GuestMemoryRegion(0, 2 * MiB, 0, 0), MiB, RegionFileError, "exceeds the file size 0x100000"),
+    (GuestMemoryRegion(0, MiB, 0, 0x1000), MiB, RegionFileError, "mmap_offset 0x1000 \\+ memory_size"),
+    (GuestMemoryRegion((1 << 63) - 0x1000, 0x2000, 0, 0), MiB, InvalidRegionError, "exceeds 0x8000"),
+    (GuestMemoryRegion(0, 0x1000, (1 << 64) - 0x800, 0), MiB, InvalidRegionError, "wraps"),
+    (GuestMemoryRegion(0, 0x1000, 1 << 64, 0), MiB, InvalidRegionError, "userspace_addr.*u64"),
 ])
 def test_bad_regions_get_named_errors(region, fd_size, error, words):
     fd = memfd_with(fd_size)
@@ -124,9 +124,9 @@ def test_unusable_fds_are_refused():
     try:
         with GuestMemory() as mem:
             with pytest.raises(RegionFileError, match="not a regular file"):
-                mem.add_region(MemoryRegion(0, 4096, 0, 0), r)
+                mem.add_region(GuestMemoryRegion(0, 4096, 0, 0), r)
             with pytest.raises(RegionFileError, match="fstat failed"):
-                mem.add_region(MemoryRegion(0, 4096, 0, 0), closed)
+                mem.add_region(GuestMemoryRegion(0, 4096, 0, 0), closed)
     finally:
         os.close(r)
         os.close(w)
@@ -136,14 +136,14 @@ def test_overlaps_and_region_limit():
     fd = memfd_with(MiB)
     try:
         with GuestMemory(max_regions=2) as mem:
-            mem.add_region(MemoryRegion(0, 0x10000, 0x10000000, 0), fd)
+            mem.add_region(GuestMemoryRegion(0, 0x10000, 0x10000000, 0), fd)
             with pytest.raises(RegionOverlapError, match=r"gpa \[0x8000, 0x18000\) overlaps"):
-                mem.add_region(MemoryRegion(0x8000, 0x10000, 0x20000000, 0), fd)
+                mem.add_region(GuestMemoryRegion(0x8000, 0x10000, 0x20000000, 0), fd)
             with pytest.raises(RegionOverlapError, match="userspace_addr"):
-                mem.add_region(MemoryRegion(0x20000, 0x10000, 0x10008000, 0), fd)
-            mem.add_region(MemoryRegion(0x20000, 0x10000, 0x20000000, 0x10000), fd)
+                mem.add_region(GuestMemoryRegion(0x20000, 0x10000, 0x10008000, 0), fd)
+            mem.add_region(GuestMemoryRegion(0x20000, 0x10000, 0x20000000, 0x10000), fd)
             with pytest.raises(RegionLimitError, match="already 2 regions, the limit is 2"):
-                mem.add_region(MemoryRegion(0x40000, 0x10000, 0x30000000, 0), fd)
+                mem.add_region(GuestMemoryRegion(0x40000, 0x10000, 0x30000000, 0), fd)
     finally:
         os.close(fd)
 
@@ -153,7 +153,7 @@ def test_reservation_too_small_is_a_named_error():
     try:
         with GuestMemory(reserve=256 << 10) as mem:
             with pytest.raises(RegionLimitError, match="reserved address space"):
-                mem.add_region(MemoryRegion(0, MiB, 0, 0), fd)
+                mem.add_region(GuestMemoryRegion(0, MiB, 0, 0), fd)
     finally:
         os.close(fd)
 
@@ -162,7 +162,7 @@ def test_the_fd_stays_the_callers_and_may_be_closed_after_add():
     fd = memfd_with(MiB)
     before = open_fds()
     with GuestMemory() as mem:
-        mem.add_region(MemoryRegion(0x100000, MiB, 0x5000_0000, 0), fd)
+        mem.add_region(GuestMemoryRegion(0x100000, MiB, 0x5000_0000, 0), fd)
         assert open_fds() == before       # nothing kept, nothing dup'ed
         os.close(fd)
         mem.write(0x100000 + 100, b"still mapped")

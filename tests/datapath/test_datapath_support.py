@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from vhostlab.memory import GuestMemory, MemoryRegion
+from vhostlab.memory import GuestMemory, GuestMemoryRegion
 from vhostlab.ring import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
                            Virtqueue, vring_layout, vring_views)
 
@@ -71,8 +71,8 @@ def two_region_memory(size0: int = 0x10000, gpa1: int = 0x10000, size1: int = 0x
     """Two regions from two memfds; adjacent in GPA by default (to test
     buffers that straddle them). Returns (memory, fds) - the caller closes fds."""
     fds = [memfd_with(size0), memfd_with(size1)]
-    memory = GuestMemory.from_table([(MemoryRegion(0, size0, 0x7000_0000_0000, 0), fds[0]),
-                                     (MemoryRegion(gpa1, size1, 0x7100_0000_0000, 0), fds[1])])
+    memory = GuestMemory.from_table([(GuestMemoryRegion(0, size0, 0x7000_0000_0000, 0), fds[0]),
+                                     (GuestMemoryRegion(gpa1, size1, 0x7100_0000_0000, 0), fds[1])])
     return memory, fds
 
 

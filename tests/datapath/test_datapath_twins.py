@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from test_datapath_support import INDIRECT, NEXT, WRITE, memfd_with
-from vhostlab.memory import GuestMemory, MemoryRegion
+from vhostlab.memory import GuestMemory, GuestMemoryRegion
 from vhostlab.ring import (VRING_STATE_DTYPE, vring_layout, vring_rx_burst,
                            vring_rx_burst_py, vring_tx_burst, vring_tx_burst_py)
 
@@ -29,8 +29,8 @@ SETTINGS = settings(max_examples=150, deadline=None,
 def memory():
     fds = [memfd_with(REGION_A[1]), memfd_with(REGION_B[1])]
     mem = GuestMemory.from_table([
-        (MemoryRegion(REGION_A[0], REGION_A[1], 0x7F00_0000_0000, 0), fds[0]),
-        (MemoryRegion(REGION_B[0], REGION_B[1], 0x7F10_0000_0000, 0), fds[1])])
+        (GuestMemoryRegion(REGION_A[0], REGION_A[1], 0x7F00_0000_0000, 0), fds[0]),
+        (GuestMemoryRegion(REGION_B[0], REGION_B[1], 0x7F10_0000_0000, 0), fds[1])])
     for fd in fds:
         os.close(fd)
     yield mem

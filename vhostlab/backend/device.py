@@ -37,13 +37,13 @@ from typing import Callable
 
 from vhostlab.backend.transport import close_fds
 from vhostlab.protocol import Feature, ProtocolFeature, VringAddr
+from vhostlab.ring.layout import VIRTQUEUE_MAX_SIZE
 
 log = logging.getLogger("vhostlab.backend")
 
 DEFAULT_MAC = bytes.fromhex("525400abcdef")     # QEMU's locally administered 52:54:00 prefix
 DEFAULT_MTU = 1500
 MIN_MTU, MAX_MTU = 68, 65535                    # virtio spec 5.1.4.1; DPDK checks the same
-VIRTQUEUE_MAX_SIZE = 32768                      # virtio spec 2.7: split ring size limit
 MAX_QUEUE_PAIRS = 128                           # 2 * 128 vrings fit the 8-bit vring index
 RX_BACKLOG_FRAMES = 4096                        # frames waiting for RX buffers, per pair
 RX_BACKLOG_BYTES = 4 << 20                      # and their bytes, per pair

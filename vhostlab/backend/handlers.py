@@ -33,12 +33,12 @@ from vhostlab.backend.device import (MAX_MTU, MIN_MTU, NET_CONFIG, NET_CONFIG_MA
 from vhostlab.backend.errors import RequestError
 from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
 from vhostlab.backend.wire import rarp_frame
-from vhostlab.memory import (VHOST_USER_MAX_RAM_SLOTS, GuestMemory, GuestMemoryError,
-                             MemoryRegion)
+from vhostlab.memory import GuestMemory, GuestMemoryError, GuestMemoryRegion
 from vhostlab.protocol import (VRING_NOFD_MASK, ConfigSpace, CryptoSession, Feature,
                                InflightArea, LogArea, MemoryTable, Message, ProtocolFeature,
                                Request, SharedObject, SingleMemoryRegion, U64, VringAddr,
                                VringState, expected_fds)
+from vhostlab.protocol.constants import LIBVHOST_USER_MAX_RAM_SLOTS
 from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
@@ -241,8 +241,9 @@ def set_mem_table(dev, msg, fds):
     table = _payload(msg, MemoryTable)
     _fd_count(msg, fds, table.nregions)
     # GuestMemory maps each fd and keeps no fd: the bag closes them after.
-    regions = [(MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset),
-                fds.peek(i)) for i, r in enumerate(table.regions)]
+    regions = [(GuestMemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                                  r.mmap_offset), fds.peek(i))
+               for i, r in enumerate(table.regions)]
     try:
         memory = GuestMemory.from_table(regions)
     except GuestMemoryError as exc:
@@ -257,7 +258,7 @@ def set_mem_table(dev, msg, fds):
 
 def get_max_mem_slots(dev, msg, fds):
     _gate(dev, msg, ProtocolFeature.CONFIGURE_MEM_SLOTS)
-    return U64(VHOST_USER_MAX_RAM_SLOTS)
+    return U64(LIBVHOST_USER_MAX_RAM_SLOTS)
 
 
 def add_mem_reg(dev, msg, fds):
@@ -267,8 +268,8 @@ def add_mem_reg(dev, msg, fds):
     if dev.memory is None:
         rings.replace_memory(dev, GuestMemory())
     try:
-        dev.memory.add_region(MemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
-                                           r.mmap_offset), fds.peek(0))
+        dev.memory.add_region(GuestMemoryRegion(r.guest_phys_addr, r.memory_size,
+                                                r.userspace_addr, r.mmap_offset), fds.peek(0))
     except GuestMemoryError as exc:
         raise _memory_error(msg, exc) from None
     rings.remap(dev)
@@ -285,8 +286,8 @@ def rem_mem_reg(dev, msg, fds):
         raise _refuse(msg, "guest_phys_addr", r.guest_phys_addr, "a mapped region",
                       "no memory is mapped")
     try:
-        dev.memory.remove_region(MemoryRegion(r.guest_phys_addr, r.memory_size,
-                                              r.userspace_addr, r.mmap_offset))
+        dev.memory.remove_region(GuestMemoryRegion(r.guest_phys_addr, r.memory_size,
+                                                   r.userspace_addr, r.mmap_offset))
     except GuestMemoryError as exc:
         raise _memory_error(msg, exc) from None
     finally:

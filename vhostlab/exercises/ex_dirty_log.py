@@ -25,7 +25,6 @@ from vhostlab.ring.log import VHOST_LOG_PAGE, vhost_log_write_py
 __all__ = ["EXERCISE", "SETUP", "migration_log", "LOG_BYTES"]
 
 LOG_BYTES = 128          # covers 1024 pages: 4 MiB of guest memory
-PAGE = VHOST_LOG_PAGE
 
 SETUP = '''\
 import numpy as np
@@ -104,7 +103,7 @@ def _ref_write(log, gpa, length):
 
 def _one_too_many(got, want, args) -> bool:
     _, gpa, length, _ = args
-    return list(got) == sorted(set(want) | {(gpa + length) // PAGE})
+    return list(got) == sorted(set(want) | {(gpa + length) // VHOST_LOG_PAGE})
 
 
 def _bits_reversed(got, want, args) -> bool:
@@ -113,7 +112,9 @@ def _bits_reversed(got, want, args) -> bool:
 
 def _written_pages(args) -> set[int]:
     _, gpa, length, _ = args
-    return set(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1)) if length > 0 else set()
+    if length <= 0:
+        return set()
+    return set(range(gpa // VHOST_LOG_PAGE, (gpa + length - 1) // VHOST_LOG_PAGE + 1))
 
 
 def _lost_premarked(got, want, args) -> bool:
@@ -141,12 +142,12 @@ Q1 = Question(
              _write_case(0xA000, 100, premarked=(9, 14))),
         Case("a zero-length write", _write_case(0x2000, 0),
              advice="A write of 0 bytes dirties nothing."),
-        Case("the last byte the log covers (page 1023)", _write_case(1024 * PAGE - 1, 1)),
-        Case("a write at 0x400000, one page past the log", _write_case(1024 * PAGE, 1),
+        Case("the last byte the log covers (page 1023)", _write_case(1024 * VHOST_LOG_PAGE - 1, 1)),
+        Case("a write at 0x400000, one page past the log", _write_case(1024 * VHOST_LOG_PAGE, 1),
              expect=Raises(ValueError, why="Writing past the log would corrupt the "
                                            "front-end's memory; refuse it.")),
         Case("0x1000 bytes starting half a page before the log's end",
-             _write_case(1024 * PAGE - 0x800, 0x1000),
+             _write_case(1024 * VHOST_LOG_PAGE - 0x800, 0x1000),
              expect=Raises(ValueError, why="Check the last page before you mark anything.")),
     ),
     mistakes=(
@@ -197,7 +198,7 @@ def _ref_used(log, base, num, first, n):
 
 
 def _page(gpa: int) -> int:
-    return gpa // PAGE
+    return gpa // VHOST_LOG_PAGE
 
 
 def _forgot_idx(got, want, args) -> bool:
@@ -231,7 +232,7 @@ Q2 = Question(
              _used_case(_ONE_PAGE_RING, 256, 65534, 4),
              advice="Indices run freely to 65535 and wrap; the slot is index % num."),
         Case("a used ring whose log_guest_addr lies past the log",
-             _used_case(1024 * PAGE, 256, 0, 1),
+             _used_case(1024 * VHOST_LOG_PAGE, 256, 0, 1),
              expect=Raises(ValueError, why="Use your log_write: it refuses pages past the log.")),
     ),
     mistakes=(

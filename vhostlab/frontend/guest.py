@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vhostlab.memory import GuestMemory
+from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
 from vhostlab.protocol import Feature
 from vhostlab.ring.atomics import smp_load_acquire, smp_store_release
 from vhostlab.ring.layout import (VRING_DESC_F_WRITE, vring_avail_size, vring_layout,
@@ -40,7 +40,6 @@ from vhostlab.ring.layout import (VRING_DESC_F_WRITE, vring_avail_size, vring_la
 __all__ = ["VirtioNetGuest", "GuestQueue", "GuestError", "RX_QUEUE", "TX_QUEUE", "BUF_SIZE",
            "DRIVER_FEATURES"]
 
-PAGE = 4096
 RX_QUEUE, TX_QUEUE = 0, 1
 BUF_SIZE = 2048
 RING_GPA = {RX_QUEUE: 0x200000, TX_QUEUE: 0x210000}
@@ -104,7 +103,8 @@ class VirtioNetGuest:
         self._bind()
 
     def _top_page(self) -> int:
-        return max((r.guest_phys_addr + r.memory_size - 1) // PAGE for r in self.memory.regions)
+        return max((r.guest_phys_addr + r.memory_size - 1) // TARGET_PAGE_SIZE
+                   for r in self.memory.regions)
 
     def _new_notifiers(self) -> None:
         for q in self.queues:
@@ -127,7 +127,8 @@ class VirtioNetGuest:
     def touch(self, gpa: int, length: int) -> None:
         """Mark the pages of [gpa, gpa + length) written by the guest."""
         if length > 0:
-            self.guest_dirty[gpa // PAGE:(gpa + length - 1) // PAGE + 1] = True
+            first, last = gpa // TARGET_PAGE_SIZE, (gpa + length - 1) // TARGET_PAGE_SIZE
+            self.guest_dirty[first:last + 1] = True
 
     def write(self, gpa: int, data: bytes) -> None:
         """A guest (vCPU) write to RAM: store it and mark its pages."""

@@ -49,7 +49,7 @@ import numpy as np
 
 from vhostlab.backend import BackendServer, Wire
 from vhostlab.dirtylog import DirtyRound, GuestBand
-from vhostlab.memory import GuestMemory
+from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
 from vhostlab.ring.layout import vring_layout
 from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
@@ -62,7 +62,6 @@ from .vhost_ops import VhostOps
 __all__ = ["BuiltinMigration", "RoundSnapshot", "CaptureWire", "MigrationError",
            "copy_pages", "compare_pages", "ram_pages", "builtin_bands"]
 
-PAGE = 4096
 RARP_ETHERTYPE = b"\x80\x35"
 WAIT_TIMEOUT = 10.0
 
@@ -119,10 +118,11 @@ def builtin_bands(guest: VirtioNetGuest) -> tuple[GuestBand, ...]:
     bands = []
     for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
         size = vring_layout(RING_GPA[q], guest.queues[q].num).size
-        bands.append(GuestBand(f"{kind} ring", RING_GPA[q] // PAGE, -(-size // PAGE)))
+        bands.append(GuestBand(f"{kind} ring", RING_GPA[q] // TARGET_PAGE_SIZE,
+                               -(-size // TARGET_PAGE_SIZE)))
     for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
-        bands.append(GuestBand(f"{kind} buffers", BUF_GPA[q] // PAGE,
-                               -(-guest.queues[q].num * BUF_SIZE // PAGE)))
+        bands.append(GuestBand(f"{kind} buffers", BUF_GPA[q] // TARGET_PAGE_SIZE,
+                               -(-guest.queues[q].num * BUF_SIZE // TARGET_PAGE_SIZE)))
     return tuple(sorted(bands, key=lambda b: b.first_page))
 
 
@@ -138,7 +138,8 @@ def _ms(seconds: float | None) -> float | None:
 
 def ram_pages(memory: GuestMemory) -> np.ndarray:
     """Every page number inside a RAM region (the gaps of the pc layout are not RAM)."""
-    parts = [np.arange(r.guest_phys_addr // PAGE, (r.guest_phys_addr + r.memory_size) // PAGE,
+    parts = [np.arange(r.guest_phys_addr // TARGET_PAGE_SIZE,
+                       (r.guest_phys_addr + r.memory_size) // TARGET_PAGE_SIZE,
                        dtype=np.int64) for r in memory.regions]
     return np.unique(np.concatenate(parts))
 
@@ -147,13 +148,14 @@ def _runs(memory: GuestMemory, pages: np.ndarray):
     """(gpa, length) of maximal runs of ``pages`` that stay inside one region."""
     pages = np.unique(np.asarray(pages, dtype=np.int64))
     for r in memory.regions:
-        first, end = r.guest_phys_addr // PAGE, (r.guest_phys_addr + r.memory_size) // PAGE
+        first = r.guest_phys_addr // TARGET_PAGE_SIZE
+        end = (r.guest_phys_addr + r.memory_size) // TARGET_PAGE_SIZE
         mine = pages[(pages >= first) & (pages < end)]
         if not mine.size:
             continue
         breaks = np.flatnonzero(np.diff(mine) != 1) + 1
         for run in np.split(mine, breaks):
-            yield int(run[0]) * PAGE, int(run.size) * PAGE
+            yield int(run[0]) * TARGET_PAGE_SIZE, int(run.size) * TARGET_PAGE_SIZE
 
 
 def copy_pages(src: GuestMemory, dst: GuestMemory, pages: np.ndarray) -> int:
@@ -161,7 +163,7 @@ def copy_pages(src: GuestMemory, dst: GuestMemory, pages: np.ndarray) -> int:
     copied = 0
     for gpa, length in _runs(src, pages):
         dst.view(gpa, length)[:] = src.view(gpa, length)
-        copied += length // PAGE
+        copied += length // TARGET_PAGE_SIZE
     return copied
 
 
@@ -169,10 +171,10 @@ def compare_pages(a: GuestMemory, b: GuestMemory, pages: np.ndarray) -> np.ndarr
     """Page numbers among ``pages`` whose contents differ between ``a`` and ``b``."""
     bad = []
     for gpa, length in _runs(a, pages):
-        va = a.view(gpa, length).reshape(-1, PAGE)
-        vb = b.view(gpa, length).reshape(-1, PAGE)
+        va = a.view(gpa, length).reshape(-1, TARGET_PAGE_SIZE)
+        vb = b.view(gpa, length).reshape(-1, TARGET_PAGE_SIZE)
         diff = np.flatnonzero((va != vb).any(axis=1))
-        bad.append(diff + gpa // PAGE)
+        bad.append(diff + gpa // TARGET_PAGE_SIZE)
         del va, vb
     return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 

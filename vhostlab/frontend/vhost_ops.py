@@ -20,14 +20,15 @@ import os
 from vhostlab.protocol import (ConfigSpace, CryptoSession, Feature, IotlbMsg, LogArea,
                                MemoryRegion, MemoryTable, Message, ProtocolFeature, Request,
                                U64, VringAddr, VringState)
-from vhostlab.protocol.constants import (VHOST_MEMORY_BASELINE_NREGIONS, VHOST_VRING_F_LOG,
+from vhostlab.protocol.constants import (QEMU_VHOST_USER_MAX_RAM_SLOTS,
+                                         VHOST_MEMORY_BASELINE_NREGIONS, VHOST_VRING_F_LOG,
                                          VRING_IDX_MASK, VRING_NOFD_MASK)
 
 from .channel import VhostUserChannel
 from .optable import (BackendReplyError, NotSupportedByVhostUser, ProtocolFeatureMissing,
                       VhostBackendType, VhostOpsError, op_info)
 
-__all__ = ["VhostOps", "FRONTEND_PROTOCOL_FEATURES", "VHOST_USER_MAX_RAM_SLOTS"]
+__all__ = ["VhostOps", "FRONTEND_PROTOCOL_FEATURES"]
 
 P = ProtocolFeature
 # The protocol features this front-end uses when the back-end offers them.
@@ -38,8 +39,6 @@ P = ProtocolFeature
 FRONTEND_PROTOCOL_FEATURES = int(P.MQ | P.LOG_SHMFD | P.RARP | P.REPLY_ACK | P.NET_MTU
                                  | P.CROSS_ENDIAN | P.CRYPTO_SESSION | P.CONFIG
                                  | P.RESET_DEVICE)
-# hw/virtio/vhost-user.c: "#define VHOST_USER_MAX_RAM_SLOTS 512".
-VHOST_USER_MAX_RAM_SLOTS = 512
 
 
 def vhost_op(method):
@@ -169,7 +168,7 @@ class VhostOps:
             self.max_queues = self._get_u64(Request.GET_QUEUE_NUM) if self._has(P.MQ) else 1
             if self._has(P.CONFIGURE_MEM_SLOTS):
                 slots = self._get_u64(Request.GET_MAX_MEM_SLOTS)
-                self.memory_slots = min(slots, VHOST_USER_MAX_RAM_SLOTS)
+                self.memory_slots = min(slots, QEMU_VHOST_USER_MAX_RAM_SLOTS)
         if not self._has(P.LOG_SHMFD):
             self.migration_blocker = ("Migration disabled: vhost-user backend lacks "
                                       "VHOST_USER_PROTOCOL_F_LOG_SHMFD feature.")

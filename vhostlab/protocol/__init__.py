@@ -9,7 +9,8 @@ Nothing here opens a socket or closes an fd.
 """
 from .connection import BackendConnection, FrontendConnection
 from .constants import (FLAG_NEED_REPLY, FLAG_REPLY, HEADER_SIZE, KNOWN_FLAGS,
-                        MAX_AREA_SIZE, MAX_PAYLOAD_SIZE, REPLY_FLAGS,
+                        LIBVHOST_USER_MAX_RAM_SLOTS, MAX_AREA_SIZE, MAX_PAYLOAD_SIZE,
+                        QEMU_VHOST_USER_MAX_RAM_SLOTS, REPLY_FLAGS,
                         VERSION_MASK, VHOST_LOG_PAGE,
                         VHOST_MEMORY_BASELINE_NREGIONS,
                         VHOST_USER_MAX_CONFIG_SIZE, VHOST_USER_MAX_FDS,
@@ -37,7 +38,8 @@ __all__ = [
     "MAX_PAYLOAD_SIZE", "REPLY_FLAGS", "VERSION_MASK", "VHOST_LOG_PAGE",
     "VHOST_MEMORY_BASELINE_NREGIONS", "VHOST_USER_MAX_CONFIG_SIZE",
     "VHOST_USER_MAX_FDS", "VHOST_USER_VERSION", "VHOST_VRING_F_LOG",
-    "VRING_IDX_MASK", "VRING_NOFD_MASK",
+    "VRING_IDX_MASK", "VRING_NOFD_MASK", "QEMU_VHOST_USER_MAX_RAM_SLOTS",
+    "LIBVHOST_USER_MAX_RAM_SLOTS",
     # errors
     "ProtocolError",
     # features

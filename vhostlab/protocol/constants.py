@@ -9,7 +9,8 @@ __all__ = [
     "FLAG_NEED_REPLY", "KNOWN_FLAGS", "REPLY_FLAGS", "VHOST_USER_MAX_FDS",
     "VHOST_MEMORY_BASELINE_NREGIONS", "VRING_NOFD_MASK", "VRING_IDX_MASK",
     "VHOST_VRING_F_LOG", "VHOST_USER_MAX_CONFIG_SIZE", "MAX_PAYLOAD_SIZE",
-    "MAX_AREA_SIZE", "VHOST_LOG_PAGE",
+    "MAX_AREA_SIZE", "VHOST_LOG_PAGE", "QEMU_VHOST_USER_MAX_RAM_SLOTS",
+    "LIBVHOST_USER_MAX_RAM_SLOTS",
 ]
 
 # "Header": u32 request, u32 flags, u32 size, in the machine's byte order;
@@ -32,6 +33,18 @@ REPLY_FLAGS = FLAG_REPLY | VHOST_USER_VERSION
 # regions in SET_MEM_TABLE, VHOST_USER_BACKEND_MAX_FDS on the back-end channel).
 VHOST_USER_MAX_FDS = 8
 VHOST_MEMORY_BASELINE_NREGIONS = 8
+
+# GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS): how many regions a back-end can
+# map. QEMU and libvhost-user both call their limit VHOST_USER_MAX_RAM_SLOTS,
+# with different values, so here each name says whose it is.
+# QEMU hw/virtio/vhost-user.c, "#define VHOST_USER_MAX_RAM_SLOTS 512": the
+# front-end caps a back-end's answer at this (vhost_user_backend_init).
+QEMU_VHOST_USER_MAX_RAM_SLOTS = 512
+# subprojects/libvhost-user/libvhost-user.h, "#define VHOST_USER_MAX_RAM_SLOTS
+# 32" ("a reasonable maximum number of ram slots, which will be supported by
+# any architecture"): what a libvhost-user back-end answers. The kit's
+# back-end answers the same.
+LIBVHOST_USER_MAX_RAM_SLOTS = 32
 
 # SET_VRING_KICK/CALL/ERR u64: "Bits (0-7) of the payload contain the vring
 # index. Bit 8 is the invalid FD flag."

@@ -15,12 +15,12 @@ import threading
 import numpy as np
 
 from vhostlab.dirtylog import GuestBand
+from vhostlab.memory import TARGET_PAGE_SIZE
 
 from .traffic import TO_GUEST, frame_tag
 
 __all__ = ["GuestWrites", "qemu_bands", "mismatched_pages", "frame_name"]
 
-PAGE = 4096
 _NAMES = {"queue 0 ring": "RX ring", "queue 1 ring": "TX ring",
           "queue 0 buffers": "RX buffers", "queue 1 buffers": "TX buffers",
           "dirtier working set": "guest working set"}
@@ -38,7 +38,8 @@ class GuestWrites:
         if length <= 0:
             return
         with self._lock:
-            self._pages.update(range(gpa // PAGE, (gpa + length - 1) // PAGE + 1))
+            self._pages.update(range(gpa // TARGET_PAGE_SIZE,
+                                     (gpa + length - 1) // TARGET_PAGE_SIZE + 1))
 
     def take(self) -> np.ndarray:
         """The pages written since the last call (sorted), and forget them."""
@@ -49,19 +50,20 @@ class GuestWrites:
 
 def qemu_bands(guest) -> tuple[GuestBand, ...]:
     """The guest driver's allocations (rings, buffers, working set) as named bands."""
-    return tuple(GuestBand(_NAMES.get(what, what), gpa // PAGE, -(-size // PAGE))
+    return tuple(GuestBand(_NAMES.get(what, what), gpa // TARGET_PAGE_SIZE,
+                           -(-size // TARGET_PAGE_SIZE))
                  for what, gpa, size in guest.allocator.allocations)
 
 
 def mismatched_pages(src_server, dst_server, first_page: int, end_page: int) -> np.ndarray:
     """Pages in [first_page, end_page) whose bytes differ between the two back-ends'
     mappings of guest RAM (source and destination)."""
-    gpa, n = first_page * PAGE, (end_page - first_page) * PAGE
+    gpa, n = first_page * TARGET_PAGE_SIZE, (end_page - first_page) * TARGET_PAGE_SIZE
     with src_server.lock:
         a = np.frombuffer(src_server.device.memory.read(gpa, n), np.uint8)
     with dst_server.lock:
         b = np.frombuffer(dst_server.device.memory.read(gpa, n), np.uint8)
-    differ = (a.reshape(-1, PAGE) != b.reshape(-1, PAGE)).any(axis=1)
+    differ = (a.reshape(-1, TARGET_PAGE_SIZE) != b.reshape(-1, TARGET_PAGE_SIZE)).any(axis=1)
     return np.flatnonzero(differ) + first_page
 
 

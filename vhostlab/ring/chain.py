@@ -410,7 +410,7 @@ def publish_used(mem, log, s, avail, used, n):
         if s["event_idx"]:
             # avail_event: kick me once avail->idx passes last_avail_idx (2.7.10)
             h16[((used + 4) >> 1) + 4 * num] = s["last_avail_idx"]
-        if log.size > 0 and (s["flags"] >> VHOST_VRING_F_LOG) & 1:
+        if log.size > 0 and s["flags"] & VHOST_VRING_F_LOG:
             status = log_used(log, s, first, n)
         # Our stores above must be visible before we read what the driver
         # wrote (used_event, flags, avail->idx): store-then-load needs a full
@@ -444,7 +444,7 @@ def publish_used_py(mv, log, s, avail, used, n):
         s["last_avail_idx"] = last
         if s["event_idx"]:
             _U16.pack_into(mv, used + 4 + 8 * num, last)      # avail_event
-        if log.size > 0 and (int(s["flags"]) >> VHOST_VRING_F_LOG) & 1:
+        if log.size > 0 and int(s["flags"]) & VHOST_VRING_F_LOG:
             status = log_used_py(log, s, first, n)
         if s["event_idx"]:                                    # (fence in the kernel)
             old, valid = int(s["signalled_used"]), int(s["signalled_used_valid"])

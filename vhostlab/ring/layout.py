@@ -37,6 +37,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from ..protocol.constants import VHOST_VRING_F_LOG
+
 __all__ = [
     # flags: descriptor (2.7.5), avail and used (2.7.7, 2.7.10), vhost_vring_addr
     "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE", "VRING_DESC_F_INDIRECT",
@@ -62,9 +64,10 @@ VRING_DESC_F_INDIRECT = 4
 # Avail and used flags (2.7.7, 2.7.10)
 VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
-# vhost_vring_addr.flags: bit number (linux/vhost_types.h), i.e. flags & (1 << 0)
-VHOST_VRING_F_LOG = 0
 
+# The virtio spec's largest split ring (2.7: "The maximum Queue Size value is
+# 32768"), which a back-end accepts. QEMU's and libvhost-user's own
+# VIRTQUEUE_MAX_SIZE is 1024: the most their devices create.
 VIRTQUEUE_MAX_SIZE = 32768
 VRING_DESC_ALIGN, VRING_AVAIL_ALIGN, VRING_USED_ALIGN = 16, 2, 4
 VRING_DESC_SIZE = 16

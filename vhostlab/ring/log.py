@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..protocol.constants import VHOST_LOG_PAGE
 from . import atomics, errors
 from .atomics import atomic_or, atomic_or_py
 from .cache import depends_on
@@ -23,8 +24,6 @@ from .errors import E_LOG_RANGE, RING_OK
 
 __all__ = ["VHOST_LOG_PAGE", "vhost_log_write", "vhost_log_write_py", "vhost_log_write_count",
            "vhost_log_write_count_py"]
-
-VHOST_LOG_PAGE = 0x1000
 
 
 @njit(cache=True, nogil=True, inline="always")

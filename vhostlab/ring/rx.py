@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .. import memory
+from ..memory import translation
 from . import atomics, chain, errors, layout
 from . import log as log_kernels
 from .atomics import borrow, borrow_py, keep_alive
@@ -216,7 +216,7 @@ def vring_rx_burst(host, regions, vq, log, arena, offsets, lengths, nframes, hdr
     return burst_end(mem, log, s, avail, used, taken, delivered, nbytes, status), f
 
 
-depends_on(vring_rx_burst, memory, atomics, chain, errors, layout, log_kernels)
+depends_on(vring_rx_burst, translation, atomics, chain, errors, layout, log_kernels)
 vring_rx_burst_py = twin(vring_rx_burst, burst_start=burst_start_py, borrow=borrow_py,
                          keep_alive=None, over_budget=over_budget_py,
                          rx_write_frame=rx_write_frame_py, rx_commit_frame=rx_commit_frame_py,

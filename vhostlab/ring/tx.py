@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from numba import njit
 
-from .. import memory
+from ..memory import translation
 from . import atomics, chain, errors, layout
 from . import log as log_kernels
 from .atomics import borrow, borrow_py
@@ -136,7 +136,7 @@ def vring_tx_burst(host, regions, vq, log, arena, offsets, lengths, hdr_len, max
     return burst_end(mem, log, s, avail, used, taken, n, nbytes, status), n
 
 
-depends_on(vring_tx_burst, memory, atomics, chain, errors, layout, log_kernels)
+depends_on(vring_tx_burst, translation, atomics, chain, errors, layout, log_kernels)
 vring_tx_burst_py = twin(vring_tx_burst, burst_start=burst_start_py, borrow=borrow_py,
                          over_budget=over_budget_py, avail_head=avail_head_py,
                          tx_copy_chain=tx_copy_chain_py, fail=fail_py,

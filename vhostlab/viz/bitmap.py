@@ -23,10 +23,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vhostlab.protocol.constants import VHOST_LOG_PAGE
+
 from ._common import View, esc, field, fmt_size, resolve, rounds_of, wrap
 from .png import data_uri, rgb_png
 
-VHOST_LOG_PAGE = 4096
 ROW_PAGES = 256
 MAX_ROWS = 256
 

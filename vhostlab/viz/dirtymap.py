@@ -25,11 +25,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from vhostlab.dirtylog import VHOST_LOG_BITS, DirtyRound, GuestBand
+from vhostlab.protocol.constants import VHOST_LOG_PAGE
 
 from ._common import View, esc, fmt_size, table, wrap
 from .png import data_uri
 
-PAGE = 4096
 PITCH, FILL = 10, 9                    # px per page cell, of which coloured
 BYTE_GAP = 2                           # extra px between bytes of the log (8 pages)
 LABEL_W, RIGHT_W = 170, 110
@@ -159,15 +159,15 @@ def render(snap: DirtyRound, context: Sequence[DirtyRound] = ()) -> tuple[bytes,
     for block in blocks:
         top = block["top"]
         text(6, top, block["name"], fontsize=9, weight="bold")
-        size = (block["end"] - block["first"]) * PAGE
-        sub = (f"GPA {block['first'] * PAGE:#x}, {fmt_size(size)}" if not block.get("rest")
-               else f"{fmt_size(size)} of guest RAM")
+        size = (block["end"] - block["first"]) * VHOST_LOG_PAGE
+        sub = (f"GPA {block['first'] * VHOST_LOG_PAGE:#x}, {fmt_size(size)}"
+               if not block.get("rest") else f"{fmt_size(size)} of guest RAM")
         text(6, top + 12, sub, fontsize=7)
         if not block["rows"]:
             text(LABEL_W, top + 2, "no dirty page here", fontsize=8, style="italic")
         for i, (word, y) in enumerate(block["rows"]):
             if i == 0 or (block["folds"] and any(fy + FOLD_H == y for fy, _n in block["folds"])):
-                text(LABEL_W + GRID_W + 12, y - 1, f"{word * VHOST_LOG_BITS * PAGE:#x}",
+                text(LABEL_W + GRID_W + 12, y - 1, f"{word * VHOST_LOG_BITS * VHOST_LOG_PAGE:#x}",
                      fontsize=7)
         for fy, n in block["folds"]:
             text(LABEL_W + 2, fy - 1, f"\u22ee {n} clean word{'s' if n > 1 else ''}",
@@ -249,7 +249,7 @@ class DirtyBitmapView(View):
                 def n(pages: np.ndarray, a=b["first"], e=b["end"]) -> int:
                     return _count(pages, a, e)
             rows.append([esc(b["name"]),
-                         esc(f"{b['first'] * PAGE:#x}") if not b.get("rest") else "",
+                         esc(f"{b['first'] * VHOST_LOG_PAGE:#x}") if not b.get("rest") else "",
                          str(b["end"] - b["first"]), str(n(s.log_pages)),
                          str(n(s.guest_pages)), str(n(s.both_pages)), str(n(mism))])
         return table(["band", "GPA", "pages", "vhost log", "guest", "both",
@@ -260,7 +260,7 @@ class DirtyBitmapView(View):
         if not s.mismatched:
             return ""
         def items(ms) -> str:
-            return "".join(f"<li>page {m.page:#x} (GPA {m.page * PAGE:#x}): "
+            return "".join(f"<li>page {m.page:#x} (GPA {m.page * VHOST_LOG_PAGE:#x}): "
                            f"{esc(', '.join(m.frames) or 'no frame found there')}</li>"
                            for m in ms)
         shown, rest = s.mismatched[:6], s.mismatched[6:200]

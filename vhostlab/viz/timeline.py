@@ -19,10 +19,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from vhostlab.memory import TARGET_PAGE_SIZE
+
 from ._common import View, esc, field, fmt_size, resolve, rounds_of, table, wrap
 from .png import data_uri, figure_png, new_figure
 
-PAGE = 4096
 
 
 def _int(obj: Any, *names: str) -> int | None:
@@ -71,7 +72,7 @@ def round_numbers(snap: Any, index: int, previous: Any = None) -> dict:
         "log_dirty": log,
         "dirty": dirty,
         "remaining": _int(snap, "remaining_pages", "pages_remaining"),
-        "bytes": nbytes if nbytes is not None else copied * PAGE,
+        "bytes": nbytes if nbytes is not None else copied * TARGET_PAGE_SIZE,
         "syncs": None,
         "stopped": phase is not None and str(phase).startswith("stop"),
         "note": field(snap, "note", default=None) or None,
@@ -103,7 +104,7 @@ def _qemu_round(snap: Any, index: int, previous: Any) -> dict:
         "guest_dirty": None,
         "log_dirty": _int(snap, "pages_logged", "pages_from_vhost_log"),
         "dirty": None,
-        "remaining": None if after is None else int(after) // PAGE,
+        "remaining": None if after is None else int(after) // TARGET_PAGE_SIZE,
         "bytes": nbytes,
         "syncs": label,
         "stopped": str(status) == "completed",     # the last round: STOP, then its sync

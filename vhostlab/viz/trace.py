@@ -13,9 +13,10 @@ from __future__ import annotations
 import datetime
 from typing import Any, Iterable, Mapping
 
+from vhostlab.protocol.constants import FLAG_REPLY
+
 from ._common import View, esc, field, hexdump, plain, table, wrap
 
-FLAG_REPLY = 0x4  # vhost-user.rst: flags bit 2, "this is a reply"
 
 TO_BACKEND = "front-end \u2192 back-end"
 TO_FRONTEND = "back-end \u2192 front-end"

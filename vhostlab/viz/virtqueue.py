@@ -21,15 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from vhostlab.ring.layout import VringCopy
+from vhostlab.ring.layout import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
+                                  VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+                                  VringCopy)
 
 from ._common import View, as_int, esc, field, fmt_hex, resolve, table, wrap
-
-VRING_DESC_F_NEXT = 1
-VRING_DESC_F_WRITE = 2
-VRING_DESC_F_INDIRECT = 4
-VRING_AVAIL_F_NO_INTERRUPT = 1
-VRING_USED_F_NO_NOTIFY = 1
 
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
