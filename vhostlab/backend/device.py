@@ -110,13 +110,8 @@ class Vring:
     ring: object | None = None      # a vhostlab.ring DeviceRing once mapped
     error: str | None = None        # the last error on this ring, until SET_VRING_BASE
 
-    @property
-    def started(self) -> bool:
-        return self.state.started
-
-    @property
-    def enabled(self) -> bool:
-        return self.state.enabled
+    started = property(lambda self: self.state.started)
+    enabled = property(lambda self: self.state.enabled)
 
     def start(self) -> None:
         self.state = self.state.start()

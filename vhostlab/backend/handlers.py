@@ -535,29 +535,9 @@ def gpu_set_socket(dev, msg, fds):
     _not_for_net(dev, msg, fds, "vhost-user-gpu devices")
 
 
-R = Request
-HANDLERS: dict[Request, Handler] = {
-    R.GET_FEATURES: get_features, R.SET_FEATURES: set_features, R.SET_OWNER: set_owner,
-    R.RESET_OWNER: reset_owner, R.SET_MEM_TABLE: set_mem_table, R.SET_LOG_BASE: set_log_base,
-    R.SET_LOG_FD: set_log_fd, R.SET_VRING_NUM: set_vring_num, R.SET_VRING_ADDR: set_vring_addr,
-    R.SET_VRING_BASE: set_vring_base, R.GET_VRING_BASE: get_vring_base,
-    R.SET_VRING_KICK: set_vring_kick, R.SET_VRING_CALL: set_vring_call,
-    R.SET_VRING_ERR: set_vring_err, R.GET_PROTOCOL_FEATURES: get_protocol_features,
-    R.SET_PROTOCOL_FEATURES: set_protocol_features, R.GET_QUEUE_NUM: get_queue_num,
-    R.SET_VRING_ENABLE: set_vring_enable, R.SEND_RARP: send_rarp, R.NET_SET_MTU: net_set_mtu,
-    R.SET_BACKEND_REQ_FD: set_backend_req_fd, R.IOTLB_MSG: iotlb_msg,
-    R.SET_VRING_ENDIAN: set_vring_endian, R.GET_CONFIG: get_config, R.SET_CONFIG: set_config,
-    R.CREATE_CRYPTO_SESSION: create_crypto_session,
-    R.CLOSE_CRYPTO_SESSION: close_crypto_session, R.POSTCOPY_ADVISE: postcopy_advise,
-    R.POSTCOPY_LISTEN: postcopy_listen, R.POSTCOPY_END: postcopy_end,
-    R.GET_INFLIGHT_FD: get_inflight_fd, R.SET_INFLIGHT_FD: set_inflight_fd,
-    R.GPU_SET_SOCKET: gpu_set_socket, R.RESET_DEVICE: reset_device, R.VRING_KICK: vring_kick,
-    R.GET_MAX_MEM_SLOTS: get_max_mem_slots, R.ADD_MEM_REG: add_mem_reg,
-    R.REM_MEM_REG: rem_mem_reg, R.SET_STATUS: set_status, R.GET_STATUS: get_status,
-    R.GET_SHARED_OBJECT: get_shared_object, R.SET_DEVICE_STATE_FD: set_device_state_fd,
-    R.CHECK_DEVICE_STATE: check_device_state,
-}
-del R
+#: Every request's handler: the function above named after it (GET_FEATURES: get_features).
+HANDLERS: dict[Request, Handler] = {request: globals()[request.name.lower()]
+                                    for request in Request}
 
 
 @dataclass(frozen=True)

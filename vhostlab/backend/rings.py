@@ -18,8 +18,7 @@ from vhostlab.backend.net_device import RING_FEATURES  # noqa: F401  (offered by
 from vhostlab.dirtylog import DirtyLog, DirtyLogError
 from vhostlab.memory import GuestMemory, GuestMemoryError, UnmappedAddressError
 from vhostlab.protocol import VHOST_LOG_PAGE, Feature, LogArea, Message, VringAddr
-from vhostlab.ring import (FrameArena, RingError, make_ring, vring_avail_size,
-                           vring_desc_size, vring_used_size)
+from vhostlab.ring import FrameArena, RingError, make_ring, ring_format
 
 # -- control: memory, log, ring configuration --------------------------------------
 def apply_features(dev: VhostUserNetDevice) -> None:
@@ -63,7 +62,8 @@ def replace_log(dev: VhostUserNetDevice, msg: Message, area: LogArea, fd: int) -
     try:
         for vring in dev.vrings:
             if vring.addr is not None and vring.addr.log_enabled:
-                check_used_log(msg, vring.addr, vring.num, new.pages, "mmap_size")
+                check_used_log(msg, vring.addr, vring.num, new.pages, "mmap_size",
+                               dev.ring_format)
     except RequestError:
         new.close()
         raise
@@ -73,14 +73,15 @@ def replace_log(dev: VhostUserNetDevice, msg: Message, area: LogArea, fd: int) -
 
 
 def check_used_log(msg: Message, addr: VringAddr, num: int, pages: int,
-                   field: str = "log_guest_addr") -> None:
+                   field: str = "log_guest_addr", fmt: str = "split") -> None:
     """The used ring, logged at log_guest_addr, must lie inside a log of `pages` pages.
 
     vhost-user.rst "Migration": log_guest_addr "might be outside the legal
     guest physical address range ..., but the bit offset of the last byte of
     the ring must fall within the size supplied by VhostUserLog."
     """
-    last_page = (addr.log_guest_addr + vring_used_size(num) - 1) // VHOST_LOG_PAGE
+    used_size = ring_format(fmt, addr.index).area_sizes(num)[2]
+    last_page = (addr.log_guest_addr + used_size - 1) // VHOST_LOG_PAGE
     if last_page >= pages:
         value = addr.log_guest_addr if field == "log_guest_addr" else pages // 8
         raise RequestError(
@@ -103,9 +104,12 @@ def _translate(dev: VhostUserNetDevice, msg: Message | None, field: str, uaddr: 
 def _map(dev: VhostUserNetDevice, vring: Vring, addr: VringAddr,
          msg: Message | None = None) -> None:
     num = vring.num
-    desc = _translate(dev, msg, "desc_user_addr", addr.desc_user_addr, vring_desc_size(num))
-    avail = _translate(dev, msg, "avail_user_addr", addr.avail_user_addr, vring_avail_size(num))
-    used = _translate(dev, msg, "used_user_addr", addr.used_user_addr, vring_used_size(num))
+    sizes = ring_format(dev.ring_format, vring.index).area_sizes(num)
+    desc, avail, used = (_translate(dev, msg, f"{area}_user_addr", uaddr, size)
+                         for area, uaddr, size in zip(
+                             ("desc", "avail", "used"),
+                             (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr),
+                             sizes))
     vq = vring.ring
     if vq is None:
         vq = make_ring(dev.ring_format, vring.index, "rx" if vring.is_rx else "tx")
@@ -134,7 +138,7 @@ def set_addr(dev: VhostUserNetDevice, msg: Message, vring: Vring, addr: VringAdd
     if addr.log_enabled and dev.log is not None and not dev.log.closed:
         # The log may come later (QEMU's vhost_dev_start sends it last); once
         # there is one, a ring that logs must fit in it.
-        check_used_log(msg, addr, vring.num, dev.log.pages)
+        check_used_log(msg, addr, vring.num, dev.log.pages, fmt=dev.ring_format)
     try:
         _map(dev, vring, addr, msg)
     except RingError as exc:

@@ -32,7 +32,7 @@ from .message import (Header, Message, parse_message, peek_header, reply_types_f
 from .payloads import U64, CryptoSession, InflightArea, MemoryTable, SharedObject
 from .requests import Request, ReplyKind
 
-__all__ = ["BackendConnection", "FrontendConnection", "FAILURE_REPLIES"]
+__all__ = ["BackendConnection", "FrontendConnection"]
 
 _INBAND_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
 

@@ -44,7 +44,7 @@ from .layout import (INDIRECT_MAX_ENTRIES, MAX_HDR_LEN, VHOST_VRING_F_LOG, VRING
                      VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY, VringLayout, VringViews,
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event,
                      vring_need_event_py, vring_size, vring_used_size, vring_views)
-from .format import RING_FORMATS, DeviceRing, RingState, make_ring
+from .format import RING_FORMATS, DeviceRing, RingState, make_ring, ring_format
 from .log import (VHOST_LOG_PAGE, vhost_log_write, vhost_log_write_count,
                   vhost_log_write_count_py, vhost_log_write_py)
 from .rx import vring_rx_burst, vring_rx_burst_py
@@ -55,7 +55,7 @@ __all__ = [
     *_layout.__all__,
     # device side, driver side, frames
     "Virtqueue", "VirtqueueDriver", "FrameArena", "MAX_FRAME_SIZE",
-    "DeviceRing", "RingState", "RING_FORMATS", "make_ring",
+    "DeviceRing", "RingState", "RING_FORMATS", "make_ring", "ring_format",
     # kernels and twins
     "vring_tx_burst", "vring_tx_burst_py", "vring_rx_burst", "vring_rx_burst_py",
     "vhost_log_write", "vhost_log_write_py", "vhost_log_write_count",

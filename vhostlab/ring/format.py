@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 from .errors import RingConfigError
 from .virtqueue import Virtqueue
 
-__all__ = ["RingState", "DeviceRing", "RING_FORMATS", "make_ring"]
+__all__ = ["RingState", "DeviceRing", "RING_FORMATS", "make_ring", "ring_format"]
 
 
 class RingState(enum.Enum):
@@ -95,8 +95,18 @@ class DeviceRing(Protocol):
     def broken(self) -> bool: ...
     @property
     def error(self): ...
+    # the counters a service reads (what its bursts did so far)
+    frames: int
+    bytes: int
+    dropped: int
+    logged: int
+    oversized: int
+    avail_pending: int
 
     # map
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        """Bytes of the three areas SET_VRING_ADDR points at, for ``num`` entries."""
     def set_num(self, num: int) -> None: ...
     def set_addr(self, desc: int, avail: int, used: int, log_guest_addr: int = 0,
                  flags: int = 0, *, memory=None) -> None: ...
@@ -121,12 +131,16 @@ class DeviceRing(Protocol):
 RING_FORMATS: dict[str, type] = {"split": Virtqueue}
 
 
-def make_ring(fmt: str, index: int, name: str = "") -> DeviceRing:
-    """A fresh ring of format ``fmt`` ("split")."""
+def ring_format(fmt: str, index: int = 0) -> type:
+    """The class implementing ring format ``fmt`` ("split")."""
     try:
-        cls = RING_FORMATS[fmt]
+        return RING_FORMATS[fmt]
     except KeyError:
         raise RingConfigError(f"queue {index}: ring format {fmt!r}: known formats are "
                               f"{sorted(RING_FORMATS)}", queue=index, field="format",
                               value=fmt, limit=sorted(RING_FORMATS)) from None
-    return cls(index, name)
+
+
+def make_ring(fmt: str, index: int, name: str = "") -> DeviceRing:
+    """A fresh ring of format ``fmt`` ("split")."""
+    return ring_format(fmt, index)(index, name)

@@ -28,7 +28,8 @@ import numpy as np
 from .arena import FrameArena
 from .chain import map_ring_py
 from .errors import E_ARENA, RING_OK, RingConfigError, RingError, ring_error
-from .layout import MAX_HDR_LEN, VIRTQUEUE_MAX_SIZE, VRING_STATE_DTYPE
+from .layout import (MAX_HDR_LEN, VIRTQUEUE_MAX_SIZE, VRING_STATE_DTYPE, vring_avail_size,
+                     vring_desc_size, vring_used_size)
 from .rx import vring_rx_burst, vring_rx_burst_py
 from .tx import vring_tx_burst, vring_tx_burst_py
 
@@ -69,6 +70,11 @@ class Virtqueue:
         self.reset()
 
     # ------------------------------------------------------ vhost-user messages
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        """Bytes of the descriptor table, the avail ring and the used ring."""
+        return vring_desc_size(num), vring_avail_size(num), vring_used_size(num)
+
     def reset(self) -> None:
         """Forget everything (the ring is unconfigured and no longer broken)."""
         self.state[0] = 0
