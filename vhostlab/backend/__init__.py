@@ -28,7 +28,7 @@ Pieces, bottom up:
 from vhostlab.backend.device import Counters, VhostUserNetDevice, Vring
 from vhostlab.backend.errors import (BackendError, PeerCredentialsError, RequestError,
                                      SocketPathError, TransportError)
-from vhostlab.backend.handlers import FAILURE_REPLIES, HANDLERS, FdBag, HandlerResult, dispatch
+from vhostlab.backend.handlers import HANDLERS, FdBag, HandlerResult, dispatch
 from vhostlab.backend.net_device import NetDevice
 from vhostlab.backend.server import BackendServer
 from vhostlab.backend.snapshot import DeviceSnapshot, LogSnapshot, RegionSnapshot, VringSnapshot
@@ -36,6 +36,7 @@ from vhostlab.backend.trace import MessageTrace, TraceRecord
 from vhostlab.backend.transport import PeerCredentials, check_peer, listen_unix, peer_credentials
 from vhostlab.backend.wire import (LoopbackWire, PcapWire, SinkWire, Wire, make_wire, rarp_frame,
                                    read_pcap)
+from vhostlab.protocol.connection import FAILURE_REPLIES
 
 __all__ = [
     "BackendServer", "VhostUserNetDevice", "NetDevice", "Vring", "Counters",

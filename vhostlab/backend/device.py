@@ -39,9 +39,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vhostlab.backend.net_device import (DEFAULT_MAC, DEFAULT_MTU, MAX_MTU, MIN_MTU,  # noqa: F401
-                                         NET_CONFIG, NET_CONFIG_MAC, RX_BACKLOG_BYTES,
-                                         RX_BACKLOG_FRAMES, NetDevice, net_features, signal)
+from vhostlab.backend.net_device import (DEFAULT_MAC, DEFAULT_MTU, NetDevice, net_features,
+                                         signal)
 from vhostlab.backend.transport import close_fds
 from vhostlab.protocol import Feature, ProtocolFeature, VringAddr
 from vhostlab.ring import RingState

@@ -41,7 +41,6 @@ from vhostlab.memory import (VHOST_USER_MAX_RAM_SLOTS, GuestMemory, GuestMemoryE
 from vhostlab.protocol import (ConfigSpace, Feature, LogArea, MemoryTable, Message,
                                ProtocolFeature, Request, SingleMemoryRegion, U64, VringAddr,
                                VringState, expected_fds)
-from vhostlab.protocol.connection import FAILURE_REPLIES  # noqa: F401  (its old home)
 
 log = logging.getLogger("vhostlab.backend")
 
@@ -179,7 +178,7 @@ def set_features(dev, msg, fds):
         # As DPDK's vhost_user_set_features: while rings run only VHOST_F_LOG_ALL
         # may change (live migration turns it on and off); anything else, such
         # as the net header size, would change under frames in flight.
-        raise _refuse(msg, "u64", value, f"only bit 26 (VHOST_F_LOG_ALL) may change",
+        raise _refuse(msg, "u64", value, "only bit 26 (VHOST_F_LOG_ALL) may change",
                       f"bits {hex(changed)} changed while vrings {started} are started; "
                       "stop them with GET_VRING_BASE first")
     dev.features = value

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from vhostlab.backend.device import VhostUserNetDevice, Vring
 from vhostlab.backend.errors import RequestError
-from vhostlab.backend.net_device import RING_FEATURES  # noqa: F401  (offered by the server)
 from vhostlab.dirtylog import DirtyLog, DirtyLogError
 from vhostlab.memory import GuestMemory, GuestMemoryError, UnmappedAddressError
 from vhostlab.protocol import VHOST_LOG_PAGE, Feature, LogArea, Message, VringAddr
