@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vhostlab.backend import rings
+from vhostlab.backend import overrides as overrides_module
 from vhostlab.backend.overrides import (RingOverrides, reference_place_frame,
                                         reference_should_signal)
 from vhostlab.qemu.host import VhostUserHost
@@ -40,8 +40,8 @@ def _serve(qemu: str, overrides, features: int, sizes=(60, 300, 1514)):
 def test_default_path_never_asks_an_override(requires_qemu, monkeypatch):
     def spy(*a, **k):
         raise AssertionError("the override path ran on a device without overrides")
-    monkeypatch.setattr(rings, "decide_call", spy)
-    monkeypatch.setattr(rings, "rx_burst_placed", spy)
+    monkeypatch.setattr(overrides_module, "decide_call", spy)
+    monkeypatch.setattr(overrides_module, "rx_burst_placed", spy)
     got, sent, counters = _serve(requires_qemu, None, EVENT_IDX | MRG_RXBUF)
     assert got == sent and counters["calls"] > 0
 

@@ -149,6 +149,7 @@ def test_rings_stay_disabled_until_set_vring_enable(make_server):
         fe.sync()
         vr = srv.snapshot().vrings
         assert vr[0].started and not vr[0].enabled
+        assert vr[0].state == "started but disabled"
         # "started but disabled": TX is taken and dropped, RX gets nothing.
         drivers[0].add_buffer([(RX_BUF_GPA, RX_BUF_SIZE, True)])
         drivers[0].publish()
@@ -573,3 +574,52 @@ def test_dispatch_checks_every_request_the_same_way_before_its_handler():
     assert wrong.error and wrong.error.field == "payload" and "VringState" in str(wrong.error)
     ok = dispatch(dev, Message(Request.GET_FEATURES, 1, None, ()))
     assert ok.error is None and ok.payload.value == dev.offered_features
+
+
+def test_a_ring_has_one_state_and_a_disabled_ring_says_so():
+    """vhost-user.rst "Ring states": one RingState per ring, in the repr and the snapshot."""
+    from vhostlab.backend import VhostUserNetDevice, dispatch
+    from vhostlab.backend.snapshot import vring_snapshot
+    from vhostlab.protocol import Message, ProtocolFeature
+    from vhostlab.ring import RingState
+    dev = VhostUserNetDevice()
+    vring = dev.vrings[1]
+    assert vring.state is RingState.STOPPED and "stopped" in repr(vring)
+    features = dev.offered_features & ~int(Feature.VIRTIO_RING_F_EVENT_IDX)
+    for request, payload in ((Request.SET_FEATURES, U64(features)),
+                             (Request.SET_PROTOCOL_FEATURES, U64(int(ProtocolFeature.MQ)))):
+        assert dispatch(dev, Message(request, 1, payload, ())).error is None
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    assert dispatch(dev, Message(Request.SET_VRING_KICK, 1, U64(1), (efd,))).error is None
+    assert vring.state is RingState.STARTED_DISABLED
+    assert "started but disabled" in repr(vring) and "enabled>" not in repr(vring)
+    assert vring_snapshot(dev, vring, False).state == "started but disabled"
+    assert dispatch(dev, Message(Request.SET_VRING_ENABLE, 1, VringState(1, 1), ())).error is None
+    assert vring.state is RingState.STARTED_ENABLED and vring.started and vring.enabled
+    assert dispatch(dev, Message(Request.SET_VRING_ENABLE, 1, VringState(1, 0), ())).error is None
+    assert "started but disabled" in repr(vring)
+    got = dispatch(dev, Message(Request.GET_VRING_BASE, 1, VringState(1, 0), ()))
+    assert got.error is None and vring.state is RingState.STOPPED
+    vring.set_broken()                                        # a guest broke a rule
+    for request in (Request.SET_VRING_ENABLE, Request.GET_VRING_BASE):
+        dispatch(dev, Message(request, 1, VringState(1, 1), ()))
+        assert vring.state is RingState.BROKEN and not vring.started
+    assert dispatch(dev, Message(Request.SET_VRING_BASE, 1, VringState(1, 0), ())).error is None
+    assert vring.state is RingState.STOPPED
+    dev.release()
+
+
+def test_protocol_bits_not_offered_close_the_connection_even_with_need_reply(make_server):
+    """One rule, one failure mode: the connection (BackendConnection) refuses
+    un-offered protocol bits by closing, as DPDK and rust-vmm do; no NACK."""
+    from vhostlab.protocol import ProtocolFeature
+    srv = make_server()
+    with ScriptedFrontend(srv.socket_path) as fe:
+        assert wait_until(lambda: srv.connected)
+        offered = srv.device.offered_protocol_features
+        extra = int(ProtocolFeature.BACKEND_REQ)
+        assert not offered & extra
+        with pytest.raises(ConnectionError):
+            fe.send(Request.SET_PROTOCOL_FEATURES, U64(offered | extra), need_reply=True)
+        assert wait_until(lambda: not srv.connected)
+    assert srv.summary()["errors"] and srv.device.protocol_features == 0

@@ -203,14 +203,13 @@ def test_tx_logs_only_the_used_ring_at_log_guest_addr(tx, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_disabled_or_unconfigured_ring_does_nothing(tx, impl):
+def test_an_unconfigured_ring_does_nothing(tx, impl):
+    """Whether a ring is enabled is the back-end's decision (its RingState); the
+    ring layer only refuses to walk a ring that has no size."""
     memory, driver, vq = tx
     driver.add_buffer([(0x300000, 30, False)])
     driver.publish()
-    vq.enabled = False
-    assert vq.tx_burst(memory, FrameArena(4096, 4), impl=impl) == 0
     assert Virtqueue(3).tx_burst(memory, FrameArena(4096, 4), impl=impl) == 0
-    vq.enabled = True
     assert vq.tx_burst(memory, FrameArena(4096, 4), impl=impl) == 1
 
 

@@ -16,9 +16,10 @@ As a process: ``vhostlab serve --socket PATH`` (``python -m vhostlab.backend.ser
 Pieces, bottom up:
 
     transport   the socket: private directory, SO_PEERCRED, SCM_RIGHTS fd passing
-    device      the device state (libvhost-user's VuDev / VuVirtq)
+    net_device  what is virtio-net: config space, MTU, RARP, the TX/RX service, the wire
+    device      the device state (libvhost-user's VuDev / VuVirtq), one RingState per ring
     handlers    one handler per request id, one signature, one dispatch table
-    rings       vhost-user ring messages to vhostlab.ring, and the datapath
+    rings       vhost-user ring messages to vhostlab.ring (through its DeviceRing seam)
     wire        where guest TX frames go: sink, loopback, pcap
     trace       every message in and out
     server      the selector loop, start/stop, snapshot, inject
@@ -27,18 +28,20 @@ Pieces, bottom up:
 from vhostlab.backend.device import Counters, VhostUserNetDevice, Vring
 from vhostlab.backend.errors import (BackendError, PeerCredentialsError, RequestError,
                                      SocketPathError, TransportError)
-from vhostlab.backend.handlers import FAILURE_REPLIES, HANDLERS, FdBag, Outcome, dispatch
+from vhostlab.backend.handlers import HANDLERS, FdBag, HandlerResult, dispatch
+from vhostlab.backend.net_device import NetDevice
 from vhostlab.backend.server import BackendServer
 from vhostlab.backend.snapshot import DeviceSnapshot, LogSnapshot, RegionSnapshot, VringSnapshot
 from vhostlab.backend.trace import MessageTrace, TraceRecord
 from vhostlab.backend.transport import PeerCredentials, check_peer, listen_unix, peer_credentials
 from vhostlab.backend.wire import (LoopbackWire, PcapWire, SinkWire, Wire, make_wire, rarp_frame,
                                    read_pcap)
+from vhostlab.protocol.connection import FAILURE_REPLIES
 
 __all__ = [
-    "BackendServer", "VhostUserNetDevice", "Vring", "Counters",
+    "BackendServer", "VhostUserNetDevice", "NetDevice", "Vring", "Counters",
     "BackendError", "PeerCredentialsError", "RequestError", "SocketPathError", "TransportError",
-    "HANDLERS", "FAILURE_REPLIES", "FdBag", "Outcome", "dispatch",
+    "HANDLERS", "FAILURE_REPLIES", "FdBag", "HandlerResult", "dispatch",
     "DeviceSnapshot", "LogSnapshot", "RegionSnapshot", "VringSnapshot",
     "MessageTrace", "TraceRecord",
     "PeerCredentials", "check_peer", "listen_unix", "peer_credentials",

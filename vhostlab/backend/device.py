@@ -5,20 +5,25 @@ Theory of operation
 One `VhostUserNetDevice` lives as long as the server; a front-end
 connection configures it and, when the connection ends, `release()` gives
 everything back (mappings, fds, rings) so the next front-end finds a clean
-device. Counters and the message trace span connections.
+device. Counters and the message trace span connections. The virtio-net
+half (config space, MTU, RARP, the TX/RX service, the wire) is
+`net_device.NetDevice`, reached as ``dev.net``.
 
 A virtio-net device with N queue pairs has 2N virtqueues: RX of pair p is
 vring 2p, TX is vring 2p+1 (virtio spec 5.1.2). Each `Vring` holds what the
 front-end told us about it (size, addresses, base, kick/call/err fds) and,
 once it can be mapped, the ring layer's `Virtqueue` over guest memory.
 
-Ring states (vhost-user.rst "Ring states"):
+Ring states (vhost-user.rst "Ring states"), one `RingState` value per `Vring`:
 
     stopped                  no kick fd yet, or stopped by GET_VRING_BASE:
-                             the back-end must not touch the ring
+                             the back-end must not touch the ring (whether it is
+                             enabled is still tracked: STOPPED_ENABLED)
     started but disabled     kick fd given; TX frames are taken and dropped,
                              no RX frames are supplied
     started and enabled      the datapath runs
+    broken                   the guest broke a rule in the ring: not touched
+                             until SET_VRING_BASE or SET_VRING_NUM
 
 "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring starts
 directly in the enabled state. If [it] has been negotiated, the ring is
@@ -30,35 +35,23 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import struct
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vhostlab.backend.net_device import (DEFAULT_MAC, DEFAULT_MTU, NetDevice, net_features,
+                                         signal)
 from vhostlab.backend.transport import close_fds
 from vhostlab.protocol import Feature, ProtocolFeature, VringAddr
+from vhostlab.ring import RingState
 from vhostlab.ring.layout import VIRTQUEUE_MAX_SIZE
 
 log = logging.getLogger("vhostlab.backend")
-
-DEFAULT_MAC = bytes.fromhex("525400abcdef")     # QEMU's locally administered 52:54:00 prefix
-DEFAULT_MTU = 1500
-MIN_MTU, MAX_MTU = 68, 65535                    # virtio spec 5.1.4.1; DPDK checks the same
 MAX_QUEUE_PAIRS = 128                           # 2 * 128 vrings fit the 8-bit vring index
-RX_BACKLOG_FRAMES = 4096                        # frames waiting for RX buffers, per pair
-RX_BACKLOG_BYTES = 4 << 20                      # and their bytes, per pair
 ERRORS_KEPT = 200
 
-VIRTIO_NET_S_LINK_UP = 1
-# struct virtio_net_config (virtio spec 5.1.4): mac[6], status, max_virtqueue_pairs,
-# mtu, speed, duplex, rss_max_key_size, rss_max_indirection_table_length,
-# supported_hash_types.
-NET_CONFIG = struct.Struct("<6sHHHIBBHI")
-NET_CONFIG_MAC = (0, 6)                         # the only field a driver may write
-
-# Plain-int masks for the datapath: IntFlag arithmetic costs microseconds a burst.
+# A plain-int mask for the datapath: IntFlag arithmetic costs microseconds a burst.
 F_LOG_ALL = int(Feature.VHOST_F_LOG_ALL)
-F_MODERN_HDR = int(Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_NET_F_MRG_RXBUF)
 
 OFFERED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ | ProtocolFeature.LOG_SHMFD | ProtocolFeature.RARP
@@ -97,7 +90,12 @@ class Counters:
 
 @dataclass
 class Vring:
-    """One virtqueue as the front-end configured it (libvhost-user's VuVirtq)."""
+    """One virtqueue as the front-end configured it (libvhost-user's VuVirtq).
+
+    ``state`` is the ring's one state value (`vhostlab.ring.RingState`);
+    ``started`` and ``enabled`` are read from it. ``ring`` is the ring
+    layer's `DeviceRing` once the ring can be mapped.
+    """
 
     index: int
     num: int = 0
@@ -106,10 +104,29 @@ class Vring:
     kick_fd: int = -1
     call_fd: int = -1
     err_fd: int = -1
-    enabled: bool = False
-    started: bool = False
-    ring: object | None = None      # vhostlab.ring Virtqueue once mapped
-    error: str | None = None        # why the ring is broken (device needs reset)
+    state: RingState = RingState.STOPPED
+    ring: object | None = None      # a vhostlab.ring DeviceRing once mapped
+    error: str | None = None        # the last error on this ring, until SET_VRING_BASE
+
+    started = property(lambda self: self.state.started)
+    enabled = property(lambda self: self.state.enabled)
+
+    def start(self) -> None:
+        self.state = self.state.start()
+
+    def stop(self) -> None:
+        self.state = self.state.stop()
+
+    def enable(self, on: bool) -> None:
+        self.state = self.state.enable(on)
+
+    def set_broken(self) -> None:
+        self.state = RingState.BROKEN
+
+    def configure_afresh(self) -> None:
+        """SET_VRING_BASE or SET_VRING_NUM on a broken ring: it starts over, stopped."""
+        if self.state is RingState.BROKEN:
+            self.state = RingState.STOPPED
 
     @property
     def is_rx(self) -> bool:
@@ -124,6 +141,11 @@ class Vring:
         ring = self.ring
         return int(ring.last_avail_idx) if ring is not None else self.base
 
+    def __repr__(self) -> str:
+        kind = "rx" if self.is_rx else "tx"
+        return (f"<Vring {self.index} ({kind}) num={self.num} last_avail_idx="
+                f"{self.last_avail_idx} {self.state}>")
+
 
 def set_nonblocking(fd: int) -> None:
     """O_NONBLOCK on an eventfd we read or write, so no peer can make us block.
@@ -137,7 +159,8 @@ def set_nonblocking(fd: int) -> None:
 
 
 class VhostUserNetDevice:
-    """A vhost-user-net device: negotiated state, memory, log, vrings, config, counters.
+    """A vhost-user-net device: negotiated state, memory, log, vrings, counters;
+    the virtio-net half is ``net`` (`NetDevice`).
 
     `watch(fd, vring)` / `unwatch(fd)` are how the server learns which kick
     eventfds to wait on; the device calls `unwatch` before it closes a kick
@@ -145,37 +168,27 @@ class VhostUserNetDevice:
     """
 
     def __init__(self, queue_pairs: int = 1, *, mac: bytes = DEFAULT_MAC, mtu: int = DEFAULT_MTU,
-                 break_logging: bool = False, ring_features: int = 0):
+                 break_logging: bool = False, ring_features: int = 0, ring_format: str = "split"):
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue_pairs={queue_pairs}: must be 1..{MAX_QUEUE_PAIRS}")
-        if len(mac) != 6:
-            raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
         self.queue_pairs = queue_pairs
-        self.initial_mac, self.initial_mtu = bytes(mac), mtu
         self.break_logging = break_logging
+        self.ring_format = ring_format                    # vhostlab.ring.RING_FORMATS
         self.offered_features = self._offer(ring_features, queue_pairs)
         self.offered_protocol_features = int(OFFERED_PROTOCOL_FEATURES)
         self.counters = Counters()
-        self.wire = None                                  # set by the server
         self.watch: Callable[[int, Vring], None] = lambda fd, vring: None
         self.unwatch: Callable[[int], None] = lambda fd: None
-        self.tx_arena = None                              # made by the datapath on first use
-        self.overrides = None       # backend.overrides.RingOverrides: Python-level decisions
-        self.backlog: list[deque] = [deque() for _ in range(queue_pairs)]
-        self.backlog_frames = [0] * queue_pairs
-        self.backlog_bytes = [0] * queue_pairs
+        self.features = 0
+        self.net = NetDevice(self, queue_pairs, mac, mtu)
         self._init_session()
 
     @staticmethod
     def _offer(ring_features: int, queue_pairs: int) -> int:
         """Feature bits this device offers in GET_FEATURES."""
         bits = (Feature.VHOST_F_LOG_ALL | Feature.VHOST_USER_F_PROTOCOL_FEATURES
-                | Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_F_ANY_LAYOUT
-                | Feature.VIRTIO_NET_F_MTU | Feature.VIRTIO_NET_F_MAC
-                | Feature.VIRTIO_NET_F_STATUS)
-        if queue_pairs > 1:
-            bits |= Feature.VIRTIO_NET_F_MQ
-        return int(bits) | ring_features
+                | Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_F_ANY_LAYOUT)
+        return int(bits) | net_features(queue_pairs) | ring_features
 
     def _init_session(self) -> None:
         """The state a fresh front-end connection finds."""
@@ -183,14 +196,12 @@ class VhostUserNetDevice:
         self.features = 0
         self.protocol_features = 0
         self.memory = None
-        self.memory_faults_seen = 0        # SIGBUS faults already reported (rings.check_shrunk)
+        self.memory_faults_seen = 0        # SIGBUS faults already reported (check_shrunk)
         self.log = None
         self.log_call_fd = -1
         self.status = 0
-        self.mac, self.mtu = self.initial_mac, self.initial_mtu
-        self.link_status = VIRTIO_NET_S_LINK_UP
         self.vrings = [Vring(i) for i in range(2 * self.queue_pairs)]
-        self.busy: set[int] = set()        # rings a service left work on (rings.service)
+        self.net.reset()
 
     def reset(self) -> None:
         """RESET_DEVICE: the device's own state back to its initial values (rings
@@ -199,17 +210,20 @@ class VhostUserNetDevice:
         features, memory table, log)."""
         for vring in self.vrings:
             self.stop_vring(vring)
-            vring.enabled = False
+            broken = vring.ring is not None and vring.ring.broken
+            vring.state = RingState.BROKEN if broken else RingState.STOPPED
             vring.base = 0
-        self.counters.dropped += sum(self.backlog_frames)   # frames nobody will take now
-        for q in self.backlog:
-            q.clear()
-        self.backlog_frames = [0] * self.queue_pairs
-        self.backlog_bytes = [0] * self.queue_pairs
         self.features = 0
         self.status = 0
-        self.mac, self.mtu = self.initial_mac, self.initial_mtu
-        self.link_status = VIRTIO_NET_S_LINK_UP
+        self.net.reset()
+
+    # -- the virtio-net half, where older code looks for it ----------------------------
+    mac = property(lambda self: self.net.mac)
+    mtu = property(lambda self: self.net.mtu)
+    wire = property(lambda self: self.net.wire)
+    busy = property(lambda self: self.net.busy)
+    overrides = property(lambda self: self.net.overrides,
+                         lambda self, hooks: setattr(self.net, "overrides", hooks))
 
     # -- negotiated state -------------------------------------------------------
     def has_feature(self, bit: int) -> bool:
@@ -220,8 +234,7 @@ class VhostUserNetDevice:
 
     @property
     def hdr_len(self) -> int:
-        """virtio-net header size: 12 with VERSION_1 or MRG_RXBUF, else 10 (virtio spec 5.1.6)."""
-        return 12 if self.features & F_MODERN_HDR else 10
+        return self.net.hdr_len
 
     @property
     def logging(self) -> bool:
@@ -229,19 +242,44 @@ class VhostUserNetDevice:
         return bool(self.features & F_LOG_ALL) and self.log is not None \
             and not self.break_logging
 
-    def config_bytes(self) -> bytes:
-        """struct virtio_net_config as the driver would read it."""
-        return NET_CONFIG.pack(self.mac, self.link_status, self.queue_pairs, self.mtu,
-                               0xFFFFFFFF, 0xFF, 0, 0, 0)   # speed, duplex unknown
-
-    def set_config_bytes(self, blob: bytes) -> None:
-        mac, status, _, mtu, *_ = NET_CONFIG.unpack(blob)
-        self.mac, self.link_status, self.mtu = mac, status, mtu
+    @property
+    def active_log(self):
+        """The log the rings' bursts mark, or None while not logging."""
+        return self.log if self.logging else None
 
     def error(self, text: str) -> None:
         """Remember and log an error (the labs and `serve`'s summary show them)."""
         self.counters.errors.append(text)
         log.warning("%s", text)
+
+    def check_shrunk(self) -> None:
+        """Report (once) a front-end that shrank the file behind guest memory or the log.
+
+        The SIGBUS guard (vhostlab.sigbus) kept the process alive and put zero
+        pages where the file's pages were; what the rings read there is
+        meaningless, so every ring stops until the front-end configures it again,
+        and a shrunk log is dropped until the next SET_LOG_BASE.
+        """
+        memory = self.memory
+        if memory is not None and not memory.closed and \
+                memory.sigbus_faults != self.memory_faults_seen:
+            self.memory_faults_seen = memory.sigbus_faults
+            text = (f"guest memory shrank under {memory.shrunk_region()}: the front-end "
+                    "truncated the file behind it after SET_MEM_TABLE/ADD_MEM_REG "
+                    "(mmap_offset + memory_size now lie past its end); every ring stopped")
+            self.error(text)
+            for vring in self.vrings:
+                if vring.started:
+                    vring.stop()
+                    vring.error = text
+                    if vring.err_fd >= 0:
+                        signal(vring.err_fd)
+        if self.log is not None and self.log.shrunk:
+            self.error(f"SET_LOG_BASE: the dirty log shrank under the back-end (the front-end "
+                       f"truncated its file below mmap_size {self.log.size:#x}); logging "
+                       "stopped until the next SET_LOG_BASE")
+            self.log.close()
+            self.log = None
 
     # -- releasing --------------------------------------------------------------
     def stop_vring(self, vring: Vring) -> None:
@@ -254,8 +292,8 @@ class VhostUserNetDevice:
         """
         if vring.ring is not None:
             vring.base = vring.last_avail_idx
-            vring.ring.state[0]["signalled_used_valid"] = 0
-        vring.started = False
+            vring.ring.stop()
+        vring.stop()
         self.replace_kick_fd(vring, -1)
         self.replace_fd(vring, "call_fd", -1)
 
@@ -288,9 +326,4 @@ class VhostUserNetDevice:
             self.log.close()
         if self.memory is not None:
             self.memory.close()
-        self.counters.dropped += sum(self.backlog_frames)   # frames nobody will take now
-        for q in self.backlog:
-            q.clear()
-        self.backlog_frames = [0] * self.queue_pairs
-        self.backlog_bytes = [0] * self.queue_pairs
         self._init_session()

@@ -4,9 +4,13 @@ Every handler has the same signature, `handler(dev, msg, fds) -> reply payload |
 and starts with the same checks through the helpers below: feature gate
 (`_gate`), queue index (`_vring`), fd count (`_fd_count`), payload type
 (`_payload`). A refused request raises `RequestError` naming the request,
-the field, the value and the limit; `dispatch` then answers the way the
-spec says (vhost-user.rst "VHOST_USER_PROTOCOL_F_REPLY_ACK": "The payload
-should be set to zero on success or non-zero on failure").
+the field, the value and the limit; `dispatch` returns it in a
+`HandlerResult`, and `BackendConnection.answer` (vhostlab.protocol) decides
+how the request is answered.
+
+The handlers keep the vhost-user rules; what is virtio-net (config space,
+MTU, RARP, the datapath) is the device's `net` (`net_device.NetDevice`), as
+rust-vmm's VhostUserHandler calls its VhostUserBackend.
 
 Fds: `fds` is an `FdBag`; a handler `take`s the fds it keeps, and every
 fd not taken is closed after the handler returns, whether it succeeded
@@ -27,19 +31,16 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from vhostlab.backend import rings
-from vhostlab.backend.device import (MAX_MTU, MIN_MTU, NET_CONFIG, NET_CONFIG_MAC,
-                                     VIRTQUEUE_MAX_SIZE, VhostUserNetDevice, Vring,
+from vhostlab.backend.device import (VIRTQUEUE_MAX_SIZE, VhostUserNetDevice, Vring,
                                      set_nonblocking)
 from vhostlab.backend.errors import RequestError
+from vhostlab.backend.net_device import NET_CONFIG, NET_CONFIG_MAC
 from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
-from vhostlab.backend.wire import rarp_frame
 from vhostlab.memory import GuestMemory, GuestMemoryError, GuestMemoryRegion
-from vhostlab.protocol import (VRING_NOFD_MASK, ConfigSpace, CryptoSession, Feature,
-                               InflightArea, LogArea, MemoryTable, Message, ProtocolFeature,
-                               Request, SharedObject, SingleMemoryRegion, U64, VringAddr,
+from vhostlab.protocol import (ConfigSpace, Feature, LogArea, MemoryTable, Message,
+                               ProtocolFeature, Request, SingleMemoryRegion, U64, VringAddr,
                                VringState, expected_fds)
 from vhostlab.protocol.constants import LIBVHOST_USER_MAX_RAM_SLOTS
-from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
 
@@ -177,7 +178,7 @@ def set_features(dev, msg, fds):
         # As DPDK's vhost_user_set_features: while rings run only VHOST_F_LOG_ALL
         # may change (live migration turns it on and off); anything else, such
         # as the net header size, would change under frames in flight.
-        raise _refuse(msg, "u64", value, f"only bit 26 (VHOST_F_LOG_ALL) may change",
+        raise _refuse(msg, "u64", value, "only bit 26 (VHOST_F_LOG_ALL) may change",
                       f"bits {hex(changed)} changed while vrings {started} are started; "
                       "stop them with GET_VRING_BASE first")
     dev.features = value
@@ -185,7 +186,7 @@ def set_features(dev, msg, fds):
         # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring
         # starts directly in the enabled state."
         for vring in dev.vrings:
-            vring.enabled = True
+            vring.enable(True)
     rings.apply_features(dev)
     return None
 
@@ -195,12 +196,12 @@ def get_protocol_features(dev, msg, fds):
 
 
 def set_protocol_features(dev, msg, fds):
-    value = _payload(msg, U64).value
-    extra = value & ~dev.offered_protocol_features
-    if extra:
-        raise _refuse(msg, "u64", value, hex(dev.offered_protocol_features),
-                      f"bits {hex(extra)} were not offered")
-    dev.protocol_features = value
+    # Bits the back-end did not offer are refused before this runs, by the
+    # connection (BackendConnection), which closes it: as DPDK's
+    # vhost_user_set_protocol_features ("received invalid protocol features")
+    # and rust-vmm's handler (Error::InvalidParam ends the connection) do;
+    # libvhost-user takes the value as it comes.
+    dev.protocol_features = _payload(msg, U64).value
     return None
 
 
@@ -215,7 +216,7 @@ def reset_owner(dev, msg, fds):
     # or use it to disable all rings." libvhost-user disables them; DPDK resets
     # the whole device, the reading the spec warns "would lead to bugs".
     for vring in dev.vrings:
-        vring.enabled = False
+        vring.enable(False)
     return None
 
 
@@ -327,6 +328,7 @@ def set_vring_num(dev, msg, fds):
     if not 0 < state.num <= VIRTQUEUE_MAX_SIZE or state.num & (state.num - 1):
         raise _refuse(msg, "num", state.num, f"a power of 2 <= {VIRTQUEUE_MAX_SIZE}")
     vring.num, vring.ring = state.num, None
+    vring.configure_afresh()
     return None
 
 
@@ -362,11 +364,11 @@ def set_vring_kick(dev, msg, fds):
     dev.replace_kick_fd(vring, fd)
     # "The back-end must start ring upon receiving a kick"; with no fd
     # ("polling should be used instead") the server polls the ring.
-    vring.started = True
+    vring.start()
     if dev.features and not dev.has_feature(Feature.VHOST_USER_F_PROTOCOL_FEATURES):
         # "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring
         # starts directly in the enabled state" (DPDK applies it here too).
-        vring.enabled = True
+        vring.enable(True)
     if fd >= 0:
         dev.watch(fd, vring)
     rings.start(dev, vring)
@@ -390,8 +392,8 @@ def set_vring_enable(dev, msg, fds):
     vring = _vring(dev, msg, state.index)
     if state.num not in (0, 1):
         raise _refuse(msg, "num", state.num, "0 or 1")
-    vring.enabled = bool(state.num)
-    if vring.enabled:
+    vring.enable(bool(state.num))
+    if state.num:
         rings.start(dev, vring)
     return None
 
@@ -422,9 +424,7 @@ def get_queue_num(dev, msg, fds):
 def send_rarp(dev, msg, fds):
     _gate_offered(dev, msg, ProtocolFeature.RARP)
     # "The first 6 bytes of the payload contain the mac address of the guest"
-    mac = _payload(msg, U64).value.to_bytes(8, "little")[:6]
-    dev.wire.send(FrameArena.from_frames([rarp_frame(mac)]), 0)
-    dev.counters.rarp_sent += 1
+    dev.net.send_rarp(_payload(msg, U64).value.to_bytes(8, "little")[:6])
     return None
 
 
@@ -432,10 +432,17 @@ def net_set_mtu(dev, msg, fds):
     _gate_offered(dev, msg, ProtocolFeature.NET_MTU)
     mtu = _payload(msg, U64).value
     # "the back-end must respond with zero in case the specified MTU is valid"
-    if not MIN_MTU <= mtu <= MAX_MTU:
-        raise _refuse(msg, "u64", mtu, f"{MIN_MTU}..{MAX_MTU}")
-    dev.mtu = mtu
+    _net_rule(msg, "u64", mtu, dev.net.check_mtu)
+    dev.net.mtu = mtu
     return None
+
+
+def _net_rule(msg: Message, field: str, value: object, check: Callable) -> None:
+    """A rule of the net device (a ValueError from ``check``) refuses the request."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise _refuse(msg, field, value, str(exc)) from None
 
 
 def _config_range(dev, msg, config: ConfigSpace) -> None:
@@ -448,7 +455,7 @@ def get_config(dev, msg, fds):
     _gate(dev, msg, ProtocolFeature.CONFIG)
     config = _payload(msg, ConfigSpace)
     _config_range(dev, msg, config)
-    blob = dev.config_bytes()[config.offset: config.offset + config.size]
+    blob = dev.net.config_bytes()[config.offset: config.offset + config.size]
     return ConfigSpace(config.offset, config.size, config.flags, blob)
 
 
@@ -465,12 +472,10 @@ def set_config(dev, msg, fds):
             not (NET_CONFIG_MAC[0] <= config.offset and end <= NET_CONFIG_MAC[1]):
         raise _refuse(msg, "offset", config.offset, "inside mac (bytes 0..6)",
                       "read-only field without the migration flag")
-    blob = bytearray(dev.config_bytes())
+    blob = bytearray(dev.net.config_bytes())
     blob[config.offset:end] = config.payload
-    new = NET_CONFIG.unpack(bytes(blob))
-    if not MIN_MTU <= new[3] <= MAX_MTU:
-        raise _refuse(msg, "mtu", new[3], f"{MIN_MTU}..{MAX_MTU}")
-    dev.set_config_bytes(bytes(blob))
+    _net_rule(msg, "mtu", NET_CONFIG.unpack(bytes(blob))[3], dev.net.check_mtu)
+    dev.net.set_config_bytes(bytes(blob))
     return None
 
 
@@ -489,8 +494,25 @@ def get_status(dev, msg, fds):
 
 
 # -- requests of other devices or features this back-end does not offer -------------
-def set_backend_req_fd(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.BACKEND_REQ)
+def _gated(bit: ProtocolFeature, name: str) -> Handler:
+    """A request of a protocol feature this back-end does not offer: the gate refuses it."""
+    def handler(dev, msg, fds):
+        _gate(dev, msg, bit)
+    handler.__name__ = handler.__qualname__ = name
+    return handler
+
+
+PF = ProtocolFeature
+set_backend_req_fd = _gated(PF.BACKEND_REQ, "set_backend_req_fd")
+get_shared_object = _gated(PF.SHARED_OBJECT, "get_shared_object")
+set_device_state_fd = _gated(PF.DEVICE_STATE, "set_device_state_fd")
+check_device_state = _gated(PF.DEVICE_STATE, "check_device_state")
+postcopy_advise = _gated(PF.PAGEFAULT, "postcopy_advise")
+postcopy_listen = _gated(PF.PAGEFAULT, "postcopy_listen")
+postcopy_end = _gated(PF.PAGEFAULT, "postcopy_end")
+get_inflight_fd = _gated(PF.INFLIGHT_SHMFD, "get_inflight_fd")
+set_inflight_fd = _gated(PF.INFLIGHT_SHMFD, "set_inflight_fd")
+del PF
 
 
 def iotlb_msg(dev, msg, fds):
@@ -513,105 +535,13 @@ def gpu_set_socket(dev, msg, fds):
     _not_for_net(dev, msg, fds, "vhost-user-gpu devices")
 
 
-def get_shared_object(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.SHARED_OBJECT)
-
-
-def set_device_state_fd(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.DEVICE_STATE)
-
-
-def check_device_state(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.DEVICE_STATE)
-
-
-def postcopy_advise(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.PAGEFAULT)
-
-
-def postcopy_listen(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.PAGEFAULT)
-
-
-def postcopy_end(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.PAGEFAULT)
-
-
-def get_inflight_fd(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.INFLIGHT_SHMFD)
-
-
-def set_inflight_fd(dev, msg, fds):
-    _gate(dev, msg, ProtocolFeature.INFLIGHT_SHMFD)
-
-
-R = Request
-HANDLERS: dict[Request, Handler] = {
-    R.GET_FEATURES: get_features, R.SET_FEATURES: set_features, R.SET_OWNER: set_owner,
-    R.RESET_OWNER: reset_owner, R.SET_MEM_TABLE: set_mem_table, R.SET_LOG_BASE: set_log_base,
-    R.SET_LOG_FD: set_log_fd, R.SET_VRING_NUM: set_vring_num, R.SET_VRING_ADDR: set_vring_addr,
-    R.SET_VRING_BASE: set_vring_base, R.GET_VRING_BASE: get_vring_base,
-    R.SET_VRING_KICK: set_vring_kick, R.SET_VRING_CALL: set_vring_call,
-    R.SET_VRING_ERR: set_vring_err, R.GET_PROTOCOL_FEATURES: get_protocol_features,
-    R.SET_PROTOCOL_FEATURES: set_protocol_features, R.GET_QUEUE_NUM: get_queue_num,
-    R.SET_VRING_ENABLE: set_vring_enable, R.SEND_RARP: send_rarp, R.NET_SET_MTU: net_set_mtu,
-    R.SET_BACKEND_REQ_FD: set_backend_req_fd, R.IOTLB_MSG: iotlb_msg,
-    R.SET_VRING_ENDIAN: set_vring_endian, R.GET_CONFIG: get_config, R.SET_CONFIG: set_config,
-    R.CREATE_CRYPTO_SESSION: create_crypto_session,
-    R.CLOSE_CRYPTO_SESSION: close_crypto_session, R.POSTCOPY_ADVISE: postcopy_advise,
-    R.POSTCOPY_LISTEN: postcopy_listen, R.POSTCOPY_END: postcopy_end,
-    R.GET_INFLIGHT_FD: get_inflight_fd, R.SET_INFLIGHT_FD: set_inflight_fd,
-    R.GPU_SET_SOCKET: gpu_set_socket, R.RESET_DEVICE: reset_device, R.VRING_KICK: vring_kick,
-    R.GET_MAX_MEM_SLOTS: get_max_mem_slots, R.ADD_MEM_REG: add_mem_reg,
-    R.REM_MEM_REG: rem_mem_reg, R.SET_STATUS: set_status, R.GET_STATUS: get_status,
-    R.GET_SHARED_OBJECT: get_shared_object, R.SET_DEVICE_STATE_FD: set_device_state_fd,
-    R.CHECK_DEVICE_STATE: check_device_state,
-}
-del R
-
-
-# What a refused request gets back when the spec gives it a failure reply of its
-# own; every other refused request gets a non-zero REPLY_ACK if need_reply is
-# set and REPLY_ACK negotiated, else the connection is closed.
-def _failed_crypto(msg: Message):
-    p = msg.payload
-    # "The back-end must return the session id, 0 or positive for success,
-    # negative for failure."
-    return CryptoSession(p.op_code, p.body, -1) if isinstance(p, CryptoSession) else None
-
-
-def _no_inflight(msg: Message):
-    p = msg.payload
-    # libvhost-user's failure form, and what QEMU's vhost_user_get_inflight_fd
-    # reads as "no inflight buffer": mmap_size 0 and no fd.
-    return InflightArea(0, 0, p.num_queues, p.queue_size) if isinstance(p, InflightArea) \
-        else None
-
-
-FAILURE_REPLIES: dict[Request, Callable[[Message], object]] = {
-    # "vhost-user back-end uses zero length of payload to indicate an error"
-    Request.GET_CONFIG: lambda msg: None,
-    Request.GET_INFLIGHT_FD: _no_inflight,
-    # No userfaultfd with the reply: QEMU's postcopy advise fails ("Failed to get ufd").
-    Request.POSTCOPY_ADVISE: lambda msg: None,
-    Request.CREATE_CRYPTO_SESSION: _failed_crypto,
-    # These always answer with a u64 status; non-zero is failure.
-    Request.IOTLB_MSG: lambda msg: U64(1),
-    Request.POSTCOPY_END: lambda msg: U64(1),
-    Request.CHECK_DEVICE_STATE: lambda msg: U64(1),
-    # "Bits 0-7 are 0 on success, and non-zero on error. Bit 8 is the invalid
-    # FD flag ... The back-end must not both indicate an error and return a
-    # file descriptor."
-    Request.SET_DEVICE_STATE_FD: lambda msg: U64(1 | VRING_NOFD_MASK),
-    # libvhost-user answers an unknown UUID with the request's payload and no
-    # fd; QEMU then reports "Failed to get dmabuf fd".
-    Request.GET_SHARED_OBJECT: lambda msg: msg.payload if isinstance(msg.payload, SharedObject)
-    else None,
-}
+#: Every request's handler: the function above named after it (GET_FEATURES: get_features).
+HANDLERS: dict[Request, Handler] = {request: globals()[request.name.lower()]
+                                    for request in Request}
 
 
 @dataclass(frozen=True)
-class Outcome:
+class HandlerResult:
     """What handling one request produced: a reply payload, or the error that refused it."""
 
     payload: object = None
@@ -619,7 +549,7 @@ class Outcome:
 
 
 def dispatch(dev: VhostUserNetDevice, msg: Message,
-             table: Mapping[Request, Handler] = HANDLERS) -> Outcome:
+             table: Mapping[Request, Handler] = HANDLERS) -> HandlerResult:
     """Run the request's handler from ``table``; close every fd it did not keep.
 
     ``table`` is :data:`HANDLERS` unless a server was given its own entries
@@ -629,12 +559,12 @@ def dispatch(dev: VhostUserNetDevice, msg: Message,
     try:
         _check_shape(msg, bag)
         handler = table[msg.request]
-        return Outcome(payload=handler(dev, msg, bag))
+        return HandlerResult(payload=handler(dev, msg, bag))
     except RequestError as exc:
-        return Outcome(error=exc)
+        return HandlerResult(error=exc)
     except Exception as exc:         # a bug must cost one connection, not the server
         log.exception("%s handler failed", msg.request.name)
-        return Outcome(error=RequestError(msg.request.name, "handler", type(exc).__name__,
+        return HandlerResult(error=RequestError(msg.request.name, "handler", type(exc).__name__,
                                           "no internal error", f"internal error: {exc}"))
     finally:
         bag.close_rest()

@@ -155,7 +155,7 @@ def rx_burst_placed(dev, vq, arena, hdr_len: int, overrides: RingOverrides, *,
     returns how many frames were done. What is written is logged in `log` (a
     DirtyLog, while logging is on), the used ring is published and the kit's call
     decision taken, as the kernels do."""
-    if not (vq.enabled and vq.num) or arena.count == 0:
+    if not vq.num or arena.count == 0:
         return 0
     bitmap = _NO_LOG if log is None else getattr(log, "bitmap", log)
     s = vq.state[0]

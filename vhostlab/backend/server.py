@@ -30,16 +30,17 @@ import time
 import weakref
 from typing import Iterable, Mapping, Sequence
 
-from vhostlab.backend import handlers as _handlers, rings
+from vhostlab.backend import handlers as _handlers
 from vhostlab.backend.device import DEFAULT_MAC, DEFAULT_MTU, VhostUserNetDevice, Vring
 from vhostlab.backend.errors import BackendError, PeerCredentialsError, TransportError
+from vhostlab.backend.net_device import RING_FEATURES
 from vhostlab.backend.snapshot import DeviceSnapshot, take_snapshot
 from vhostlab.backend.trace import DEFAULT_MAXLEN, MessageTrace
 from vhostlab.backend.transport import (FdChannel, check_peer, close_fds, connect_unix,
                                         listen_unix, make_private_dir)
 from vhostlab.backend.wire import LoopbackWire, Wire, make_wire
 from vhostlab.protocol import (HEADER_SIZE, BackendConnection, Message, ProtocolError,
-                               ReplyKind, Request, parse_message, peek_header)
+                               Request, parse_message, peek_header)
 from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
@@ -49,16 +50,18 @@ POLLED_RING_INTERVAL = 0.001   # event mode with a ring the front-end asked us t
 POLL_SELECT_EVERY = 16         # poll mode: turns between looks at the socket and eventfds
 
 
-class _Connection:
+class FrontendSession:
     """One front-end on the socket: the channel, the sans-IO protocol state, framing."""
 
-    def __init__(self, number: int, sock: socket.socket, offered_protocol_features: int):
+    def __init__(self, number: int, sock: socket.socket, device: VhostUserNetDevice):
         self.number = number
         self.channel = FdChannel(sock)
         # Fd counts are checked per request (handlers.dispatch), as DPDK's
         # validate_msg_fds() does: a request with need_reply and the wrong fds
         # then gets a failure status, as REPLY_ACK demands, not a closed socket.
-        self.proto = BackendConnection(offered_protocol_features, check_fd_counts=False)
+        # The negotiated features are the device's (as it accepted them).
+        self.proto = BackendConnection(device.offered_protocol_features,
+                                       check_fd_counts=False, negotiated=device)
         self.head = bytearray()       # bytes of the current message's header seen so far
         self.got = 0                  # bytes of the current message seen so far
 
@@ -105,16 +108,16 @@ class BackendServer:
         self.lock = threading.RLock()
         self.device = VhostUserNetDevice(queue_pairs, mac=mac, mtu=mtu,
                                          break_logging=break_logging,
-                                         ring_features=rings.RING_FEATURES)
+                                         ring_features=RING_FEATURES)
         self.device.watch, self.device.unwatch = self._watch, self._unwatch
         self.wire = make_wire(wire)
-        self.device.wire = self.wire
+        self.device.net.wire = self.wire
         if isinstance(self.wire, LoopbackWire):
-            self.wire.deliver = lambda batch, pair: rings.deliver(self.device, batch, pair)
+            self.wire.deliver = self.device.net.deliver
         self.trace = MessageTrace(trace_maxlen, trace_path)
         self._selector: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
-        self._conn: _Connection | None = None
+        self._conn: FrontendSession | None = None
         self._wake_fd = -1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -230,12 +233,12 @@ class BackendServer:
                 self._handle_events(self._selector.select(0))
             if self._selector is not None and not self._stop.is_set():
                 with self.lock:
-                    rings.poll_all(self.device)
+                    self.device.net.poll_all()
             return
         self._handle_events(self._selector.select(self._timeout()))
         if self._selector is not None and self._has_polled_rings():
             with self.lock:
-                rings.poll_all(self.device)
+                self.device.net.poll_all()
         if self._selector is not None and self.device.busy and not self._stop.is_set():
             # Work a service left (its weight was spent): at once, after the
             # socket and the other rings had their turn (select(0) above).
@@ -287,7 +290,7 @@ class BackendServer:
             pending, self._pending = self._pending, []
         with self.lock:
             for batch, pair in pending:
-                rings.deliver(self.device, batch, pair)
+                self.device.net.deliver(batch, pair)
 
     # -- connections ----------------------------------------------------------------
     def _accept(self) -> None:
@@ -319,7 +322,7 @@ class BackendServer:
             self._served += 1
             self.device.counters.connections += 1
             self.peer = creds
-            self._conn = _Connection(self._served, sock, self.device.offered_protocol_features)
+            self._conn = FrontendSession(self._served, sock, self.device)
             self._selector.register(sock, selectors.EVENT_READ, ("conn", self._conn))
             if self._listener is not None:
                 self._selector.unregister(self._listener)
@@ -343,7 +346,7 @@ class BackendServer:
         if self.once:
             self._stop.set()
 
-    def _on_readable(self, conn: _Connection) -> None:
+    def _on_readable(self, conn: FrontendSession) -> None:
         try:
             data, fds = conn.channel.recv(conn.wanted())
         except (TransportError, OSError) as exc:
@@ -379,22 +382,21 @@ class BackendServer:
                     close_fds(rest.fds)     # parsed but never handled
                 return
 
-    def _fail(self, conn: _Connection, why: str) -> None:
+    def _fail(self, conn: FrontendSession, why: str) -> None:
         self.device.counters.closed_with_error += 1
         self.device.error(f"connection {conn.number} closed: {why}")
         self._disconnect(why)
 
     # -- requests ---------------------------------------------------------------------
-    def _handle(self, conn: _Connection, msg: Message) -> bool:
+    def _handle(self, conn: FrontendSession, msg: Message) -> bool:
         """Handle one request and answer it; False if the connection was closed."""
         with self.lock:
             self.device.counters.messages[msg.request.name] += 1
             self.trace.record("in", msg.request.name, msg.fields(), msg.to_bytes(),
                               len(msg.fds), conn.number)
             outcome = _handlers.dispatch(self.device, msg, self.handlers)
-            rings.check_shrunk(self.device)
-            reply = self._reply_bytes(conn.proto, msg, outcome)
-            conn.proto.handled(msg, outcome.error is None)
+            self.device.check_shrunk()
+            reply = conn.proto.answer(msg, outcome.payload, refused=outcome.error is not None)
             if outcome.error is not None:
                 if reply is None:
                     self._fail(conn, f"{outcome.error} (its only failure answer is closing)")
@@ -410,35 +412,6 @@ class BackendServer:
                 self.trace.record("out", answer.request.name, answer.fields(), reply, 0,
                                   conn.number)
         return True
-
-    @staticmethod
-    def _reply_bytes(proto: BackendConnection, msg: Message, outcome) -> bytes | None:
-        """The reply to send (b"": none); None when a refusal can only close the connection.
-
-        Success: requests with a reply of their own get it (also with
-        need_reply: "unless the message already has an explicit reply body");
-        the others get a u64 0 when the front-end waits for one (need_reply,
-        or SET_LOG_BASE with LOG_SHMFD). Refusal: the request's own failure
-        reply if the spec defines one (GET_CONFIG: empty payload; IOTLB_MSG,
-        POSTCOPY_END, CHECK_DEVICE_STATE: non-zero u64; SET_DEVICE_STATE_FD:
-        non-zero with the no-fd bit; CREATE_CRYPTO_SESSION: negative id;
-        GET_SHARED_OBJECT: no fd); else a non-zero u64 if need_reply is set;
-        else the connection is closed, as DPDK's vhost_user_msg_handler does,
-        so that e.g. a refused SET_LOG_BASE (whose reply QEMU reads without
-        looking at the value) is never mistaken for logging. Requests whose
-        reply is data and has no failure form (GET_VRING_BASE, GET_FEATURES,
-        ...) are refused by closing too: a made-up value would be worse.
-        """
-        if outcome.error is None:
-            if msg.spec.reply is ReplyKind.DATA:
-                return proto.reply(msg, outcome.payload)
-            return proto.ack(msg, 0)
-        failure = _handlers.FAILURE_REPLIES.get(msg.request)
-        if failure is not None:
-            return proto.reply(msg, failure(msg))
-        if msg.need_reply and msg.spec.reply is not ReplyKind.DATA:
-            return proto.ack(msg, 1) or None
-        return None
 
     # -- kicks ------------------------------------------------------------------------
     def _watch(self, fd: int, vring: Vring) -> None:
@@ -468,7 +441,7 @@ class BackendServer:
     def _service(self, vring: Vring) -> None:
         """Service one ring (under the lock), timing it for the summary."""
         t0 = time.perf_counter()
-        rings.service(self.device, vring)
+        self.device.net.service(vring)
         took = time.perf_counter() - t0
         counters = self.device.counters
         counters.slowest_service_ms = max(counters.slowest_service_ms, took * 1000)

@@ -43,6 +43,7 @@ class VringSnapshot:
     last_avail_idx: int
     used_idx: int | None
     avail_idx: int | None          # the guest's avail->idx, read now
+    state: str                     # vhostlab.ring.RingState's value: "started and enabled", ...
     enabled: bool
     started: bool
     kick: bool
@@ -133,7 +134,7 @@ def vring_snapshot(dev, vring, descriptors: bool) -> VringSnapshot:
         log_used=bool(vq.flags & 1) if vq else False, last_avail_idx=vring.last_avail_idx,
         used_idx=vq.used_idx if vq else None,
         avail_idx=_read_u16(dev, vq.avail + 2) if mapped else None,
-        enabled=vring.enabled, started=vring.started, kick=vring.kick_fd >= 0,
+        state=vring.state.value, enabled=vring.enabled, started=vring.started, kick=vring.kick_fd >= 0,
         call=vring.call_fd >= 0, err=vring.err_fd >= 0, error=error,
         frames=vq.frames if vq else 0, bytes=vq.bytes if vq else 0, descriptors=descs)
 
@@ -159,7 +160,7 @@ def take_snapshot(server, descriptors: bool = False, trace: bool = True) -> Devi
         offered_features=dev.offered_features, protocol_features=dev.protocol_features,
         protocol_feature_names=tuple(feature_names(dev.protocol_features, ProtocolFeature)),
         hdr_len=dev.hdr_len, logging=dev.logging, break_logging=dev.break_logging,
-        status=dev.status, mac=_mac(dev.mac), mtu=dev.mtu, memory=_regions(dev),
+        status=dev.status, mac=_mac(dev.net.mac), mtu=dev.net.mtu, memory=_regions(dev),
         vrings=tuple(vring_snapshot(dev, v, descriptors) for v in dev.vrings),
         log=log_snapshot(dev), counters=_counters(dev),
         trace=server.trace.records() if trace else ())

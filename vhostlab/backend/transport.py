@@ -29,7 +29,6 @@ from typing import Iterable, Sequence
 from vhostlab.backend.errors import PeerCredentialsError, SocketPathError, TransportError
 
 SOCKET_MODE = 0o600
-DIR_MODE = 0o700
 # Room for more fds than any vhost-user message may carry (VHOST_USER_MAX_FDS
 # is 8), so that an excess is seen, closed and reported rather than silently
 # discarded by the kernel with MSG_CTRUNC.

@@ -22,14 +22,14 @@ returned by ``reset()``, for the caller to close.
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from typing import Callable, Sequence
 
-from .constants import FLAG_REPLY, HEADER_SIZE, VHOST_USER_MAX_FDS
+from .constants import FLAG_REPLY, HEADER_SIZE, VHOST_USER_MAX_FDS, VRING_NOFD_MASK
 from .errors import ProtocolError
 from .features import Feature, ProtocolFeature
 from .message import (Header, Message, parse_message, peek_header, reply_types_for,
                       unknown_request)
-from .payloads import U64, MemoryTable
+from .payloads import U64, CryptoSession, InflightArea, MemoryTable, SharedObject
 from .requests import Request, ReplyKind
 
 __all__ = ["BackendConnection", "FrontendConnection"]
@@ -67,12 +67,18 @@ class _Connection:
     @property
     def protocol_features(self) -> ProtocolFeature:
         """Protocol features agreed by SET_PROTOCOL_FEATURES (0 before)."""
-        return ProtocolFeature(self._protocol_features)
+        return ProtocolFeature(self._agreed_protocol_features())
 
     @property
     def features(self) -> Feature:
         """Features set by the last SET_FEATURES (0 before)."""
-        return Feature(self._features)
+        return Feature(self._agreed_features())
+
+    def _agreed_protocol_features(self) -> int:
+        return self._protocol_features
+
+    def _agreed_features(self) -> int:
+        return self._features
 
     @property
     def failed(self) -> bool:
@@ -198,7 +204,7 @@ class _Connection:
         if kind is ReplyKind.STATUS or self._data_reply_due(msg):
             return True
         if (kind is ReplyKind.STATUS_IF_LOG_SHMFD
-                and self._protocol_features & ProtocolFeature.LOG_SHMFD):
+                and self._agreed_protocol_features() & ProtocolFeature.LOG_SHMFD):
             return True
         # REPLY_ACK: answered whenever need_reply is set (QEMU waits for a
         # reply whenever it sets the flag; libvhost-user and DPDK send one).
@@ -227,16 +233,31 @@ class BackendConnection(_Connection):
     (up to VHOST_USER_MAX_FDS) came with them, for a device that checks
     the count per request (DPDK's validate_msg_fds(), libvhost-user's
     handlers) and so can answer need_reply with a failure status.
+
+    ``negotiated``: an object with ``features`` and ``protocol_features``
+    (the device) that keeps what was negotiated, as the device accepted it;
+    the connection then reads them there instead of keeping its own copy.
     """
 
     def __init__(self, offered_protocol_features: int = 0, *,
                  offered_features: int | None = None,
-                 check_fd_counts: bool = True) -> None:
+                 check_fd_counts: bool = True, negotiated=None) -> None:
         super().__init__()
         self.offered_protocol_features = ProtocolFeature(offered_protocol_features)
         self.offered_features = None if offered_features is None \
             else Feature(offered_features)
         self.check_fd_counts = check_fd_counts
+        self.negotiated = negotiated
+
+    def _agreed_protocol_features(self) -> int:
+        if self.negotiated is not None:
+            return int(self.negotiated.protocol_features)
+        return self._protocol_features
+
+    def _agreed_features(self) -> int:
+        if self.negotiated is not None:
+            return int(self.negotiated.features)
+        return self._features
 
     def _check_header(self, header: Header) -> None:
         request = _request_of(header)
@@ -288,9 +309,14 @@ class BackendConnection(_Connection):
     def _track(self, msg: Message) -> None:
         # Postcopy state follows what the device did (handled()), not what
         # came in: a refused POSTCOPY_LISTEN must not make later memory
-        # tables wait for a data reply that never comes.
-        if msg.request not in (Request.POSTCOPY_LISTEN, Request.POSTCOPY_END):
-            super()._track(msg)
+        # tables wait for a data reply that never comes. Features are the
+        # device's to keep when it was given (``negotiated``).
+        if msg.request in (Request.POSTCOPY_LISTEN, Request.POSTCOPY_END):
+            return
+        if self.negotiated is not None and msg.request in (
+                Request.SET_FEATURES, Request.SET_PROTOCOL_FEATURES):
+            return
+        super()._track(msg)
 
     def handled(self, msg: Message, ok: bool) -> None:
         """Tell the connection whether the device carried ``msg`` out.
@@ -327,6 +353,76 @@ class BackendConnection(_Connection):
         if not self._reply_due(msg) or self._data_reply_due(msg):
             return b""
         return Message.make_reply(msg.request, U64(status)).to_bytes()
+
+    def answer(self, msg: Message, payload=None, *, refused: bool = False) -> bytes | None:
+        """How the back-end answers ``msg``: the one place that decides it.
+
+        Returns the bytes to send (b"": no reply), or None when a refusal can
+        only close the connection; tells ``handled()`` the outcome.
+
+        Success: requests with a reply of their own get it, carrying
+        ``payload`` (also with need_reply: "unless the message already has
+        an explicit reply body"); the others get a u64 0 when the front-end
+        waits for one (need_reply with REPLY_ACK, or SET_LOG_BASE with
+        LOG_SHMFD). Refusal: the request's own failure reply if the spec
+        defines one (:data:`FAILURE_REPLIES`); else a non-zero u64 if
+        need_reply is set; else the connection is closed, as DPDK's
+        vhost_user_msg_handler does, so that e.g. a refused SET_LOG_BASE
+        (whose reply QEMU reads without looking at the value) is never
+        mistaken for logging. Requests whose reply is data and has no
+        failure form (GET_VRING_BASE, GET_FEATURES, ...) are refused by
+        closing too: a made-up value would be worse.
+        """
+        if not refused:
+            out = self.reply(msg, payload) if msg.spec.reply is ReplyKind.DATA \
+                else self.ack(msg, 0)
+        elif (failure := FAILURE_REPLIES.get(msg.request)) is not None:
+            out = self.reply(msg, failure(msg))
+        elif msg.need_reply and msg.spec.reply is not ReplyKind.DATA:
+            out = self.ack(msg, 1) or None
+        else:
+            out = None
+        self.handled(msg, not refused)
+        return out
+
+
+def _failed_crypto(msg: Message):
+    p = msg.payload
+    # "The back-end must return the session id, 0 or positive for success,
+    # negative for failure."
+    return CryptoSession(p.op_code, p.body, -1) if isinstance(p, CryptoSession) else None
+
+
+def _no_inflight(msg: Message):
+    p = msg.payload
+    # libvhost-user's failure form, and what QEMU's vhost_user_get_inflight_fd
+    # reads as "no inflight buffer": mmap_size 0 and no fd.
+    return InflightArea(0, 0, p.num_queues, p.queue_size) if isinstance(p, InflightArea) \
+        else None
+
+
+#: What a refused request gets back when the spec gives it a failure reply of
+#: its own (used by :meth:`BackendConnection.answer`).
+FAILURE_REPLIES: dict[Request, Callable[[Message], object]] = {
+    # "vhost-user back-end uses zero length of payload to indicate an error"
+    Request.GET_CONFIG: lambda msg: None,
+    Request.GET_INFLIGHT_FD: _no_inflight,
+    # No userfaultfd with the reply: QEMU's postcopy advise fails ("Failed to get ufd").
+    Request.POSTCOPY_ADVISE: lambda msg: None,
+    Request.CREATE_CRYPTO_SESSION: _failed_crypto,
+    # These always answer with a u64 status; non-zero is failure.
+    Request.IOTLB_MSG: lambda msg: U64(1),
+    Request.POSTCOPY_END: lambda msg: U64(1),
+    Request.CHECK_DEVICE_STATE: lambda msg: U64(1),
+    # "Bits 0-7 are 0 on success, and non-zero on error. Bit 8 is the invalid
+    # FD flag ... The back-end must not both indicate an error and return a
+    # file descriptor."
+    Request.SET_DEVICE_STATE_FD: lambda msg: U64(1 | VRING_NOFD_MASK),
+    # libvhost-user answers an unknown UUID with the request's payload and no
+    # fd; QEMU then reports "Failed to get dmabuf fd".
+    Request.GET_SHARED_OBJECT: lambda msg: msg.payload if isinstance(msg.payload, SharedObject)
+    else None,
+}
 
 
 class FrontendConnection(_Connection):

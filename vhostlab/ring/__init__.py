@@ -10,7 +10,9 @@ Modules, bottom up:
     cache      keeps the kernels' numba cache in step with all their sources
     tx, rx     the burst kernels: vring_tx_burst, vring_rx_burst
     arena      FrameArena, the frames a burst moves
-    virtqueue  Virtqueue: the device side (libvhost-user's VuVirtq)
+    virtqueue  Virtqueue: the device side of a split ring (libvhost-user's VuVirtq)
+    format     the ring seam: DeviceRing (what a back-end calls), RingState,
+               RING_FORMATS / make_ring (a packed ring would be a sibling of virtqueue)
     driver     VirtqueueDriver: the guest side
 
 Every numba kernel ``f`` has a plain-Python twin ``f_py`` with the same
@@ -18,6 +20,7 @@ signature and the same results; tests hold them equal, the labs show the
 twins, ``vhostlab bench`` races them. Kernels compile on first call and are
 cached on disk (numba ``cache=True``).
 """
+from . import layout as _layout
 from .arena import MAX_FRAME_SIZE, FrameArena
 from .atomics import (atomic_or, atomic_or_py, atomic_xchg, atomic_xchg_py, borrow, borrow_py,
                       fence_seq_cst, keep_alive,
@@ -41,6 +44,7 @@ from .layout import (INDIRECT_MAX_ENTRIES, MAX_HDR_LEN, VHOST_VRING_F_LOG, VRING
                      VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY, VringLayout, VringViews,
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event,
                      vring_need_event_py, vring_size, vring_used_size, vring_views)
+from .format import RING_FORMATS, DeviceRing, RingState, make_ring, ring_format
 from .log import (VHOST_LOG_PAGE, vhost_log_write, vhost_log_write_count,
                   vhost_log_write_count_py, vhost_log_write_py)
 from .rx import vring_rx_burst, vring_rx_burst_py
@@ -48,17 +52,10 @@ from .tx import vring_tx_burst, vring_tx_burst_py
 from .virtqueue import Virtqueue
 
 __all__ = [
-    # layout
-    "VRING_DESC_F_NEXT", "VRING_DESC_F_WRITE", "VRING_DESC_F_INDIRECT",
-    "VRING_AVAIL_F_NO_INTERRUPT", "VRING_USED_F_NO_NOTIFY", "VHOST_VRING_F_LOG",
-    "VIRTQUEUE_MAX_SIZE", "VRING_DESC_ALIGN", "VRING_AVAIL_ALIGN", "VRING_USED_ALIGN",
-    "VRING_DESC_SIZE", "INDIRECT_MAX_ENTRIES", "VIRTIO_NET_HDR_LEN",
-    "VIRTIO_NET_HDR_MRG_LEN", "MAX_HDR_LEN", "VRING_DESC_DTYPE", "VRING_USED_ELEM_DTYPE",
-    "VRING_STATE_DTYPE", "VringCopy", "VringLayout", "VringViews", "vring_desc_size",
-    "vring_avail_size", "vring_used_size", "vring_size", "vring_layout", "vring_views",
-    "vring_need_event", "vring_need_event_py",
+    *_layout.__all__,
     # device side, driver side, frames
     "Virtqueue", "VirtqueueDriver", "FrameArena", "MAX_FRAME_SIZE",
+    "DeviceRing", "RingState", "RING_FORMATS", "make_ring", "ring_format",
     # kernels and twins
     "vring_tx_burst", "vring_tx_burst_py", "vring_rx_burst", "vring_rx_burst_py",
     "vhost_log_write", "vhost_log_write_py", "vhost_log_write_count",

@@ -28,7 +28,8 @@ import numpy as np
 from .arena import FrameArena
 from .chain import map_ring_py
 from .errors import E_ARENA, RING_OK, RingConfigError, RingError, ring_error
-from .layout import MAX_HDR_LEN, VIRTQUEUE_MAX_SIZE, VRING_STATE_DTYPE
+from .layout import (MAX_HDR_LEN, VIRTQUEUE_MAX_SIZE, VRING_STATE_DTYPE, vring_avail_size,
+                     vring_desc_size, vring_used_size)
 from .rx import vring_rx_burst, vring_rx_burst_py
 from .tx import vring_tx_burst, vring_tx_burst_py
 
@@ -42,7 +43,7 @@ _IMPLS = {"numba": (vring_tx_burst, vring_rx_burst),
 class _Field:
     """A read-only view of one field of the ring state."""
 
-    def __set_name__(self, owner, name):
+    def __init__(self, name: str):
         self.name = name
 
     def __get__(self, obj, owner=None):
@@ -62,33 +63,22 @@ def _log_array(log) -> np.ndarray:
 class Virtqueue:
     """The device-side state and operations of one split virtqueue."""
 
-    num = _Field()
-    desc = _Field()
-    avail = _Field()
-    used = _Field()
-    log_guest_addr = _Field()
-    flags = _Field()
-    last_avail_idx = _Field()
-    used_idx = _Field()
-    event_idx = _Field()
-    avail_pending = _Field()
-    frames = _Field()
-    bytes = _Field()
-    dropped = _Field()
-
     def __init__(self, index: int = 0, name: str = "") -> None:
         self.index = index
         self.name = name
         self.state = np.zeros(1, VRING_STATE_DTYPE)
-        self.enabled = True
         self.reset()
 
     # ------------------------------------------------------ vhost-user messages
+    @staticmethod
+    def area_sizes(num: int) -> tuple[int, int, int]:
+        """Bytes of the descriptor table, the avail ring and the used ring."""
+        return vring_desc_size(num), vring_avail_size(num), vring_used_size(num)
+
     def reset(self) -> None:
         """Forget everything (the ring is unconfigured and no longer broken)."""
         self.state[0] = 0
         self.state[0]["err_head"] = self.state[0]["err_table"] = -1
-        self._num = 0
 
     def set_num(self, num: int) -> None:
         """SET_VRING_NUM: the queue size, a power of 2 from 1 to 32768."""
@@ -99,7 +89,6 @@ class Virtqueue:
                 f"from 1 to {VIRTQUEUE_MAX_SIZE}", queue=self.index, field="num",
                 value=num, limit=VIRTQUEUE_MAX_SIZE)
         self.state[0]["num"] = num
-        self._num = int(num)
 
     def set_addr(self, desc: int, avail: int, used: int, log_guest_addr: int = 0,
                  flags: int = 0, *, memory=None) -> None:
@@ -141,11 +130,35 @@ class Virtqueue:
         """GET_VRING_BASE: last_avail_idx (the back-end also stops the ring)."""
         return self.last_avail_idx
 
+    def sync_used_idx(self, memory) -> None:
+        """Take the used index from the used ring in guest memory, as libvhost-user
+        and Linux vhost do (SET_VRING_BASE carries only last_avail_idx)."""
+        self.state[0]["used_idx"] = int.from_bytes(memory.read(self.used + 2, 2), "little")
+
+    def stop(self) -> None:
+        """The back-end stopped the ring (GET_VRING_BASE): forget the last signalled
+        used index, as DPDK and Linux's vhost_vq_init_access do, so that after a
+        restart the first used buffer always interrupts."""
+        self.state[0]["signalled_used_valid"] = 0
+
     def set_event_idx(self, enabled: bool) -> None:
         """Whether VIRTIO_RING_F_EVENT_IDX was negotiated (SET_FEATURES)."""
         self.state[0]["event_idx"] = int(bool(enabled))
 
     # ----------------------------------------------------------------- bursts
+    def begin_service(self, desc_budget: int, max_chain: int | None = None) -> None:
+        """Start one service: count descriptors from zero up to ``desc_budget``;
+        TX chains longer than ``max_chain`` bytes are dropped (0: no limit)."""
+        s = self.state[0]
+        s["descs"], s["desc_budget"] = 0, desc_budget
+        if max_chain is not None:
+            s["max_chain"] = max_chain
+
+    def service_spent(self) -> bool:
+        """Whether this service walked its descriptor budget."""
+        s = self.state[0]
+        return bool(s["descs"] >= s["desc_budget"])
+
     def tx_burst(self, memory, arena: FrameArena, *, log=None, hdr_len: int = 0,
                  max_frames: int | None = None, impl: str = "numba") -> int:
         """Take guest TX frames into ``arena`` (cleared first); returns how many.
@@ -155,7 +168,7 @@ class Virtqueue:
         (``err.frames`` frames were still taken).
         """
         arena.count = 0
-        if not (self.enabled and self._num):
+        if not self.state[0]["num"]:
             return 0
         host, table = memory.kernel_args()
         status, n = _IMPLS[impl][0](
@@ -174,7 +187,7 @@ class Virtqueue:
         ``hdr_len``: the virtio-net header written before each frame (10, or
         12 with VERSION_1 or MRG_RXBUF; 0 for none).
         """
-        if not (self.enabled and self._num) or arena.count == 0:
+        if not self.state[0]["num"] or arena.count == 0:
             return 0
         host, table = memory.kernel_args()
         status, n = _IMPLS[impl][1](
@@ -211,7 +224,15 @@ class Virtqueue:
 
     def __repr__(self) -> str:
         name = f" ({self.name})" if self.name else ""
-        state = "broken" if self.broken else ("enabled" if self.enabled else "disabled")
+        broken = " broken" if self.broken else ""
         return (f"<Virtqueue {self.index}{name} num={self.num} last_avail_idx="
-                f"{self.last_avail_idx} used_idx={self.used_idx} {state}>")
+                f"{self.last_avail_idx} used_idx={self.used_idx}{broken}>")
+
+
+# Read-only views of the ring state's fields (the kernels' counters among them).
+for _name in ("num", "desc", "avail", "used", "log_guest_addr", "flags", "last_avail_idx",
+              "used_idx", "event_idx", "avail_pending", "frames", "bytes", "dropped",
+              "logged", "oversized", "oversized_head", "oversized_len", "max_chain"):
+    setattr(Virtqueue, _name, _Field(_name))
+del _name
 
