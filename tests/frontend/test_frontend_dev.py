@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vhostlab.backend import BackendServer
-from vhostlab.frontend import BuiltinMigration, CaptureWire, VhostDev, VhostOps, VirtioNetGuest
+from vhostlab.frontend import BuiltinMigration, CaptureWire, VhostDev, VhostOps, BuiltinVirtioNetGuest
 from vhostlab.frontend.frames import RX, TX, frame_id, make_frame
 from vhostlab.frontend.guest import RX_QUEUE, TX_QUEUE
 
@@ -19,7 +19,7 @@ PAGE = 4096
 def rig():
     wire = CaptureWire()
     server = BackendServer(None, wire=wire).start()
-    guest = VirtioNetGuest(8 << 20, 64)
+    guest = BuiltinVirtioNetGuest(8 << 20, 64)
     dev = VhostDev(VhostOps.connect(server.socket_path, timeout=5.0))
     try:
         yield server, wire, guest, dev
