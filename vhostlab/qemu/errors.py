@@ -7,6 +7,7 @@ learner sees why a cell failed and what to try next.
 from __future__ import annotations
 
 from ..errors import VhostlabError
+from ..ring.driver import GuestDriverError  # both guests' driver error, re-exported
 
 import signal
 
@@ -109,6 +110,3 @@ class QmpCommandError(QmpError):
 class QmpConnectionError(QmpError):
     """The QMP connection could not be made, broke, or a command timed out."""
 
-
-class GuestDriverError(QemuError):
-    """The qtest guest driver met a device state or a request it cannot handle."""

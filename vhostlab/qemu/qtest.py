@@ -29,7 +29,7 @@ from typing import Callable
 
 from .errors import QTestConnectionError, QTestError
 
-__all__ = ["QTest", "QTestServer", "IrqEvent"]
+__all__ = ["QTest", "QTestServer", "QTestRingMemory", "IrqEvent"]
 
 #: Bytes per b64write/b64read command; keeps each line and answer bounded.
 CHUNK = 64 * 1024
@@ -385,3 +385,25 @@ def _check_value(value: int, width: int) -> None:
 def _check_range(addr: int, n: int) -> None:
     if addr < 0 or n < 0 or addr + n > 1 << 64:
         raise ValueError(f"guest range [{addr:#x}, +{n:#x}) outside the 64-bit address space")
+
+
+class QTestRingMemory:
+    """Guest RAM for the ring driver (``vhostlab.ring.driver.RingMemory``), by qtest commands.
+
+    Every write goes through QEMU, so its migration dirty bitmap sees it and
+    :attr:`QTest.on_write` reports it. The driver's ordering points need no
+    barrier here: QEMU carries out each command to the end in its main loop
+    before it answers, and the next command leaves only after that answer, so
+    the socket round trip between two accesses orders them as a release
+    store, an acquire load or a full barrier would. The ordered accesses are
+    plain ``readw``/``writew`` and :meth:`mb` does nothing.
+    """
+
+    def __init__(self, qtest: QTest):
+        self.qtest = qtest
+        self.read, self.write, self.memset = qtest.read, qtest.write, qtest.memset
+        self.readw, self.writew = qtest.readw, qtest.writew
+        self.load_acquire_w, self.store_release_w = qtest.readw, qtest.writew
+
+    def mb(self) -> None:
+        """Nothing to do: the previous command has been carried out and answered."""

@@ -217,13 +217,14 @@ class VirtqueueDriver:
         """The free descriptor ids, the next one handed out last (a copy)."""
         return list(self._free)
 
-    def next_free(self, n: int) -> list[int]:
+    def next_free(self, n: int, *, what: str = "") -> list[int]:
         """The ids the next ``n`` descriptors will get, in order (none is taken).
 
         For guests whose buffer slot is tied to the descriptor id: write the
-        buffers first, then add them."""
+        buffers first, then add them. ``what`` starts the error message when
+        fewer are free."""
         if n > len(self._free):
-            self._no_room(n, "")
+            self._no_room(n, what)
         return self._free[::-1][:n]
 
     @property
