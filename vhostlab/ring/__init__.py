@@ -11,7 +11,7 @@ Modules, bottom up:
     tx, rx     the burst kernels: vring_tx_burst, vring_rx_burst
     arena      FrameArena, the frames a burst moves
     virtqueue  Virtqueue: the device side (libvhost-user's VuVirtq)
-    driver     VirtqueueDriver: the guest side
+    driver     VirtqueueDriver: the guest side (both guests'), over a RingMemory
 
 Every numba kernel ``f`` has a plain-Python twin ``f_py`` with the same
 signature and the same results; tests hold them equal, the labs show the
@@ -24,7 +24,8 @@ from .atomics import (atomic_or, atomic_or_py, atomic_xchg, atomic_xchg_py, borr
                       fence_seq_cst_py, load_acquire, load_acquire_py, load_relaxed,
                       load_relaxed_py, smp_load_acquire, smp_mb, smp_store_release,
                       store_release, store_release_py)
-from .driver import VirtqueueDriver
+from .driver import (GuestDriverError, MappedRingMemory, RingMemory, UsedElem,
+                     VirtqueueDriver)
 from .errors import (E_ARENA, E_AVAIL_IDX, E_BUF_ADDR, E_CHAIN_LEN, E_CHAIN_SHORT, E_DIRECTION,
                      E_FRAME_TOO_BIG, E_HEAD, E_INDIRECT_ALIGN, E_INDIRECT_LEN,
                      E_INDIRECT_NESTED, E_INDIRECT_NEXT, E_LOG_RANGE, E_LOOP, E_NEXT,
@@ -58,7 +59,8 @@ __all__ = [
     "vring_avail_size", "vring_used_size", "vring_size", "vring_layout", "vring_views",
     "vring_need_event", "vring_need_event_py",
     # device side, driver side, frames
-    "Virtqueue", "VirtqueueDriver", "FrameArena", "MAX_FRAME_SIZE",
+    "Virtqueue", "VirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
+    "GuestDriverError", "FrameArena", "MAX_FRAME_SIZE",
     # kernels and twins
     "vring_tx_burst", "vring_tx_burst_py", "vring_rx_burst", "vring_rx_burst_py",
     "vhost_log_write", "vhost_log_write_py", "vhost_log_write_count",
