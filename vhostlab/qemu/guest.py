@@ -47,7 +47,7 @@ from .virtio_pci import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                          VIRTIO_CONFIG_S_NEEDS_RESET, LegacyVirtioPci)
 
 __all__ = [
-    "QTestVirtioNetGuest", "RingState", "UsedElem", "GuestAllocator", "GuestDriverError",
+    "QTestVirtioNetGuest", "RingState", "UsedElem", "GuestAllocator",
     "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
     "VIRTIO_NET_F_MTU", "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
     "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",
