@@ -40,7 +40,8 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class QemuError(VhostlabError, RuntimeError):
-    """Base of every error raised by ``vhostlab.qemu``.
+    """Base of every error raised by ``vhostlab.qemu``, but the guest driver's
+    (GuestDriverError, which the built-in guest raises too).
 
     ``exit_code`` is QEMU's return code when it is known (negative: killed by
     that signal), ``stderr_tail`` the last lines QEMU wrote, ``hint`` what to

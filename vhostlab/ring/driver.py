@@ -13,13 +13,16 @@ Both guests drive their rings with it, over different ways into guest RAM
   memfd directly (:class:`MappedRingMemory`); a write hook marks the pages the
   guest wrote (QEMU's own dirty bitmap, which a migration copies by);
 * the QEMU guest (``qemu.guest``) reads and writes guest RAM with qtest
-  commands (``qemu.guest.QTestRingMemory``); QEMU's migration sees those writes.
+  commands (``qemu.qtest.QTestRingMemory``); QEMU's migration sees those
+  writes, and the connection's ``on_write`` hook reports them.
 
 Memory ordering (virtio 2.7.13, Linux's virtio_store_mb / virtio_load_acquire):
 avail->idx is stored with release after the descriptors and ring entries it
 exposes; used->idx is loaded with acquire before the used elements; a full
 barrier separates our avail->idx store from reading the device's avail_event
-or used flags. :class:`MappedRingMemory` does these with real atomics.
+or used flags. :class:`MappedRingMemory` does these with real atomics; over
+qtest QEMU orders them itself (each command is carried out and answered
+before the next is sent; see QTestRingMemory).
 
     drv = VirtqueueDriver(memory, 256, ring_gpa)       # legacy layout
     head = drv.add_buffer([(buf_gpa, 1526, True)])     # an RX buffer
@@ -50,13 +53,13 @@ _DESC = struct.Struct("<QIHH")
 class GuestDriverError(VhostlabError):
     """A guest's virtio driver met a ring, a device state or a request it cannot use.
 
-    Raised by both guests (built-in and QEMU). ``message`` is the sentence,
-    ``hint`` (or None) what to do about it.
+    Raised by both guests (built-in and QEMU). ``message`` is the sentence
+    with its fields, ``hint`` (or None) what to do about it.
     """
 
     def __init__(self, message: str, *, hint: str | None = None, **fields) -> None:
         super().__init__(message, **fields)
-        self.message = message
+        self.message = VhostlabError.render(self)
         self.hint = hint
 
     def render(self) -> str:
@@ -140,6 +143,17 @@ class MappedRingMemory:
 def ring_memory(memory) -> RingMemory:
     """``memory`` as a RingMemory: itself if it is one, else mapped RAM (a GuestMemory)."""
     return memory if hasattr(memory, "store_release_w") else MappedRingMemory(memory)
+
+
+def _link(entries: Sequence[tuple[int, int, int]], ids: Sequence[int]) -> dict[int, bytes]:
+    """Descriptors ``ids[i]`` for ``entries[i]`` = (addr, len, flags), each
+    chained to the next with VRING_DESC_F_NEXT: id -> 16 bytes."""
+    out = {}
+    for i, (gpa, length, flags) in enumerate(entries):
+        last = i == len(entries) - 1
+        out[ids[i]] = _DESC.pack(gpa, length, flags | (0 if last else VRING_DESC_F_NEXT),
+                                 0 if last else ids[i + 1])
+    return out
 
 
 class VirtqueueDriver:
@@ -255,35 +269,30 @@ class VirtqueueDriver:
         return self.add_buffers([segments], indirect=None if indirect is None else [indirect])[0]
 
     def add_buffers(self, chains: Sequence[Sequence[tuple[int, int, bool]]], *,
-                    indirect: Sequence[int] | None = None, what: str = "") -> list[int]:
+                    indirect: Sequence[int] | None = None) -> list[int]:
         """Add several chains (see :meth:`add_buffer`; ``indirect``: one table GPA
         per chain); returns their heads. Consecutive descriptors and avail
-        entries go to guest memory in one write each run."""
+        entries go to guest memory in one write per run (one qtest command)."""
         if any(not segs for segs in chains):
             raise GuestDriverError(f"{self._name(self.queue)}: a chain needs at least "
                                    "one segment")
         needed = len(chains) if indirect is not None else sum(len(s) for s in chains)
         if needed > len(self._free):
-            self._no_room(needed, what)
-        descs: dict[int, tuple[int, int, int, int]] = {}
+            self._no_room(needed, "")
+        descs: dict[int, bytes] = {}
         heads = []
         for k, segs in enumerate(chains):
             entries = [(gpa, length, VRING_DESC_F_WRITE if writable else 0)
                        for gpa, length, writable in segs]
             if indirect is not None:
-                table = b"".join(_DESC.pack(gpa, length, flags | (VRING_DESC_F_NEXT if i + 1 < len(
-                    entries) else 0), i + 1 if i + 1 < len(entries) else 0)
-                    for i, (gpa, length, flags) in enumerate(entries))
+                table = b"".join(_link(entries, range(len(entries))).values())
                 self.ram.write(indirect[k], table)
                 entries = [(indirect[k], len(table), VRING_DESC_F_INDIRECT)]
             ids = [self._free.pop() for _ in entries]
-            for i, (gpa, length, flags) in enumerate(entries):
-                last = i == len(entries) - 1
-                descs[ids[i]] = (gpa, length, flags | (0 if last else VRING_DESC_F_NEXT),
-                                 0 if last else ids[i + 1])
+            descs.update(_link(entries, ids))
             self._chains[ids[0]] = ids
             heads.append(ids[0])
-        self._write_runs(self.desc_gpa, 16, {i: _DESC.pack(*d) for i, d in descs.items()})
+        self._write_runs(self.desc_gpa, 16, descs)
         slots = {}
         for head in heads:
             slots[self.avail_idx % self.num] = struct.pack("<H", head)
