@@ -260,9 +260,9 @@ class Lab:
 
     def builtin_guest(self, ram_size: int = RAM_SIZE, queue_size: int = 256):
         """The built-in guest: memfd RAM in QEMU's pc regions and a virtio-net driver."""
-        from vhostlab.frontend import VirtioNetGuest
+        from vhostlab.frontend import BuiltinVirtioNetGuest
         label = self._label("guest")
-        guest = VirtioNetGuest(ram_size=ram_size, queue_size=queue_size)
+        guest = BuiltinVirtioNetGuest(ram_size=ram_size, queue_size=queue_size)
         return self.own(guest, guest.close, label)
 
     def start_device(self, *, frontend: str | None = None, break_logging: bool = False,
@@ -287,9 +287,9 @@ class Lab:
             self.own(qemu, qemu.close, label, alive=qemu.alive)
             device = LabDevice("qemu", backend, qemu.start().guest(), qemu=qemu)
         else:
-            from vhostlab.frontend import VhostDev, VhostOps, VirtioNetGuest
+            from vhostlab.frontend import BuiltinVirtioNetGuest, VhostDev, VhostOps
             vhost_dev = VhostDev(VhostOps.connect(backend.socket_path))
-            guest = VirtioNetGuest(ram_size=RAM_SIZE)
+            guest = BuiltinVirtioNetGuest(ram_size=RAM_SIZE)
             device = self.own(LabDevice("builtin", backend, guest, vhost_dev=vhost_dev),
                               lambda: device.close(), label)
             vhost_dev.vhost_dev_init()

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from vhostlab.backend import BackendServer
-from vhostlab.frontend import BuiltinMigration, CaptureWire, VhostDev, VhostOps, VirtioNetGuest
+from vhostlab.frontend import (BuiltinMigration, BuiltinVirtioNetGuest, CaptureWire, VhostDev,
+                               VhostOps)
 from vhostlab.frontend.frames import RX, TX, frame_id, make_frame
 from vhostlab.frontend.guest import RX_QUEUE, TX_QUEUE
+from vhostlab.memory import GuestMemory
 
 PAGE = 4096
 
@@ -19,7 +21,7 @@ PAGE = 4096
 def rig():
     wire = CaptureWire()
     server = BackendServer(None, wire=wire).start()
-    guest = VirtioNetGuest(8 << 20, 64)
+    guest = BuiltinVirtioNetGuest(8 << 20, 64)
     dev = VhostDev(VhostOps.connect(server.socket_path, timeout=5.0))
     try:
         yield server, wire, guest, dev
@@ -162,3 +164,26 @@ def test_logging_on_before_start_sends_set_log_base_from_vhost_dev_start(rig):
     start = calls.index("vhost_dev_start")
     assert calls[start:].index("vhost_set_log_base") > calls[start:].index("vhost_virtqueue_start")
     assert server.wait_for(lambda s: s.logging, 5)
+
+
+def test_the_guests_ring_writes_are_in_its_dirty_set_and_survive_a_move():
+    guest = BuiltinVirtioNetGuest(8 << 20, 64)
+    try:
+        assert not guest.guest_dirty.any()               # fresh RAM: nothing written yet
+        assert guest.transmit([make_frame(TX, i, 100) for i in range(3)]) == 3
+        q = guest.queues[TX_QUEUE]
+        dirty = set(guest.take_guest_dirty().tolist())
+        # descriptors, avail ring and the buffers: the guest's own writes, via the driver
+        assert {q.desc // PAGE, q.avail // PAGE, q.slot(63) // PAGE} <= dirty
+        assert q.used // PAGE not in dirty and sorted(q.inflight) == [61, 62, 63]
+        dst = GuestMemory.allocate(8 << 20, reserve=32 << 20)
+        for r in guest.memory.regions:
+            dst.write(r.guest_phys_addr, guest.memory.read(r.guest_phys_addr, r.memory_size))
+        src = guest.memory
+        guest.move_to(dst)
+        src.close()
+        assert sorted(q.inflight) == [61, 62, 63] and len(q.free) == 61
+        assert guest.transmit([make_frame(TX, 3, 100)]) == 1
+        assert int(q.driver.views.avail_idx[0]) == 4 and guest.guest_dirty.any()
+    finally:
+        guest.close()

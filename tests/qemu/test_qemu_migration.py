@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from vhostlab.qemu import QemuInstance, TX_QUEUE, VirtioNetGuest
+from vhostlab.qemu import QemuInstance, QTestVirtioNetGuest, TX_QUEUE
 
 pytestmark = pytest.mark.qemu
 
@@ -51,7 +51,7 @@ def test_guest_driver_continues_on_the_destination(requires_qemu, peers, datagra
         assert src.qmp.query_migrate()["status"] == "completed"
         assert src.qmp.query_status()["status"] == "postmigrate"
 
-        moved = VirtioNetGuest.resume(dst.qtest, guest.export_state())
+        moved = QTestVirtioNetGuest.resume(dst.qtest, guest.export_state())
         ring = moved.ring_state(TX_QUEUE)
         assert ring.used_idx == ring.avail_idx == 3     # the ring came over in guest RAM
         after = [os.urandom(90) for _ in range(4)]

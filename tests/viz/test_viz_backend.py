@@ -12,7 +12,7 @@ import re
 import pytest
 
 from vhostlab.backend import BackendServer
-from vhostlab.frontend import VhostDev, VhostOps, VhostUserChannel, VirtioNetGuest
+from vhostlab.frontend import VhostDev, VhostOps, VhostUserChannel, BuiltinVirtioNetGuest
 from vhostlab.frontend.guest import RX_QUEUE
 from vhostlab.viz import (LogBitmapView, MemoryMapView, Stepper, TraceView,
                           VhostOpsTableView, VirtqueueView)
@@ -28,7 +28,7 @@ def lab():
     guest = dev = None
     try:
         dev = VhostDev(VhostOps(VhostUserChannel.connect(server.socket_path)))
-        guest = VirtioNetGuest(16 << 20, 8)
+        guest = BuiltinVirtioNetGuest(16 << 20, 8)
         yield server, dev, guest
     finally:
         if dev is not None:

@@ -109,8 +109,8 @@ def test_rings_fit_a_notebook_and_fold_the_rows_nothing_points_at(memory):
 
 
 def test_descriptors_from_the_top_of_the_table_are_listed_first():
-    from vhostlab.frontend import VirtioNetGuest
-    guest = VirtioNetGuest(16 << 20, 256)     # its driver hands out 255, 254, ... first
+    from vhostlab.frontend import BuiltinVirtioNetGuest
+    guest = BuiltinVirtioNetGuest(16 << 20, 256)     # its driver hands out 255, 254, ... first
     try:
         assert guest.transmit([bytes(60)] * 3) == 3
         view = VirtqueueView(guest.queues[1], memory=guest.memory)

@@ -3,7 +3,7 @@
     VhostOps            the seed's 35 ops (QEMU's user_ops), each sending its real message
     VHOST_OPS_TABLE     which op exists for vhost-kernel / vhost-user, as data
     VhostDev            hw/virtio/vhost.c's sequences: vhost_dev_start/stop, vhost_log_*
-    VirtioNetGuest      memfd guest RAM and a virtio-net driver (QEMU's VirtIODevice too)
+    BuiltinVirtioNetGuest  memfd guest RAM and a virtio-net driver (QEMU's VirtIODevice too)
     BuiltinMigration    a live migration between two in-process back-ends
     run_demo            the narrated walk through the seed's three migration steps
 
@@ -12,7 +12,7 @@ Everything runs without QEMU: the labs use it when no QEMU is installed.
 from .channel import BackendDisconnected, BackendTimeout, VhostUserChannel
 from .demo import SEED_STEPS, format_timeline, run_demo
 from .frames import FrameLedger, frame_id, make_frame
-from .guest import GuestError, VirtioNetGuest
+from .guest import BuiltinVirtioNetGuest, GuestDriverError
 from .migration import BuiltinMigration, CaptureWire, MigrationError, RoundSnapshot
 from .optable import (VHOST_OPS_TABLE, BackendReplyError, NotSupportedByVhostUser, OpInfo,
                       ProtocolFeatureMissing, VhostBackendType, VhostOpsError, op_info)
@@ -24,7 +24,7 @@ __all__ = [
     "op_info", "VhostOpsError", "NotSupportedByVhostUser", "ProtocolFeatureMissing",
     "BackendReplyError", "BackendTimeout", "BackendDisconnected", "VhostUserChannel",
     "VhostDev", "VhostVirtqueue", "TimelineEntry",
-    "VirtioNetGuest", "GuestError",
+    "BuiltinVirtioNetGuest", "GuestDriverError",
     "BuiltinMigration", "RoundSnapshot", "CaptureWire", "MigrationError",
     "FrameLedger", "make_frame", "frame_id",
     "run_demo", "format_timeline", "SEED_STEPS",

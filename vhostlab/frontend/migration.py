@@ -5,7 +5,7 @@ Theory of operation
 Two in-process vhost-user-net back-ends (each a ``BackendServer`` on its own
 socket) stand for the source and destination hosts' back-ends; two
 ``VhostDev`` (with their ``VhostOps``) stand for the source and destination
-QEMUs; one :class:`~vhostlab.frontend.guest.VirtioNetGuest` is the guest that
+QEMUs; one :class:`~vhostlab.frontend.guest.BuiltinVirtioNetGuest` is the guest that
 moves. RAM is copied from the source guest's memfd to the destination's, in
 rounds, as QEMU's precopy does:
 
@@ -55,7 +55,8 @@ from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
 from .channel import VhostUserChannel
 from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_id
-from .guest import BUF_GPA, BUF_SIZE, RING_GPA, RX_QUEUE, TX_QUEUE, GuestError, VirtioNetGuest
+from .guest import (BUF_GPA, BUF_SIZE, RING_GPA, RX_QUEUE, TX_QUEUE, BuiltinVirtioNetGuest,
+                    GuestDriverError)
 from .vhost_dev import VhostDev
 from .vhost_ops import VhostOps
 
@@ -113,7 +114,7 @@ class RoundSnapshot:
                 "tx_frames_after_copy": self.tx_frames_after_copy}
 
 
-def builtin_bands(guest: VirtioNetGuest) -> tuple[GuestBand, ...]:
+def builtin_bands(guest: BuiltinVirtioNetGuest) -> tuple[GuestBand, ...]:
     """Where the built-in guest keeps its rings and buffers (guest.py's fixed layout)."""
     bands = []
     for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
@@ -249,7 +250,7 @@ class BuiltinMigration:
         self.switchover.install(self.dst.server, "destination")
         self._final_log = np.zeros(0, np.int64)     # what vhost_log_put's sync took
         self.problems: list[str] = []     # what went wrong on the way (not integrity)
-        self.guest: VirtioNetGuest | None = None
+        self.guest: BuiltinVirtioNetGuest | None = None
         self._seq = {RX: 0, TX: 0}
         self._lengths = np.random.default_rng(2020)
         self._pending_log = np.zeros(0, np.int64)   # pages from the final sync in vhost_log_put
@@ -262,10 +263,10 @@ class BuiltinMigration:
         return _Side(name, server, wire)
 
     def _guest(self, what: str, fn, *args, default=None):
-        """Run a guest step; a GuestError (a ring not as the guest left it) is recorded."""
+        """Run a guest step; a GuestDriverError (a ring not as the guest left it) is recorded."""
         try:
             return fn(*args)
-        except GuestError as exc:
+        except GuestDriverError as exc:
             self.problems.append(f"guest {what}: {exc}")
             return default
 
@@ -292,7 +293,7 @@ class BuiltinMigration:
         """Source QEMU: vhost_dev_init, guest negotiates, vhost_net_start; guest posts RX."""
         dev = self._connect(self.src)
         dev.vhost_dev_init()
-        self.guest = VirtioNetGuest(self.ram_size, self.queue_size, GuestMemory.allocate(
+        self.guest = BuiltinVirtioNetGuest(self.ram_size, self.queue_size, GuestMemory.allocate(
             self.ram_size, reserve=_reserve(self.ram_size)))
         self.src.memory = self.guest.memory
         self.guest.negotiate(dev.features)

@@ -7,6 +7,7 @@ learner sees why a cell failed and what to try next.
 from __future__ import annotations
 
 from ..errors import VhostlabError
+from ..ring.driver import GuestDriverError  # both guests' driver error, re-exported
 
 import signal
 
@@ -39,7 +40,8 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class QemuError(VhostlabError, RuntimeError):
-    """Base of every error raised by ``vhostlab.qemu``.
+    """Base of every error raised by ``vhostlab.qemu``, but the guest driver's
+    (GuestDriverError, which the built-in guest raises too).
 
     ``exit_code`` is QEMU's return code when it is known (negative: killed by
     that signal), ``stderr_tail`` the last lines QEMU wrote, ``hint`` what to
@@ -109,6 +111,3 @@ class QmpCommandError(QmpError):
 class QmpConnectionError(QmpError):
     """The QMP connection could not be made, broke, or a command timed out."""
 
-
-class GuestDriverError(QemuError):
-    """The qtest guest driver met a device state or a request it cannot handle."""

@@ -1,23 +1,20 @@
 """A legacy virtio-net driver that runs in the test process and acts through qtest.
 
 Theory of operation. QEMU's vCPU sits halted in the halt firmware, so there
-is no guest kernel; this class does what the guest's virtio-net driver would
-do, by port I/O and guest-memory writes over qtest:
+is no guest kernel; :class:`QTestVirtioNetGuest` does what the guest's
+virtio-net driver would do, by port I/O and guest-memory writes over qtest:
 
-1. find the device on PCI bus 0 (vendor 0x1af4, device 0x1000: legacy
-   virtio-net), give BAR0 an I/O base, enable I/O decoding and bus mastering
-   (the device's DMA into guest RAM needs bus mastering);
-2. route the PCI interrupt to an IOAPIC input QEMU reports over qtest, so
-   "used buffer" interrupts (vhost's *call*) wake a waiting driver;
-3. the legacy initialisation (virtio 1.1 section 3.1.2 "Legacy Interface:
-   Device Initialization", registers of 4.1.4.8 "Legacy Interfaces: A Note
-   on PCI Device Layout"): status 0 (reset), ACKNOWLEDGE, DRIVER, read the host
-   features, write the guest features, per queue select it, read its size,
-   write the page frame number of a 4 KiB aligned ring, then DRIVER_OK;
-4. run the split rings (virtio 1.1 section 2.6): put descriptors in the
-   descriptor table, their heads in the avail ring, publish ``avail->idx``,
-   notify (the *kick*) by writing the queue number to QUEUE_NOTIFY, and take
-   completed heads back from the used ring.
+1. the PCI and legacy virtio-pci steps (``virtio_pci.LegacyVirtioPci``):
+   find the device (vendor 0x1af4, device 0x1000: legacy virtio-net), BAR0,
+   bus mastering, the interrupt route;
+2. the legacy initialisation (virtio 1.1 section 3.1.2 "Legacy Interface:
+   Device Initialization"): status 0 (reset), ACKNOWLEDGE, DRIVER, read the
+   host features, write the guest features, per queue select it, read its
+   size, write the page frame number of a 4 KiB aligned ring, then DRIVER_OK;
+3. run the split rings (virtio 1.1 section 2.6) with the ring layer's
+   :class:`~vhostlab.ring.driver.VirtqueueDriver` over qtest
+   (``qtest.QTestRingMemory``): descriptors, avail ring, ``avail->idx``, the
+   *kick* (QUEUE_NOTIFY) when the device wants one, the used ring.
 
 Queue 0 is RX, queue 1 is TX. Every frame is preceded by a ``virtio_net_hdr``:
 10 bytes, or 12 when VIRTIO_NET_F_MRG_RXBUF is negotiated (the legacy
@@ -31,26 +28,26 @@ Anything the device writes (indices, ids, lengths) is checked before use.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
+from vhostlab.ring.driver import GuestDriverError, UsedElem, VirtqueueDriver
 from vhostlab.ring.layout import (
-    VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN, VRING_DESC_DTYPE, VRING_DESC_F_NEXT,
-    VRING_DESC_F_WRITE, VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY, VringLayout,
-    vring_layout, vring_need_event_py,
+    VIRTIO_NET_HDR_LEN, VIRTIO_NET_HDR_MRG_LEN, VRING_DESC_DTYPE,
+    VRING_USED_ELEM_DTYPE, VringLayout, vring_layout,
 )
 
-from .errors import GuestDriverError
-from .qtest import QTest
+from .qtest import QTest, QTestRingMemory
+from .virtio_pci import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
+                         VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+                         VIRTIO_CONFIG_S_NEEDS_RESET, LegacyVirtioPci)
 
 __all__ = [
-    "VirtioNetGuest", "RingState", "UsedElem", "GuestAllocator",
+    "QTestVirtioNetGuest", "RingState", "UsedElem", "GuestAllocator",
     "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
     "VIRTIO_NET_F_MTU", "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
     "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",
@@ -58,32 +55,7 @@ __all__ = [
     "VIRTIO_CONFIG_S_FAILED",
 ]
 
-# PCI configuration mechanism #1 and registers (QEMU include/hw/pci/pci_regs.h).
-PCI_CONFIG_ADDRESS, PCI_CONFIG_DATA = 0xCF8, 0xCFC
-PCI_VENDOR_ID, PCI_COMMAND, PCI_BASE_ADDRESS_0, PCI_INTERRUPT_LINE = 0x00, 0x04, 0x10, 0x3C
-PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_INTX_DISABLE = 0x1, 0x4, 0x400
-PCI_BASE_ADDRESS_SPACE_IO = 0x1
-PCI_VENDOR_ID_REDHAT_QUMRANET, VIRTIO_NET_LEGACY_DEVICE_ID = 0x1AF4, 0x1000
-# PIIX3 (00:01.0) PIRQ[A-D] route control registers (QEMU hw/isa/piix3.c PIIX_PIRQCA).
-PIIX3_SLOT, PIIX_PIRQCA = 1, 0x60
-
-# Legacy virtio-pci I/O registers (QEMU include/standard-headers/linux/virtio_pci.h).
-VIRTIO_PCI_HOST_FEATURES = 0x00
-VIRTIO_PCI_GUEST_FEATURES = 0x04
-VIRTIO_PCI_QUEUE_PFN = 0x08
-VIRTIO_PCI_QUEUE_NUM = 0x0C
-VIRTIO_PCI_QUEUE_SEL = 0x0E
-VIRTIO_PCI_QUEUE_NOTIFY = 0x10
-VIRTIO_PCI_STATUS = 0x12
-VIRTIO_PCI_ISR = 0x13
-VIRTIO_PCI_CONFIG_OFF = 0x14  # device config when MSI-X is off
-VIRTIO_PCI_QUEUE_ADDR_SHIFT = 12
-
-VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
-VIRTIO_CONFIG_S_DRIVER = 2
-VIRTIO_CONFIG_S_DRIVER_OK = 4
-VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
-VIRTIO_CONFIG_S_FAILED = 0x80
+VIRTIO_NET_LEGACY_DEVICE_ID = 0x1000
 
 VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
@@ -106,13 +78,6 @@ RING_BASE = 0x1000000  # 16 MiB: clear of the legacy holes below 1 MiB
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) & ~(a - 1)
-
-
-class UsedElem(NamedTuple):
-    """One used-ring element as the device wrote it: chain head ``id``, bytes written ``len``."""
-
-    id: int
-    len: int
 
 
 @dataclass
@@ -161,17 +126,14 @@ class _Queue:
     num: int
     gpas: VringLayout
     buffers: int               # GPA of num slots of buffer_size bytes; slot i <-> descriptor i
-    free: list[int] = field(default_factory=list)
-    chains: dict[int, list[int]] = field(default_factory=dict)
+    driver: VirtqueueDriver
     sizes: dict[int, int] = field(default_factory=dict)   # posted RX buffer sizes by head
-    avail_idx: int = 0         # the driver's copy of avail->idx
-    last_used_idx: int = 0     # how far the driver has consumed the used ring
     notifications: int = 0
     suppressed: int = 0
 
 
-class VirtioNetGuest:
-    """The guest side of a legacy virtio-net-pci device, driven over ``qtest``.
+class QTestVirtioNetGuest(LegacyVirtioPci):
+    """The guest side of a legacy virtio-net-pci device in a real QEMU, driven over ``qtest``.
 
     ``features`` are the feature bits the driver asks for (only those the
     device offers are written; see :attr:`guest_features`). ``buffer_size`` is
@@ -194,97 +156,20 @@ class VirtioNetGuest:
                              f"by this driver; supported: {SUPPORTED_FEATURES:#x}")
         if not 64 <= buffer_size <= 65536 or buffer_size % 64:
             raise ValueError(f"buffer_size={buffer_size}: want a multiple of 64 in 64..65536")
-        if io_base & 0xFF or not 0x1000 <= io_base <= 0xFF00:
-            raise ValueError(f"io_base={io_base:#x}: want a 256-byte aligned port "
-                             "in 0x1000..0xff00")
-        self.qtest = qtest
+        super().__init__(qtest, VIRTIO_NET_LEGACY_DEVICE_ID, "virtio-net", io_base=io_base,
+                         irq_line=irq_line if interrupts else None)
+        self.ram = QTestRingMemory(qtest)
         self.requested_features = features
         self.buffer_size = buffer_size
-        self.io_base = io_base
-        self.irq_line = irq_line if interrupts else None
         self.allocator = GuestAllocator(ring_base, min(ram_size, 0xE0000000))
         self.queues: dict[int, _Queue] = {}
         self.host_features = self.guest_features = 0
-        self.slot: int | None = None
         self.mac: str | None = None
         self.rx_buffer_size = 0
         self._lock = threading.RLock()
-        self._interrupts = interrupts
         if init:
             with self._lock:
-                self._init_device(interrupts)
-
-    # -- PCI ------------------------------------------------------------------
-    def _cfg_addr(self, slot: int, reg: int) -> int:
-        return 0x80000000 | slot << 11 | (reg & 0xFC)
-
-    def pci_read32(self, slot: int, reg: int) -> int:
-        """Read a dword of bus 0 / ``slot`` / function 0 config space (mechanism #1)."""
-        self.qtest.outl(PCI_CONFIG_ADDRESS, self._cfg_addr(slot, reg))
-        return self.qtest.inl(PCI_CONFIG_DATA)
-
-    def pci_write(self, slot: int, reg: int, value: int, width: int = 4) -> None:
-        """Write ``width`` bytes of config space at ``reg``."""
-        self.qtest.outl(PCI_CONFIG_ADDRESS, self._cfg_addr(slot, reg))
-        port = PCI_CONFIG_DATA + (reg & 3)
-        {1: self.qtest.outb, 2: self.qtest.outw, 4: self.qtest.outl}[width](port, value)
-
-    def _find_device(self) -> int:
-        want = VIRTIO_NET_LEGACY_DEVICE_ID << 16 | PCI_VENDOR_ID_REDHAT_QUMRANET
-        for slot in range(32):
-            if self.pci_read32(slot, PCI_VENDOR_ID) == want:
-                return slot
-        raise GuestDriverError(
-            "no legacy virtio-net device (1af4:1000) on PCI bus 0",
-            hint="QEMU needs -device virtio-net-pci,disable-modern=on")
-
-    def _program_bar0(self) -> None:
-        slot = self.slot
-        # Size the BAR the standard way: write all ones, read back the mask.
-        self.pci_write(slot, PCI_BASE_ADDRESS_0, 0xFFFFFFFF)
-        mask = self.pci_read32(slot, PCI_BASE_ADDRESS_0)
-        if not mask & PCI_BASE_ADDRESS_SPACE_IO:
-            raise GuestDriverError(f"BAR0 of 00:{slot:02x}.0 is not an I/O BAR ({mask:#x}); "
-                                   "is disable-modern=on set?")
-        size = (~(mask & 0xFFFFFFFC) + 1) & 0xFFFF
-        if not size or size & (size - 1):
-            raise GuestDriverError(f"BAR0 of 00:{slot:02x}.0 reports mask {mask:#x}: "
-                                   "not a power-of-two I/O window")
-        if self.io_base % size:
-            raise GuestDriverError(f"io_base {self.io_base:#x} not aligned to BAR0 size {size:#x}")
-        self.pci_write(slot, PCI_BASE_ADDRESS_0, self.io_base | PCI_BASE_ADDRESS_SPACE_IO)
-        self.pci_write(slot, PCI_COMMAND, PCI_COMMAND_IO | PCI_COMMAND_MASTER, 2)
-
-    def _route_interrupt(self) -> None:
-        # Without firmware nobody routes PCI INTx: send PIRQA-D to irq_line on the
-        # PIIX3, then have QEMU report that IOAPIC input over qtest.
-        for pirq in range(4):
-            self.pci_write(PIIX3_SLOT, PIIX_PIRQCA + pirq, self.irq_line, 1)
-        self.pci_write(self.slot, PCI_INTERRUPT_LINE, self.irq_line, 1)
-        self.qtest.irq_intercept_in("ioapic")
-
-    # -- legacy virtio registers ------------------------------------------------
-    def status(self) -> int:
-        """Read the device status register."""
-        return self.qtest.inb(self.io_base + VIRTIO_PCI_STATUS)
-
-    def set_status(self, value: int) -> None:
-        """Write the device status register (0 resets the device)."""
-        self.qtest.outb(self.io_base + VIRTIO_PCI_STATUS, value)
-
-    def read_isr(self) -> int:
-        """Read (and so clear, lowering INTx) the ISR: bit 0 queue interrupt, bit 1 config."""
-        return self.qtest.inb(self.io_base + VIRTIO_PCI_ISR)
-
-    def queue_size(self, queue: int) -> int:
-        """Select ``queue`` and read its size (VIRTIO_PCI_QUEUE_NUM)."""
-        self.qtest.outw(self.io_base + VIRTIO_PCI_QUEUE_SEL, queue)
-        return self.qtest.inw(self.io_base + VIRTIO_PCI_QUEUE_NUM)
-
-    def queue_pfn(self, queue: int) -> int:
-        """Select ``queue`` and read back its ring's page frame number."""
-        self.qtest.outw(self.io_base + VIRTIO_PCI_QUEUE_SEL, queue)
-        return self.qtest.inl(self.io_base + VIRTIO_PCI_QUEUE_PFN)
+                self._init_device()
 
     @property
     def hdr_len(self) -> int:
@@ -298,8 +183,8 @@ class VirtioNetGuest:
         return bool(self.guest_features >> bit & 1)
 
     # -- initialisation ---------------------------------------------------------
-    def _init_device(self, interrupts: bool) -> None:
-        self.probe(interrupts)
+    def _init_device(self) -> None:
+        self.probe()
         self.set_status(0)
         self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
         self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
@@ -308,19 +193,13 @@ class VirtioNetGuest:
             self._setup_queue(q)
         self.driver_ok()
 
-    def probe(self, interrupts: bool | None = None) -> int:
-        """Find the device, give BAR0 its I/O base, route INTx; returns the PCI slot."""
-        self.slot = self._find_device()
-        self._program_bar0()
-        if self._interrupts if interrupts is None else interrupts:
-            self._route_interrupt()
-        return self.slot
-
     def negotiate_features(self) -> int:
         """Read the host features, write the requested ones the device offers; returns them."""
-        self.host_features = self.qtest.inl(self.io_base + VIRTIO_PCI_HOST_FEATURES)
+        self.host_features = self.read_host_features()
         self.guest_features = self.requested_features & self.host_features
-        self.qtest.outl(self.io_base + VIRTIO_PCI_GUEST_FEATURES, self.guest_features)
+        self.write_guest_features(self.guest_features)
+        for q in self.queues.values():
+            q.driver.event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX)
         return self.guest_features
 
     def setup_queue(self, index: int) -> VringLayout:
@@ -339,14 +218,18 @@ class VirtioNetGuest:
             raise GuestDriverError(f"device status {status:#x} after DRIVER_OK: the device "
                                    "(or its vhost back-end) refused to start")
         if self.has_feature(VIRTIO_NET_F_MAC):
-            # struct virtio_net_config starts with mac[6]; legacy config is in I/O space.
-            base = self.io_base + VIRTIO_PCI_CONFIG_OFF
-            self.mac = ":".join(f"{self.qtest.inb(base + i):02x}" for i in range(6))
+            # struct virtio_net_config starts with mac[6].
+            self.mac = ":".join(f"{self.config_read(i):02x}" for i in range(6))
         return status
 
     def config_mtu(self) -> int:
         """The ``mtu`` field of virtio_net_config (offset 10; meaningful with VIRTIO_NET_F_MTU)."""
-        return self.qtest.inw(self.io_base + VIRTIO_PCI_CONFIG_OFF + 10)
+        return self.config_read(10, 2)
+
+    def _driver(self, index: int, num: int, gpas: VringLayout, clear: bool) -> VirtqueueDriver:
+        return VirtqueueDriver(self.ram, num, gpas.desc, gpas.avail, gpas.used, queue=index,
+                               event_idx=self.has_feature(VIRTIO_RING_F_EVENT_IDX),
+                               clear=clear)
 
     def _setup_queue(self, index: int) -> None:
         num = self.queue_size(index)
@@ -357,14 +240,10 @@ class VirtioNetGuest:
         # aligned to 4096, in one block whose page frame number the device gets.
         base = self.allocator.alloc(vring_layout(0, num).size, f"queue {index} ring")
         gpas = vring_layout(base, num)
-        self.qtest.memset(base, gpas.size, 0)
         buffers = self.allocator.alloc(num * self.buffer_size, f"queue {index} buffers")
-        self.queues[index] = _Queue(index, num, gpas, buffers, free=list(range(num)))
-        # QUEUE_SEL is still ``index`` (queue_size selected it).
-        self.qtest.outl(self.io_base + VIRTIO_PCI_QUEUE_PFN, base >> VIRTIO_PCI_QUEUE_ADDR_SHIFT)
-        pfn = self.queue_pfn(index)
-        if pfn != base >> VIRTIO_PCI_QUEUE_ADDR_SHIFT:
-            raise GuestDriverError(f"queue {index}: wrote PFN {base >> 12:#x}, read back {pfn:#x}")
+        self.queues[index] = _Queue(index, num, gpas, buffers,
+                                    self._driver(index, num, gpas, clear=True))
+        self.set_queue_ring(index, base)
 
     # -- migration -------------------------------------------------------------------
     def export_state(self) -> dict:
@@ -379,31 +258,41 @@ class VirtioNetGuest:
             state = {k: getattr(self, k) for k in keep}
             a = self.allocator
             state["allocator"] = (a.start, a.end, a.next, list(a.allocations))
-            state["queues"] = {i: dataclasses.asdict(q) for i, q in self.queues.items()}
+            state["queues"] = {i: {"index": q.index, "num": q.num, "gpas": tuple(q.gpas),
+                                   "buffers": q.buffers, "sizes": q.sizes,
+                                   "notifications": q.notifications,
+                                   "suppressed": q.suppressed,
+                                   "driver": q.driver.export_state()}
+                               for i, q in self.queues.items()}
             return copy.deepcopy(state)
 
     @classmethod
-    def resume(cls, qtest: QTest, state: dict) -> "VirtioNetGuest":
+    def resume(cls, qtest: QTest, state: dict) -> "QTestVirtioNetGuest":
         """Adopt a running device from ``export_state()``, e.g. on a migration destination.
 
         Checks that the device is at DRIVER_OK with the same rings; raises
         GuestDriverError if not. Does not reset or re-initialise anything.
         """
-        self = cls.__new__(cls)
-        self.qtest, self._lock = qtest, threading.RLock()
         state = copy.deepcopy(state)
+        self = cls(qtest, ram_size=state["allocator"][1], buffer_size=state["buffer_size"],
+                   io_base=state["io_base"], irq_line=state["irq_line"] or 0,
+                   interrupts=state["irq_line"] is not None, init=False)
         start, end, nxt, allocations = state.pop("allocator")
         self.allocator = GuestAllocator(start, end)
         self.allocator.next, self.allocator.allocations = nxt, allocations
-        self.queues = {int(i): _Queue(**{**d, "gpas": VringLayout(*d["gpas"])})
-                       for i, d in state.pop("queues").items()}
+        queues = state.pop("queues")
         self.__dict__.update(state)
+        for i, d in queues.items():
+            gpas = VringLayout(*d["gpas"])
+            q = _Queue(d["index"], d["num"], gpas, d["buffers"],
+                       self._driver(d["index"], d["num"], gpas, clear=False), sizes=d["sizes"],
+                       notifications=d["notifications"], suppressed=d["suppressed"])
+            q.driver.restore_state(d["driver"])
+            self.queues[int(i)] = q
         if not self.status() & VIRTIO_CONFIG_S_DRIVER_OK:
             raise GuestDriverError(f"resume: device status {self.status():#x} lacks DRIVER_OK")
         for i, q in self.queues.items():
-            if self.queue_pfn(i) != q.gpas.desc >> VIRTIO_PCI_QUEUE_ADDR_SHIFT:
-                raise GuestDriverError(f"resume: queue {i} PFN {self.queue_pfn(i):#x} is not "
-                                       f"the exported ring at {q.gpas.desc:#x}")
+            self.check_queue_ring(i, q.gpas.desc, "resume")
         if self.irq_line is not None:
             # PIIX3 routing migrated with the machine; the qtest intercept did not.
             self.qtest.irq_intercept_in("ioapic")
@@ -426,89 +315,28 @@ class VirtioNetGuest:
     def _slot(self, q: _Queue, desc: int) -> int:
         return q.buffers + desc * self.buffer_size
 
-    def _write_descs(self, q: _Queue, descs: dict[int, tuple[int, int, int, int]]) -> None:
-        # One qtest write per run of consecutive descriptor indices.
-        ids = sorted(descs)
-        start = 0
-        for i in range(1, len(ids) + 1):
-            if i == len(ids) or ids[i] != ids[i - 1] + 1:
-                run = ids[start:i]
-                data = b"".join(struct.pack("<QIHH", *descs[d]) for d in run)
-                self.qtest.write(q.gpas.desc + 16 * run[0], data)
-                start = i
-
-    def _publish(self, q: _Queue, heads: list[int]) -> int:
-        """Put ``heads`` in the avail ring, then publish avail->idx; returns the old idx."""
-        old = q.avail_idx
-        pos = old % q.num
-        entries = struct.pack(f"<{len(heads)}H", *heads)
-        first = min(len(heads), q.num - pos)
-        self.qtest.write(q.gpas.avail + 4 + 2 * pos, entries[:2 * first])
-        if first < len(heads):  # wrapped around the end of the ring
-            self.qtest.write(q.gpas.avail + 4, entries[2 * first:])
-        # The ring entries are written before the index that makes them visible
-        # (virtio 1.1 2.6.13.3 "Updating idx": after the ring entries it exposes).
-        q.avail_idx = (old + len(heads)) & 0xFFFF
-        self.qtest.writew(q.gpas.avail + 2, q.avail_idx)
-        return old
-
-    def _kick(self, q: _Queue, old_idx: int, force: bool = False) -> bool:
-        """Notify the device unless it asked not to be (virtio 1.1 2.6.10, 2.6.13.4)."""
-        if self.has_feature(VIRTIO_RING_F_EVENT_IDX):
-            avail_event = self.qtest.readw(q.gpas.used + 4 + 8 * q.num)
-            need = vring_need_event_py(avail_event, q.avail_idx, old_idx)
-        else:
-            need = not self.qtest.readw(q.gpas.used) & VRING_USED_F_NO_NOTIFY
-        if need or force:
-            self.qtest.outw(self.io_base + VIRTIO_PCI_QUEUE_NOTIFY, q.index)
-            q.notifications += 1
+    def _publish(self, q: _Queue) -> bool:
+        """Publish avail->idx, then notify the device unless it asked not to be
+        (virtio 1.1 2.6.10, 2.6.13.4)."""
+        q.driver.publish()
+        if q.driver.kick_needed():
+            self._notify(q)
             return True
         q.suppressed += 1
         return False
 
+    def _notify(self, q: _Queue) -> None:
+        self.queue_notify(q.index)
+        q.notifications += 1
+
     def notify(self, queue: int) -> None:
         """Kick ``queue`` unconditionally (write its number to QUEUE_NOTIFY)."""
         with self._lock:
-            q = self._queue(queue)
-            self._kick(q, q.avail_idx, force=True)
-
-    def _take(self, q: _Queue, n: int, what: str) -> list[int]:
-        if n > len(q.free):
-            raise GuestDriverError(
-                f"queue {q.index}: {what} needs {n} descriptors, {len(q.free)} free "
-                f"of {q.num}", hint="reap used buffers first (reap_used / receive)")
-        taken, q.free[:n] = q.free[:n], []
-        return taken
+            self._notify(self._queue(queue))
 
     def used_idx(self, queue: int) -> int:
         """Read ``used->idx`` of ``queue`` from guest memory."""
-        return self.qtest.readw(self._queue(queue).gpas.used + 2)
-
-    def _reap(self, q: _Queue) -> list[UsedElem]:
-        used_idx = self.qtest.readw(q.gpas.used + 2)
-        n = (used_idx - q.last_used_idx) & 0xFFFF
-        if n > q.num:  # the device is not trusted either
-            raise GuestDriverError(f"queue {q.index}: used->idx {used_idx} is {n} ahead of "
-                                   f"last_used_idx {q.last_used_idx}, more than size {q.num}")
-        if not n:
-            return []
-        raw = self.qtest.read(q.gpas.used + 4, 8 * q.num)
-        ring = np.frombuffer(raw, VRING_USED_ELEM_DTYPE)
-        out = []
-        for k in range(n):
-            e = ring[(q.last_used_idx + k) % q.num]
-            head, length = int(e["id"]), int(e["len"])
-            chain = q.chains.pop(head, None)
-            if chain is None:
-                raise GuestDriverError(f"queue {q.index}: used ring returned id {head}, "
-                                       "which is not an outstanding descriptor head")
-            q.free.extend(chain)
-            out.append(UsedElem(head, length))
-        q.last_used_idx = used_idx
-        if self.has_feature(VIRTIO_RING_F_EVENT_IDX):
-            # used_event (avail->ring[num]): interrupt me when the next entry is used.
-            self.qtest.writew(q.gpas.avail + 4 + 2 * q.num, q.last_used_idx)
-        return out
+        return self._queue(queue).driver.used_idx()
 
     def reap_used(self, queue: int) -> list[UsedElem]:
         """Take completed buffers off ``queue``'s used ring: ``[(id, len), ...]``.
@@ -517,7 +345,7 @@ class VirtioNetGuest:
         :meth:`receive` instead, which also reads the frames.
         """
         with self._lock:
-            return self._reap(self._queue(queue))
+            return self._queue(queue).driver.get_used()
 
     def wait_used(self, queue: int, count: int = 1, timeout: float = 5.0) -> int:
         """Wait until ``queue`` has ``count`` used entries not yet reaped; return how many.
@@ -530,8 +358,7 @@ class VirtioNetGuest:
         delay = 0.001
         while True:
             with self._lock:
-                q = self._queue(queue)
-                ready = (self.used_idx(queue) - q.last_used_idx) & 0xFFFF
+                ready = self._queue(queue).driver.pending_used()
             left = deadline - time.monotonic()
             if ready >= count or left <= 0:
                 return ready
@@ -558,7 +385,7 @@ class VirtioNetGuest:
         """
         with self._lock:
             q = self._queue(TX_QUEUE)
-            self._reap(q)
+            q.driver.get_used()
             frames = [bytes(f) for f in frames]
             limit = self.buffer_size - (0 if split_header else self.hdr_len)
             for i, f in enumerate(frames):
@@ -569,23 +396,21 @@ class VirtioNetGuest:
             if not frames:
                 return []
             per = 2 if split_header else 1
-            ids = self._take(q, per * len(frames), f"transmit of {len(frames)} frames")
-            descs, heads = {}, []
+            ids = q.driver.next_free(per * len(frames), what=f"transmit of {len(frames)} frames ")
+            chains = []
             for i, frame in enumerate(frames):
                 chain = ids[per * i:per * i + per]
                 if split_header:
                     h, d = chain
                     self.qtest.write(self._slot(q, h), self._header())
                     self.qtest.write(self._slot(q, d), frame)
-                    descs[h] = (self._slot(q, h), self.hdr_len, VRING_DESC_F_NEXT, d)
-                    descs[d] = (self._slot(q, d), len(frame), 0, 0)
+                    chains.append([(self._slot(q, h), self.hdr_len, False),
+                                   (self._slot(q, d), len(frame), False)])
                 else:
                     self.qtest.write(self._slot(q, chain[0]), self._header() + frame)
-                    descs[chain[0]] = (self._slot(q, chain[0]), self.hdr_len + len(frame), 0, 0)
-                q.chains[chain[0]] = chain
-                heads.append(chain[0])
-            self._write_descs(q, descs)
-            self._kick(q, self._publish(q, heads))
+                    chains.append([(self._slot(q, chain[0]), self.hdr_len + len(frame), False)])
+            heads = q.driver.add_buffers(chains)
+            self._publish(q)
             return heads
 
     def post_rx_buffers(self, n: int | None = None, size: int | None = None) -> list[int]:
@@ -604,16 +429,15 @@ class VirtioNetGuest:
                     f"post_rx_buffers: size {size} outside {least}..{self.buffer_size} "
                     f"(header {self.hdr_len}" + ("" if least == self.hdr_len else
                                                  f" + {MAX_FRAME}-byte frame, no MRG_RXBUF") + ")")
-            n = len(q.free) if n is None else n
-            ids = self._take(q, n, f"posting {n} RX buffers")
-            if not ids:
+            n = q.driver.num_free if n is None else n
+            if not n:
                 return []
+            ids = q.driver.next_free(n, what=f"posting {n} RX buffers ")
             self.rx_buffer_size = size
-            self._write_descs(q, {d: (self._slot(q, d), size, VRING_DESC_F_WRITE, 0) for d in ids})
+            q.driver.add_buffers([[(self._slot(q, d), size, True)] for d in ids])
             for d in ids:
-                q.chains[d] = [d]
                 q.sizes[d] = size
-            self._kick(q, self._publish(q, ids))
+            self._publish(q)
             return ids
 
     def receive(self, timeout: float | None = None) -> list[bytes]:
@@ -626,7 +450,7 @@ class VirtioNetGuest:
             self.wait_used(RX_QUEUE, 1, timeout)
         with self._lock:
             q = self._queue(RX_QUEUE)
-            elems = self._reap(q)
+            elems = q.driver.get_used()
             frames, i = [], 0
             while i < len(elems):
                 frame, i = self._gather(q, elems, i)
@@ -678,11 +502,11 @@ class VirtioNetGuest:
             used_event=struct.unpack_from("<H", raw, a + 4 + 2 * n)[0],
             used_flags=used_flags, used_idx=used_idx,
             avail_event=struct.unpack_from("<H", raw, u + 4 + 8 * n)[0],
-            last_used_idx=q.last_used_idx,
+            last_used_idx=q.driver.last_used_idx,
             desc=np.frombuffer(raw, VRING_DESC_DTYPE, n, 0).copy(),
             avail_ring=np.frombuffer(raw, "<u2", n, a + 4).copy(),
             used_ring=np.frombuffer(raw, VRING_USED_ELEM_DTYPE, n, u + 4).copy(),
-            free_descriptors=len(q.free), in_flight=tuple(sorted(q.chains)))
+            free_descriptors=q.driver.num_free, in_flight=tuple(sorted(q.driver.chains)))
 
     def stats(self) -> dict:
         """Kicks sent and suppressed per queue, interrupts seen, qtest commands sent."""

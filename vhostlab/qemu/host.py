@@ -28,7 +28,7 @@ from typing import Iterable, Mapping
 
 from vhostlab.backend import BackendServer, TraceRecord
 
-from .guest import VirtioNetGuest
+from .guest import QTestVirtioNetGuest
 from .launcher import DEFAULT_RAM_SIZE, WORKDIR_PREFIX, QemuInstance, vhost_user_netdev
 from .traffic import CaptureWire
 
@@ -197,7 +197,7 @@ class VhostUserHost:
         self.break_logging, self.reconnect = break_logging, reconnect
         self.qemu_path, self.timeout = qemu, timeout
         self.wire = CaptureWire()
-        self.guest: VirtioNetGuest | None = None
+        self.guest: QTestVirtioNetGuest | None = None
         self._own = _Owned()
         self._finalizer = weakref.finalize(self, self._own.close)
 
@@ -262,14 +262,14 @@ class VhostUserHost:
             raise
         return self
 
-    def init_guest(self, **kwargs) -> VirtioNetGuest:
+    def init_guest(self, **kwargs) -> QTestVirtioNetGuest:
         """Initialise the virtio-net driver over qtest (DRIVER_OK starts the vhost device)."""
         self.guest = self.qemu.guest(**kwargs)
         return self.guest
 
-    def resume_guest(self, state: dict) -> VirtioNetGuest:
-        """Adopt a migrated driver (``VirtioNetGuest.export_state()`` of the source)."""
-        self.guest = VirtioNetGuest.resume(self.qemu.qtest, state)
+    def resume_guest(self, state: dict) -> QTestVirtioNetGuest:
+        """Adopt a migrated driver (``QTestVirtioNetGuest.export_state()`` of the source)."""
+        self.guest = QTestVirtioNetGuest.resume(self.qemu.qtest, state)
         return self.guest
 
     # -- observations -------------------------------------------------------------

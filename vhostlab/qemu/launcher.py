@@ -629,9 +629,9 @@ class QemuInstance:
         return self._res.qmp
 
     def guest(self, **kwargs):
-        """A :class:`~vhostlab.qemu.guest.VirtioNetGuest` on this QEMU, initialised."""
-        from .guest import VirtioNetGuest
-        return VirtioNetGuest(self.qtest, ram_size=self.ram_size, **kwargs)
+        """A :class:`~vhostlab.qemu.guest.QTestVirtioNetGuest` on this QEMU, initialised."""
+        from .guest import QTestVirtioNetGuest
+        return QTestVirtioNetGuest(self.qtest, ram_size=self.ram_size, **kwargs)
 
     def __repr__(self) -> str:
         state = "running" if self.alive() else describe_exit(self.returncode) \

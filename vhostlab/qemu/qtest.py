@@ -29,7 +29,7 @@ from typing import Callable
 
 from .errors import QTestConnectionError, QTestError
 
-__all__ = ["QTest", "QTestServer", "IrqEvent"]
+__all__ = ["QTest", "QTestServer", "QTestRingMemory", "IrqEvent"]
 
 #: Bytes per b64write/b64read command; keeps each line and answer bounded.
 CHUNK = 64 * 1024
@@ -42,6 +42,19 @@ IrqEvent.__doc__ = "One asynchronous IRQ line from QEMU: line number, raised?, t
 # Called when the connection breaks; returns keyword arguments for the error
 # (exit_code, stderr_tail, hint) and a sentence on what happened to QEMU.
 Diagnose = Callable[[], "tuple[str, dict]"]
+
+
+_WHAT = {"b": "a byte", "w": "a little-endian u16", "l": "a little-endian u32",
+         "q": "a little-endian u64"}
+
+
+def _sized(access: str, w: str, doc: str) -> Callable:
+    """A QTest method for one width (``outb``, ``readw`` ...): ``access`` with ``w`` first."""
+    def method(self, *args):
+        return getattr(self, access)(w, *args)
+    method.__name__ = method.__qualname__ = access.strip("_").split("_")[0] + w
+    method.__doc__ = doc.format(_WHAT[w])
+    return method
 
 
 class QTestServer:
@@ -241,29 +254,8 @@ class QTest:
         _check_port(port, _WIDTH[w])
         return self._value(f"in{w} {port:#x}")
 
-    def outb(self, port: int, value: int) -> None:
-        """Write one byte to an I/O port."""
-        self._out("b", port, value)
-
-    def outw(self, port: int, value: int) -> None:
-        """Write 16 bits to an I/O port."""
-        self._out("w", port, value)
-
-    def outl(self, port: int, value: int) -> None:
-        """Write 32 bits to an I/O port."""
-        self._out("l", port, value)
-
-    def inb(self, port: int) -> int:
-        """Read one byte from an I/O port."""
-        return self._in("b", port)
-
-    def inw(self, port: int) -> int:
-        """Read 16 bits from an I/O port."""
-        return self._in("w", port)
-
-    def inl(self, port: int) -> int:
-        """Read 32 bits from an I/O port."""
-        return self._in("l", port)
+    outb, outw, outl = (_sized("_out", w, "Write {} to an I/O port.") for w in "bwl")
+    inb, inw, inl = (_sized("_in", w, "Read {} from an I/O port.") for w in "bwl")
 
     # -- guest memory ------------------------------------------------------
     def _read_sized(self, w: str, addr: int) -> int:
@@ -281,37 +273,12 @@ class QTest:
         if hook is not None:
             hook(addr, n)
 
-    def readb(self, addr: int) -> int:
-        """Read a byte of guest memory at guest-physical ``addr``."""
-        return self._read_sized("b", addr)
-
-    def readw(self, addr: int) -> int:
-        """Read a little-endian u16 at guest-physical ``addr``."""
-        return self._read_sized("w", addr)
-
-    def readl(self, addr: int) -> int:
-        """Read a little-endian u32 at guest-physical ``addr``."""
-        return self._read_sized("l", addr)
-
-    def readq(self, addr: int) -> int:
-        """Read a little-endian u64 at guest-physical ``addr``."""
-        return self._read_sized("q", addr)
-
-    def writeb(self, addr: int, value: int) -> None:
-        """Write a byte of guest memory (through QEMU, so it is dirty-tracked)."""
-        self._write_sized("b", addr, value)
-
-    def writew(self, addr: int, value: int) -> None:
-        """Write a little-endian u16 to guest memory."""
-        self._write_sized("w", addr, value)
-
-    def writel(self, addr: int, value: int) -> None:
-        """Write a little-endian u32 to guest memory."""
-        self._write_sized("l", addr, value)
-
-    def writeq(self, addr: int, value: int) -> None:
-        """Write a little-endian u64 to guest memory."""
-        self._write_sized("q", addr, value)
+    readb, readw, readl, readq = (
+        _sized("_read_sized", w, "Read {} of guest memory at guest-physical ``addr``.")
+        for w in "bwlq")
+    writeb, writew, writel, writeq = (
+        _sized("_write_sized", w, "Write {} to guest memory at guest-physical ``addr`` "
+               "(through QEMU, so it is dirty-tracked).") for w in "bwlq")
 
     def read(self, addr: int, n: int) -> bytes:
         """Read ``n`` bytes of guest memory at ``addr`` (b64read, in chunks)."""
@@ -385,3 +352,25 @@ def _check_value(value: int, width: int) -> None:
 def _check_range(addr: int, n: int) -> None:
     if addr < 0 or n < 0 or addr + n > 1 << 64:
         raise ValueError(f"guest range [{addr:#x}, +{n:#x}) outside the 64-bit address space")
+
+
+class QTestRingMemory:
+    """Guest RAM for the ring driver (``vhostlab.ring.driver.RingMemory``), by qtest commands.
+
+    Every write goes through QEMU, so its migration dirty bitmap sees it and
+    :attr:`QTest.on_write` reports it. The driver's ordering points need no
+    barrier here: QEMU carries out each command to the end in its main loop
+    before it answers, and the next command leaves only after that answer, so
+    the socket round trip between two accesses orders them as a release
+    store, an acquire load or a full barrier would. The ordered accesses are
+    plain ``readw``/``writew`` and :meth:`mb` does nothing.
+    """
+
+    def __init__(self, qtest: QTest):
+        self.qtest = qtest
+        self.read, self.write, self.memset = qtest.read, qtest.write, qtest.memset
+        self.readw, self.writew = qtest.readw, qtest.writew
+        self.load_acquire_w, self.store_release_w = qtest.readw, qtest.writew
+
+    def mb(self) -> None:
+        """Nothing to do: the previous command has been carried out and answered."""

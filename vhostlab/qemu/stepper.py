@@ -40,7 +40,7 @@ from vhostlab.backend import BackendServer, TraceRecord
 from vhostlab.backend.trace import MessageTrace
 
 from .guest import (RX_QUEUE, TX_QUEUE, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
-                    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, VirtioNetGuest)
+                    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, QTestVirtioNetGuest)
 from .inference import attribute_ops, infer_calls
 from .launcher import (CI_QEMU_RELEASES, DEFAULT_RAM_SIZE, QemuInstance, require_qemu,
                        vhost_user_netdev)
@@ -311,7 +311,7 @@ class _Host:
     name: str
     server: BackendServer
     qemu: QemuInstance | None = None
-    guest: VirtioNetGuest | None = None
+    guest: QTestVirtioNetGuest | None = None
 
     def last_seq(self) -> int:
         recs = self.server.trace.records()
@@ -635,7 +635,7 @@ class QemuStepper:
         return self._own.hosts["source"]
 
     @property
-    def guest(self) -> VirtioNetGuest:
+    def guest(self) -> QTestVirtioNetGuest:
         g = self.source.guest
         if g is None:
             raise RuntimeError("the guest driver is not set up yet (step 'find the device')")
@@ -648,9 +648,9 @@ class QemuStepper:
 
     def _do_find_the_device(self) -> dict:
         host = self.source
-        host.guest = VirtioNetGuest(host.qemu.qtest, ram_size=self.ram_size,
-                                    features=1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MTU,
-                                    init=False)
+        host.guest = QTestVirtioNetGuest(host.qemu.qtest, ram_size=self.ram_size,
+                                         features=1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MTU,
+                                         init=False)
         slot = host.guest.probe()
         host.guest.set_status(0)
         return {"PCI slot": slot, "BAR0": hex(host.guest.io_base)}
@@ -745,7 +745,7 @@ class QemuStepper:
         src.wait_event("MIGRATION", 60.0, status="completed")
         dst.wait_event("RESUME", self.timeout)
         # The driver's bookkeeping lives in this process, not in guest RAM: hand it over.
-        dest.guest = VirtioNetGuest.resume(dest.qemu.qtest, self.guest.export_state())
+        dest.guest = QTestVirtioNetGuest.resume(dest.qemu.qtest, self.guest.export_state())
         return {"source": src.query_status()["status"],
                 "destination": dst.query_status()["status"]}
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from vhostlab.backend import Wire
 
-from .guest import VirtioNetGuest
+from .guest import QTestVirtioNetGuest
 
 __all__ = ["TO_GUEST", "FROM_GUEST", "GUEST_MAC", "PEER_MAC", "RARP_ETHERTYPE",
            "FrameLedger", "CaptureWire", "GuestDirtier", "frame_tag", "is_rarp"]
@@ -147,7 +147,7 @@ class GuestDirtier:
     at most one working set per call, so a late call never floods QEMU.
     """
 
-    def __init__(self, guest: VirtioNetGuest, size: int = 1 << 20, rate: int = 3 << 20,
+    def __init__(self, guest: QTestVirtioNetGuest, size: int = 1 << 20, rate: int = 3 << 20,
                  chunk: int = 64 << 10):
         if size <= 0 or size % chunk or chunk % 4096:
             raise ValueError(f"size={size}, chunk={chunk}: want whole 4 KiB pages, "

@@ -13,7 +13,7 @@ Modules, bottom up:
     virtqueue  Virtqueue: the device side of a split ring (libvhost-user's VuVirtq)
     format     the ring seam: DeviceRing (what a back-end calls), RingState,
                RING_FORMATS / make_ring (a packed ring would be a sibling of virtqueue)
-    driver     VirtqueueDriver: the guest side
+    driver     VirtqueueDriver: the guest side (both guests'), over a RingMemory
 
 Every numba kernel ``f`` has a plain-Python twin ``f_py`` with the same
 signature and the same results; tests hold them equal, the labs show the
@@ -27,7 +27,8 @@ from .atomics import (atomic_or, atomic_or_py, atomic_xchg, atomic_xchg_py, borr
                       fence_seq_cst_py, load_acquire, load_acquire_py, load_relaxed,
                       load_relaxed_py, smp_load_acquire, smp_mb, smp_store_release,
                       store_release, store_release_py)
-from .driver import VirtqueueDriver
+from .driver import (GuestDriverError, MappedRingMemory, RingMemory, UsedElem,
+                     VirtqueueDriver)
 from .errors import (E_ARENA, E_AVAIL_IDX, E_BUF_ADDR, E_CHAIN_LEN, E_CHAIN_SHORT, E_DIRECTION,
                      E_FRAME_TOO_BIG, E_HEAD, E_INDIRECT_ALIGN, E_INDIRECT_LEN,
                      E_INDIRECT_NESTED, E_INDIRECT_NEXT, E_LOG_RANGE, E_LOOP, E_NEXT,
@@ -54,7 +55,8 @@ from .virtqueue import Virtqueue
 __all__ = [
     *_layout.__all__,
     # device side, driver side, frames
-    "Virtqueue", "VirtqueueDriver", "FrameArena", "MAX_FRAME_SIZE",
+    "Virtqueue", "VirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
+    "GuestDriverError", "FrameArena", "MAX_FRAME_SIZE",
     "DeviceRing", "RingState", "RING_FORMATS", "make_ring", "ring_format",
     # kernels and twins
     "vring_tx_burst", "vring_tx_burst_py", "vring_rx_burst", "vring_rx_burst_py",

@@ -1,11 +1,28 @@
-"""The guest's side of a split virtqueue, in plain Python (not a hot path).
+"""The guest's side of a split virtqueue: the kit's one split-ring driver (not a hot path).
 
-What Linux's drivers/virtio/virtio_ring.c does, in miniature, for the
-built-in front-end's guest and for tests: keep a free list of descriptors,
-write a chain (or an indirect table), put its head in the avail ring, publish
-avail->idx with a release store, and later collect used elements after an
-acquire load of used->idx. Kicking and interrupts are the caller's business:
-:meth:`VirtqueueDriver.kick_needed` says whether the device asked for a kick.
+What Linux's drivers/virtio/virtio_ring.c does, in miniature: keep a free
+list of descriptors, write a chain (or an indirect table), put its head in
+the avail ring, publish avail->idx, and later collect used elements. Kicking
+and interrupts are the caller's business: :meth:`VirtqueueDriver.kick_needed`
+says whether the device asked for a kick (EVENT_IDX or VRING_USED_F_NO_NOTIFY).
+
+Both guests drive their rings with it, over different ways into guest RAM
+(a :class:`RingMemory`):
+
+* the built-in guest (``frontend.guest``) and the ring layer's tests reach the
+  memfd directly (:class:`MappedRingMemory`); a write hook marks the pages the
+  guest wrote (QEMU's own dirty bitmap, which a migration copies by);
+* the QEMU guest (``qemu.guest``) reads and writes guest RAM with qtest
+  commands (``qemu.qtest.QTestRingMemory``); QEMU's migration sees those
+  writes, and the connection's ``on_write`` hook reports them.
+
+Memory ordering (virtio 2.7.13, Linux's virtio_store_mb / virtio_load_acquire):
+avail->idx is stored with release after the descriptors and ring entries it
+exposes; used->idx is loaded with acquire before the used elements; a full
+barrier separates our avail->idx store from reading the device's avail_event
+or used flags. :class:`MappedRingMemory` does these with real atomics; over
+qtest QEMU orders them itself (each command is carried out and answered
+before the next is sent; see QTestRingMemory).
 
     drv = VirtqueueDriver(memory, 256, ring_gpa)       # legacy layout
     head = drv.add_buffer([(buf_gpa, 1526, True)])     # an RX buffer
@@ -15,66 +32,232 @@ acquire load of used->idx. Kicking and interrupts are the caller's business:
 """
 from __future__ import annotations
 
-from typing import Sequence
+import struct
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
+from ..errors import VhostlabError
 from .atomics import smp_load_acquire, smp_mb, smp_store_release
-from .layout import (VIRTQUEUE_MAX_SIZE, VRING_DESC_DTYPE, VRING_DESC_F_INDIRECT,
-                     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+from .layout import (VIRTQUEUE_MAX_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+                     VRING_DESC_F_WRITE, VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY,
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event_py,
                      vring_used_size, vring_views)
 
-__all__ = ["VirtqueueDriver"]
+__all__ = ["VirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
+           "GuestDriverError"]
+
+_DESC = struct.Struct("<QIHH")
+
+
+class GuestDriverError(VhostlabError):
+    """A guest's virtio driver met a ring, a device state or a request it cannot use.
+
+    Raised by both guests (built-in and QEMU). ``message`` is the sentence
+    with its fields, ``hint`` (or None) what to do about it.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None, **fields) -> None:
+        super().__init__(message, **fields)
+        self.message = VhostlabError.render(self)
+        self.hint = hint
+
+    def render(self) -> str:
+        text = super().render()
+        return f"{text}\nWhat to do: {self.hint}" if self.hint else text
+
+
+class UsedElem(NamedTuple):
+    """One used-ring element as the device wrote it: chain head ``id``, bytes written ``len``."""
+
+    id: int
+    len: int
+
+
+class RingMemory(Protocol):
+    """What the driver needs of guest RAM: bytes and little-endian u16 at a GPA.
+
+    The three ordered accesses carry the driver's memory-ordering points.
+    ``view`` (optional) gives numpy views, for :attr:`VirtqueueDriver.views`.
+    """
+
+    def read(self, gpa: int, n: int) -> bytes: ...
+    def write(self, gpa: int, data: bytes) -> None: ...
+    def memset(self, gpa: int, n: int, byte: int) -> None: ...
+    def readw(self, gpa: int) -> int: ...
+    def writew(self, gpa: int, value: int) -> None: ...
+    def load_acquire_w(self, gpa: int) -> int: ...
+    def store_release_w(self, gpa: int, value: int) -> None: ...
+    def mb(self) -> None: ...
+
+
+class MappedRingMemory:
+    """A :class:`RingMemory` over mapped guest RAM (a GuestMemory): plain copies,
+    and real acquire/release/full barriers for the ordered accesses.
+
+    ``on_write(gpa, length)`` is called after every write (the built-in guest
+    marks those pages in its dirty set).
+    """
+
+    def __init__(self, memory, on_write: Callable[[int, int], None] | None = None) -> None:
+        self.memory = memory
+        self.on_write = on_write
+
+    def _wrote(self, gpa: int, n: int) -> None:
+        if self.on_write is not None and n:
+            self.on_write(gpa, n)
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self.memory.read(gpa, n)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.memory.write(gpa, data)
+        self._wrote(gpa, len(data))
+
+    def memset(self, gpa: int, n: int, byte: int) -> None:
+        self.write(gpa, bytes([byte]) * n)
+
+    def readw(self, gpa: int) -> int:
+        return int.from_bytes(self.memory.read(gpa, 2), "little")
+
+    def writew(self, gpa: int, value: int) -> None:
+        self.write(gpa, value.to_bytes(2, "little"))
+
+    def _u16(self, gpa: int) -> np.ndarray:
+        return self.memory.view(gpa, 2).view(np.uint16)
+
+    def load_acquire_w(self, gpa: int) -> int:
+        return int(smp_load_acquire(self._u16(gpa), 0))
+
+    def store_release_w(self, gpa: int, value: int) -> None:
+        smp_store_release(self._u16(gpa), 0, np.uint16(value))
+        self._wrote(gpa, 2)
+
+    def mb(self) -> None:
+        smp_mb()
+
+    def view(self, gpa: int, n: int) -> np.ndarray:
+        return self.memory.view(gpa, n)
+
+
+def ring_memory(memory) -> RingMemory:
+    """``memory`` as a RingMemory: itself if it is one, else mapped RAM (a GuestMemory)."""
+    return memory if hasattr(memory, "store_release_w") else MappedRingMemory(memory)
+
+
+def _link(entries: Sequence[tuple[int, int, int]], ids: Sequence[int]) -> dict[int, bytes]:
+    """Descriptors ``ids[i]`` for ``entries[i]`` = (addr, len, flags), each
+    chained to the next with VRING_DESC_F_NEXT: id -> 16 bytes."""
+    out = {}
+    for i, (gpa, length, flags) in enumerate(entries):
+        last = i == len(entries) - 1
+        out[ids[i]] = _DESC.pack(gpa, length, flags | (0 if last else VRING_DESC_F_NEXT),
+                                 0 if last else ids[i + 1])
+    return out
 
 
 class VirtqueueDriver:
     """Driver (guest) side of one split virtqueue over guest memory.
 
-    ``desc``, ``avail``, ``used`` are GPAs; with ``avail``/``used`` omitted the
-    legacy layout (``vring_layout(desc, num, align)``) is used. The ring is
-    zeroed on creation. The driver holds numpy views of guest memory:
-    :meth:`close` it before closing the memory.
+    ``memory`` is a GuestMemory or any :class:`RingMemory`. ``desc``,
+    ``avail``, ``used`` are GPAs; with ``avail``/``used`` omitted the legacy
+    layout (``vring_layout(desc, num, align)``) is used. The ring is zeroed on
+    creation unless ``clear=False`` (memory known to be zero, or a ring taken
+    over). ``queue`` names the queue in errors. Descriptors are handed out
+    from 0 up, or with ``top_first`` from ``num - 1`` down; a returned chain's
+    descriptors are the next handed out (Linux's free list).
+
+    Over mapped memory the driver holds numpy views of the ring
+    (:attr:`views`, for the labs): :meth:`close` it before closing the memory.
     """
 
     def __init__(self, memory, num: int, desc: int, avail: int | None = None,
-                 used: int | None = None, *, align: int = 4096,
-                 event_idx: bool = False) -> None:
+                 used: int | None = None, *, align: int = 4096, event_idx: bool = False,
+                 queue: int | None = None, top_first: bool = False, clear: bool = True) -> None:
         if not (1 <= num <= VIRTQUEUE_MAX_SIZE and num & (num - 1) == 0):
-            raise ValueError(f"num = {num}: must be a power of 2 up to {VIRTQUEUE_MAX_SIZE}")
+            raise GuestDriverError("not a power of 2", what=self._name(queue), field="num",
+                                   value=num, limit=VIRTQUEUE_MAX_SIZE)
         if avail is None or used is None:
             layout = vring_layout(desc, num, align)
             avail, used = layout.avail, layout.used
-        self.memory, self.num = memory, num
+        self.num, self.queue = num, queue
         self.desc_gpa, self.avail_gpa, self.used_gpa = desc, avail, used
         self.event_idx = event_idx
-        self.views = vring_views(memory, num, desc, avail, used)
-        # uint16 views for the ordered accesses to the two indices
-        self._avail16 = memory.view(avail, vring_avail_size(num)).view(np.uint16)
-        self._used16 = memory.view(used, vring_used_size(num)).view(np.uint16)
-        self.reset()
+        self.top_first = top_first
+        self.bind(memory)
+        self.reset(clear=clear)
 
-    def reset(self, start: int = 0) -> None:
-        """Zero the ring and free every descriptor. With ``start``, both
-        indices begin there, as in a ring that has been running (the device
-        must then be given the same base with SET_VRING_BASE)."""
-        for gpa, size in ((self.desc_gpa, vring_desc_size(self.num)),
-                          (self.avail_gpa, vring_avail_size(self.num)),
-                          (self.used_gpa, vring_used_size(self.num))):
-            self.memory.write(gpa, bytes(size))
+    @staticmethod
+    def _name(queue: int | None) -> str:
+        return "virtqueue" if queue is None else f"queue {queue}"
+
+    def bind(self, memory) -> None:
+        """Reach the ring through ``memory`` from now on (a migration's destination
+        RAM); the driver's bookkeeping stays as it is."""
+        self.ram = ring_memory(memory)
+        self.memory = getattr(self.ram, "memory", memory)
+        self.views = (vring_views(self.ram, self.num, self.desc_gpa, self.avail_gpa,
+                                  self.used_gpa) if hasattr(self.ram, "view") else None)
+
+    def reset(self, start: int = 0, *, clear: bool = True) -> None:
+        """Free every descriptor and (with ``clear``) zero the ring. With
+        ``start``, both indices begin there, as in a ring that has been running
+        (the device must then be given the same base with SET_VRING_BASE)."""
         start &= 0xFFFF
-        self.views.avail_idx[0] = self.views.used_idx[0] = start
-        self._free = list(range(self.num - 1, -1, -1))
+        if clear:
+            for gpa, size in ((self.desc_gpa, vring_desc_size(self.num)),
+                              (self.avail_gpa, vring_avail_size(self.num)),
+                              (self.used_gpa, vring_used_size(self.num))):
+                self.ram.memset(gpa, size, 0)
+            if start:
+                self.ram.writew(self.avail_gpa + 2, start)
+                self.ram.writew(self.used_gpa + 2, start)
+        ids = range(self.num)
+        self._free = list(ids if self.top_first else reversed(ids))   # pop() hands out
         self._chains: dict[int, list[int]] = {}
         self.avail_idx = start    # shadow: entries added, published or not
         self._published = start
         self._kicked = start      # avail idx at the last kick decision
         self.last_used_idx = start
+        self._used_event = 0 if clear else None   # what used_event holds, if known
 
+    # -- bookkeeping -----------------------------------------------------------
     @property
     def num_free(self) -> int:
         return len(self._free)
 
+    @property
+    def free(self) -> list[int]:
+        """The free descriptor ids, the next one handed out last (a copy)."""
+        return list(self._free)
+
+    def next_free(self, n: int, *, what: str = "") -> list[int]:
+        """The ids the next ``n`` descriptors will get, in order (none is taken).
+
+        For guests whose buffer slot is tied to the descriptor id: write the
+        buffers first, then add them. ``what`` starts the error message when
+        fewer are free."""
+        if n > len(self._free):
+            self._no_room(n, what)
+        return self._free[::-1][:n]
+
+    @property
+    def chains(self) -> dict[int, list[int]]:
+        """Chains in flight: head -> its descriptor ids (a copy)."""
+        return {h: list(ids) for h, ids in self._chains.items()}
+
+    @property
+    def in_flight(self) -> int:
+        """Chains added and not yet returned."""
+        return len(self._chains)
+
+    def _no_room(self, needed: int, what: str) -> None:
+        raise GuestDriverError(
+            f"{self._name(self.queue)}: {what}needs {needed} descriptors, "
+            f"{len(self._free)} free of {self.num}",
+            hint="reap used buffers first")
+
+    # -- adding and publishing ---------------------------------------------------
     def add_buffer(self, segments: Sequence[tuple[int, int, bool]], *,
                    indirect: int | None = None) -> int:
         """Add one chain of ``(gpa, len, device_writable)`` segments.
@@ -83,35 +266,55 @@ class VirtqueueDriver:
         for the table) the chain goes in an indirect table and takes one ring
         descriptor. Returns the head; the device sees it after :meth:`publish`.
         """
-        if not segments:
-            raise ValueError("a chain needs at least one segment")
-        needed = 1 if indirect is not None else len(segments)
+        return self.add_buffers([segments], indirect=None if indirect is None else [indirect])[0]
+
+    def add_buffers(self, chains: Sequence[Sequence[tuple[int, int, bool]]], *,
+                    indirect: Sequence[int] | None = None) -> list[int]:
+        """Add several chains (see :meth:`add_buffer`; ``indirect``: one table GPA
+        per chain); returns their heads. Consecutive descriptors and avail
+        entries go to guest memory in one write per run (one qtest command)."""
+        if any(not segs for segs in chains):
+            raise GuestDriverError(f"{self._name(self.queue)}: a chain needs at least "
+                                   "one segment")
+        needed = len(chains) if indirect is not None else sum(len(s) for s in chains)
         if needed > len(self._free):
-            raise ValueError(f"{needed} descriptors needed, {len(self._free)} free")
-        entries = [(gpa, length, (VRING_DESC_F_WRITE if writable else 0))
-                   for gpa, length, writable in segments]
-        if indirect is not None:
-            table = self.memory.view(indirect, 16 * len(entries)).view(VRING_DESC_DTYPE)
-            for i, (gpa, length, flags) in enumerate(entries):
-                last = i == len(entries) - 1
-                table[i] = (gpa, length, flags | (0 if last else VRING_DESC_F_NEXT),
-                            0 if last else i + 1)
-            entries = [(indirect, 16 * len(entries), VRING_DESC_F_INDIRECT)]
-        ids = [self._free.pop() for _ in entries]
-        for k, (gpa, length, flags) in enumerate(entries):
-            last = k == len(entries) - 1
-            self.views.desc[ids[k]] = (gpa, length, flags | (0 if last else VRING_DESC_F_NEXT),
-                                       0 if last else ids[k + 1])
-        head = ids[0]
-        self._chains[head] = ids
-        self.views.avail_ring[self.avail_idx % self.num] = head
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        return head
+            self._no_room(needed, "")
+        descs: dict[int, bytes] = {}
+        heads = []
+        for k, segs in enumerate(chains):
+            entries = [(gpa, length, VRING_DESC_F_WRITE if writable else 0)
+                       for gpa, length, writable in segs]
+            if indirect is not None:
+                table = b"".join(_link(entries, range(len(entries))).values())
+                self.ram.write(indirect[k], table)
+                entries = [(indirect[k], len(table), VRING_DESC_F_INDIRECT)]
+            ids = [self._free.pop() for _ in entries]
+            descs.update(_link(entries, ids))
+            self._chains[ids[0]] = ids
+            heads.append(ids[0])
+        self._write_runs(self.desc_gpa, 16, descs)
+        slots = {}
+        for head in heads:
+            slots[self.avail_idx % self.num] = struct.pack("<H", head)
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self._write_runs(self.avail_gpa + 4, 2, slots)
+        return heads
+
+    def _write_runs(self, base: int, size: int, items: dict[int, bytes]) -> None:
+        """Write ``items`` (index -> bytes) at ``base + size * index``, one write
+        per run of consecutive indices (a qtest command each)."""
+        run: list[int] = []
+        for i in sorted(items) + [None]:
+            if run and (i is None or i != run[-1] + 1):
+                self.ram.write(base + size * run[0], b"".join(items[j] for j in run))
+                run = []
+            if i is not None:
+                run.append(i)
 
     def publish(self) -> None:
         """Make added chains visible: avail->idx with a release store, after
         the descriptors and ring entries (2.7.13.3)."""
-        smp_store_release(self._avail16, 1, np.uint16(self.avail_idx))
+        self.ram.store_release_w(self.avail_gpa + 2, self.avail_idx)
         self._published = self.avail_idx
 
     def kick_needed(self) -> bool:
@@ -121,37 +324,90 @@ class VirtqueueDriver:
         published since the last decision; otherwise, unless the device set
         VRING_USED_F_NO_NOTIFY.
         """
-        smp_mb()          # our avail->idx store before the device's fields
+        self.ram.mb()          # our avail->idx store before the device's fields
         old, new = self._kicked, self._published
         self._kicked = new
         if self.event_idx:
-            return vring_need_event_py(int(self.views.avail_event[0]), new, old)
-        return not (int(self.views.used_flags[0]) & VRING_USED_F_NO_NOTIFY)
+            avail_event = self.ram.readw(self.used_gpa + 4 + 8 * self.num)
+            return vring_need_event_py(avail_event, new, old)
+        return not self.ram.readw(self.used_gpa) & VRING_USED_F_NO_NOTIFY
 
-    def get_used(self) -> list[tuple[int, int]]:
-        """Collect the chains the device returned: ``[(head, len), ...]``."""
-        used_idx = int(smp_load_acquire(self._used16, 1))
-        done = []
-        while self.last_used_idx != used_idx:
-            elem = self.views.used_ring[self.last_used_idx % self.num]
-            head, length = int(elem["id"]), int(elem["len"])
-            ids = self._chains.pop(head, None)
-            if ids is None:
-                raise ValueError(f"the device returned head {head}, which is not in flight")
-            self._free.extend(reversed(ids))
-            done.append((head, length))
-            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
-        if self.event_idx:
+    # -- used buffers --------------------------------------------------------------
+    def used_idx(self) -> int:
+        """used->idx as the driver reads it now (acquire)."""
+        return self.ram.load_acquire_w(self.used_gpa + 2)
+
+    def pending_used(self) -> int:
+        """Used entries the device returned and the driver has not collected."""
+        return (self.used_idx() - self.last_used_idx) & 0xFFFF
+
+    def pop_used(self) -> list[tuple[int, int, list[int] | None]]:
+        """Take the used entries the device returned: ``[(head, len, chain), ...]``.
+
+        ``chain`` is the head's descriptor ids, now free again, or None when
+        the head was not in flight (the entry is passed over: the ring is not
+        what the driver left). More than ``num`` entries apart from the
+        driver's last_used_idx raises GuestDriverError (virtio 2.7.8: the
+        device never has more than num outstanding).
+        """
+        end = self.used_idx()
+        n = (end - self.last_used_idx) & 0xFFFF
+        if n > self.num:
+            raise GuestDriverError(
+                f"the driver's last_used_idx is {self.last_used_idx}: {n} entries apart "
+                "(mod 2**16); the used ring is not what the guest left",
+                what=self._name(self.queue), field="used.idx", value=end, limit=self.num)
+        out = []
+        if n:
+            first = self.last_used_idx % self.num
+            k = min(n, self.num - first)
+            raw = self.ram.read(self.used_gpa + 4 + 8 * first, 8 * k)
+            if k < n:       # wrapped around the end of the ring
+                raw += self.ram.read(self.used_gpa + 4, 8 * (n - k))
+            for elem in np.frombuffer(raw, VRING_USED_ELEM_DTYPE):
+                head, length = int(elem["id"]), int(elem["len"])
+                ids = self._chains.pop(head, None)
+                if ids is not None:
+                    self._free.extend(reversed(ids))
+                out.append((head, length, ids))
+            self.last_used_idx = end
+        if self.event_idx and self._used_event != self.last_used_idx:
             # used_event: interrupt me when the device passes what I have seen
-            self.views.used_event[0] = self.last_used_idx
-        return done
+            self.ram.writew(self.avail_gpa + 4 + 2 * self.num, self.last_used_idx)
+            self._used_event = self.last_used_idx
+        return out
 
-    @property
-    def in_flight(self) -> int:
-        """Chains added and not yet returned."""
-        return len(self._chains)
+    def get_used(self) -> list[UsedElem]:
+        """Collect the chains the device returned: ``[(head, len), ...]``.
+
+        Raises GuestDriverError on a head that is not in flight.
+        """
+        out = []
+        for head, length, ids in self.pop_used():
+            if ids is None:
+                raise GuestDriverError(
+                    f"{self._name(self.queue)}: the device returned head {head}, "
+                    "which is not in flight")
+            out.append(UsedElem(head, length))
+        return out
+
+    # -- state ----------------------------------------------------------------------
+    def export_state(self) -> dict:
+        """The driver's bookkeeping, which a real guest keeps in its RAM (a
+        migration moves it); :meth:`restore_state` takes it back."""
+        return {"free": list(self._free), "chains": self.chains, "avail_idx": self.avail_idx,
+                "published": self._published, "kicked": self._kicked,
+                "last_used_idx": self.last_used_idx, "used_event": self._used_event}
+
+    def restore_state(self, state: dict) -> None:
+        """Take over the bookkeeping of :meth:`export_state` (the ring is not touched)."""
+        self._free = list(state["free"])
+        self._chains = {int(h): list(ids) for h, ids in state["chains"].items()}
+        self.avail_idx, self._published = state["avail_idx"], state["published"]
+        self._kicked, self.last_used_idx = state["kicked"], state["last_used_idx"]
+        self._used_event = state["used_event"]
 
     def close(self) -> None:
         """Drop the views of guest memory (they keep it mapped, see
         GuestMemory.close). The driver is unusable afterwards."""
-        self.views = self._avail16 = self._used16 = None
+        self.views = self.ram = None
