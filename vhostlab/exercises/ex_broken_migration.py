@@ -133,7 +133,7 @@ class BrokenRun:
     summary: dict
     source_trace: tuple      # the source back-end's TraceRecords, in order
     destination_trace: tuple
-    rounds: tuple            # RoundSnapshot per copy round
+    rounds: tuple            # BuiltinRound per copy round
     dirty_rounds: tuple      # DirtyRound per sync; the last is the final sync
     rings_at_stop: dict      # ring index -> last_avail_idx when GET_VRING_BASE came
     rx_sent: tuple
