@@ -11,6 +11,7 @@ from vhostlab.backend import BackendServer
 from vhostlab.frontend import BuiltinMigration, CaptureWire, VhostDev, VhostOps, VirtioNetGuest
 from vhostlab.frontend.frames import RX, TX, frame_id, make_frame
 from vhostlab.frontend.guest import RX_QUEUE, TX_QUEUE
+from vhostlab.protocol import TO_BACKEND
 
 PAGE = 4096
 
@@ -30,7 +31,7 @@ def rig():
 
 
 def _out(dev):
-    return [r for r in dev.vhost_ops.trace.records() if r.direction == "out"]
+    return [r for r in dev.vhost_ops.trace.records() if r.direction == TO_BACKEND]
 
 
 def _start(dev, guest):
