@@ -83,10 +83,6 @@ class FrameLedger:
     _next: int = field(default=0, repr=False)              # the seq make() gives next
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    @classmethod
-    def new(cls, direction: str) -> "FrameLedger":
-        return cls(direction)
-
     def send(self, seq: int, length: int) -> bytes:
         """Record and return the frame ``seq``."""
         frame = make_frame(self.direction, seq, length)

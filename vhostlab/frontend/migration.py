@@ -203,8 +203,8 @@ class BuiltinMigration:
     snapshots: list = field(default_factory=list)
     dirty_rounds: list = field(default_factory=list)    # DirtyRound per sync, for the views
     ops_called: list = field(default_factory=list)
-    rx: FrameLedger = field(default_factory=lambda: FrameLedger.new(RX))
-    tx: FrameLedger = field(default_factory=lambda: FrameLedger.new(TX))
+    rx: FrameLedger = field(default_factory=lambda: FrameLedger(RX))
+    tx: FrameLedger = field(default_factory=lambda: FrameLedger(TX))
     pages_mismatched: np.ndarray | None = None
     rarp_frames: int = 0
     status: str = "not started"
