@@ -105,3 +105,19 @@ def test_demo_recorded_narrates_the_seed_sequence():
     assert out.returncode == 0
     text = out.stdout
     assert text.index("SET_LOG_BASE") < text.index("GET_VRING_BASE")
+
+
+def test_demo_recorded_narrates_every_message_as_every_narration_does():
+    from vhostlab.demo import narrate, run_recorded
+    from vhostlab.protocol.recorded import QEMU_7_2_SEQUENCE
+    lines: list[str] = []
+    summary, code = run_recorded(out=lines.append)
+    assert code == 0 and summary["messages"] == len(QEMU_7_2_SEQUENCE)
+    for entry in QEMU_7_2_SEQUENCE:
+        assert "  " + narrate(entry) in lines
+    mem = next(line for line in lines if "-> SET_MEM_TABLE" in line)
+    assert mem.endswith("(need_reply) + 3 fds") and "guest_phys_addr=0x100000" in mem
+    assert "memory_size=0xff00000" in mem
+    assert "  -> SET_LOG_BASE {mmap_size=0x2000, mmap_offset=0x0} + 1 fd" in lines
+    summary, code = run_recorded(break_logging=True, out=lines.append)
+    assert code == 2 and "error" in summary

@@ -8,7 +8,8 @@ migrations themselves live with their front-ends:
 - ``builtin``: the kit's Python front-end between two back-ends
   (:mod:`vhostlab.frontend.demo`);
 - ``recorded``: no back-end at all, the start-up and migration sequence QEMU
-  7.2 sent, decoded by the protocol layer.
+  7.2 sent (:mod:`vhostlab.protocol.recorded`), decoded by the protocol layer
+  and narrated here.
 
 Exit codes: 0 when the integrity check passed, 3 when frames were lost or
 corrupted (``--break-logging`` must produce that), 2 for a set-up failure.
@@ -17,8 +18,11 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any, Callable
 
 from vhostlab import doctor
+from vhostlab.protocol import format_message
+from vhostlab.protocol.recorded import QEMU_7_2_PHASES, QEMU_7_2_SEQUENCE, RecordedMessage
 
 EXIT_OK, EXIT_SETUP, EXIT_CORRUPTED = 0, 2, 3
 
@@ -33,11 +37,41 @@ def choose(frontend: str) -> str:
 def _runner(frontend: str):
     if frontend == "qemu":
         from vhostlab.qemu.demo import run_demo
-    elif frontend == "builtin":
+        return run_demo
+    if frontend == "builtin":
         from vhostlab.frontend.demo import run_demo
-    else:
-        from vhostlab.protocol.recorded import run_demo
-    return run_demo
+        return run_demo
+    return run_recorded
+
+
+def narrate(entry: RecordedMessage) -> str:
+    """One line for a recorded message, as every narration prints a message."""
+    fields = entry.message.fields()
+    return format_message(entry.direction, fields["request"], fields, entry.nfds)
+
+
+def run_recorded(as_json: bool = False, break_logging: bool = False,
+                 out: Callable[..., Any] = print) -> tuple[dict, int]:
+    """Narrate QEMU 7.2's recorded conversation phase by phase; no back-end runs.
+
+    Returns (summary, exit code): 0, or 2 with ``break_logging``, which
+    needs a live back-end whose logging can be broken.
+    """
+    summary: dict[str, Any] = {"frontend": "recorded", "qemu": "7.2",
+                               "phases": {p: len(e) for p, e in QEMU_7_2_PHASES},
+                               "messages": len(QEMU_7_2_SEQUENCE)}
+    if break_logging:
+        summary["error"] = "--break-logging needs a live back-end"
+        out("recorded: --break-logging needs a live back-end (use --frontend builtin or qemu)")
+        return summary, EXIT_SETUP
+    for phase, entries in QEMU_7_2_PHASES:
+        out(f"== {phase}")
+        for entry in entries:
+            out("  " + narrate(entry))
+    out(f"{len(QEMU_7_2_SEQUENCE)} messages. Values marked as examples in "
+        "vhostlab.protocol.recorded are illustrative; the order is QEMU's.")
+    summary["integrity"] = "not applicable (a recording moves no frames)"
+    return summary, EXIT_OK
 
 
 def add_arguments(parser) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from vhostlab import doctor
+from vhostlab.protocol import TO_BACKEND
 
 __all__ = [
     "FRONTENDS", "RAM_SIZE", "LabSetupError", "Lab", "LabDevice", "LoggingWindow",
@@ -383,7 +384,7 @@ class LabDevice:
 
     def requests(self) -> list[str]:
         """The names of the requests the back-end received, in order."""
-        return [r.request for r in self.backend_trace() if r.direction == "in"]
+        return [r.request for r in self.backend_trace() if r.direction == TO_BACKEND]
 
     def trace_view(self, limit: int = 0):
         """The back-end's message trace as a table (the ``limit`` latest rows; 0: all)."""
@@ -616,7 +617,7 @@ class LabMigration:
     def requests(self, side: str = "source") -> list[str]:
         """The names of the requests the source (or destination) back-end received."""
         trace = self.source_trace() if side == "source" else self.destination_trace()
-        return [r.request for r in trace if r.direction == "in"]
+        return [r.request for r in trace if r.direction == TO_BACKEND]
 
     def watch(self):
         """A live view of the run (timeline, rounds), redrawn until it ends."""
@@ -684,7 +685,7 @@ class _OpCall:
         info = op_info(self.name)
         if info.messages and not info.local and exc is None:
             wait_until(self._new, 1.0)          # the back-end's thread records what it got
-        sent = ", ".join(r.request for r in self._new() if r.direction == "in")
+        sent = ", ".join(r.request for r in self._new() if r.direction == TO_BACKEND)
         if isinstance(exc, NotSupportedByVhostUser):
             kind, detail = "kernel only", f"ioctl {exc.kernel_ioctl}: {exc.reason}"
         elif isinstance(exc, ProtocolFeatureMissing):

@@ -13,6 +13,7 @@ from vhostlab.backend import BackendServer
 from vhostlab.dirtylog import DirtyLog
 from vhostlab.protocol import ConfigSpace, Feature, IotlbMsg, Request, U64, VringState
 from vhostlab.ring import VirtqueueDriver
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 HDR = 12                        # VERSION_1 is acked: 12-byte virtio-net header
 TX_BUF_GPA = 0x2000000
@@ -127,10 +128,10 @@ def test_qemu_start_up_sequence_configures_the_device(make_server):
         # SET_MEM_TABLE was sent with need_reply: the REPLY_ACK said success.
         acks = [r for r in fe.replies if r.request is Request.SET_MEM_TABLE]
         assert len(acks) == 1 and acks[0].payload.value == 0 and acks[0].flags == 0x5
-        names = [r.request for r in snap.trace if r.direction == "in"]
+        names = [r.request for r in snap.trace if r.direction == TO_BACKEND]
         assert names[:5] == ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES",
                              "SET_OWNER", "GET_FEATURES"]
-        out = [r for r in snap.trace if r.direction == "out"]
+        out = [r for r in snap.trace if r.direction == TO_FRONTEND]
         assert all(r.fields["flags"] == 0x5 for r in out)
         mem = next(r for r in snap.trace if r.request == "SET_MEM_TABLE")
         assert mem.nfds == 3 and mem.fields["payload"]["nregions"] == 3

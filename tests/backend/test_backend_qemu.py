@@ -9,7 +9,7 @@ import pytest
 
 from test_backend_protocol import wait_until
 from vhostlab.backend import BackendServer, read_pcap
-from vhostlab.protocol import Feature
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, Feature
 
 MiB = 1 << 20
 
@@ -69,11 +69,11 @@ def test_qemu_start_up_frames_both_ways_and_migration_to_a_file(qemu_and_backend
     assert q.qmp.query_migrate()["status"] == "completed"
     assert target.stat().st_size > 0
     trace = srv.snapshot().trace
-    incoming = [r for r in trace if r.direction == "in"]
+    incoming = [r for r in trace if r.direction == TO_BACKEND]
     names = [r.request for r in incoming]
     i_log = names.index("SET_LOG_BASE")
     assert next(r for r in incoming if r.request == "SET_LOG_BASE").nfds == 1
-    log_reply = next(r for r in trace if r.direction == "out" and r.request == "SET_LOG_BASE")
+    log_reply = next(r for r in trace if r.direction == TO_FRONTEND and r.request == "SET_LOG_BASE")
     assert log_reply.fields["payload"]["value"] == 0
     log_all = [r for r in incoming[i_log:] if r.request == "SET_FEATURES"
                and r.fields["payload"]["value"] & Feature.VHOST_F_LOG_ALL]
@@ -81,7 +81,7 @@ def test_qemu_start_up_frames_both_ways_and_migration_to_a_file(qemu_and_backend
     assert [r.fields["payload"]["flags"] for r in incoming[i_log:]
             if r.request == "SET_VRING_ADDR"][:2] == [1, 1]
     bases = {r.fields["payload"]["index"]: r.fields["payload"]["num"] for r in trace
-             if r.direction == "out" and r.request == "GET_VRING_BASE"}
+             if r.direction == TO_FRONTEND and r.request == "GET_VRING_BASE"}
     assert bases == {0: 6, 1: 8}        # one RX buffer per frame, 8 TX chains taken
     assert not any(v.started for v in srv.snapshot().vrings)
     assert read_pcap(str(pcap)) == sent

@@ -14,6 +14,7 @@ import pytest
 from test_backend_protocol import Guest, frames_of, wait_until
 from test_backend_scripted import ScriptedFrontend
 from vhostlab.backend import read_pcap
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 SUMMARY_KEYS = {"guest_tx_frames", "guest_tx_bytes", "guest_rx_frames", "guest_rx_bytes",
                 "dropped", "pages_logged", "slowest_service_ms", "messages", "errors"}
@@ -74,11 +75,11 @@ def test_serve_once_reports_what_the_front_end_sent(serve, tmp_path):
     assert "front-end left" in err                       # logs go to stderr
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     sent_requests = sum(summary["messages"].values())
-    assert len([r for r in records if r["direction"] == "in"]) == sent_requests
+    assert len([r for r in records if r["direction"] == TO_BACKEND]) == sent_requests
     first = records[0]
     assert first["request"] == "GET_FEATURES" and first["raw"] == "010000000100000000000000"
     reply = records[1]
-    assert reply["direction"] == "out" and reply["fields"]["flags"] == 5
+    assert reply["direction"] == TO_FRONTEND and reply["fields"]["flags"] == 5
     kicks = [r for r in records if r["request"] == "SET_VRING_KICK"]
     assert all(r["nfds"] == 1 for r in kicks)
 

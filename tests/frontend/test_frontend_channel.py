@@ -13,6 +13,7 @@ import pytest
 
 from vhostlab.frontend import BackendDisconnected, BackendTimeout, VhostOps, VhostUserChannel
 from vhostlab.protocol import BackendConnection, Message, Request, VringState
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 
 def _peer(sock, replies, chunk=1):
@@ -53,7 +54,8 @@ def test_reply_arriving_byte_by_byte_and_fds_sent():
     assert result["seen"] == [(Request.GET_VRING_BASE, 0), (Request.SET_VRING_KICK, 1)]
     trace = ops.trace.records()
     assert [(r.direction, r.request) for r in trace] == [
-        ("out", "GET_VRING_BASE"), ("in", "GET_VRING_BASE"), ("out", "SET_VRING_KICK")]
+        (TO_BACKEND, "GET_VRING_BASE"), (TO_FRONTEND, "GET_VRING_BASE"),
+        (TO_BACKEND, "SET_VRING_KICK")]
     assert trace[1].raw == Message.make_reply(Request.GET_VRING_BASE,
                                               VringState(1, 77)).to_bytes()
 

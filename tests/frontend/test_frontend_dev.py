@@ -13,6 +13,7 @@ from vhostlab.frontend import (BuiltinMigration, BuiltinVirtioNetGuest, CaptureW
 from vhostlab.frontend.frames import RX, TX, frame_id, make_frame
 from vhostlab.frontend.guest import RX_QUEUE, TX_QUEUE
 from vhostlab.memory import GuestMemory
+from vhostlab.protocol import TO_BACKEND
 
 PAGE = 4096
 
@@ -32,7 +33,7 @@ def rig():
 
 
 def _out(dev):
-    return [r for r in dev.vhost_ops.trace.records() if r.direction == "out"]
+    return [r for r in dev.vhost_ops.trace.records() if r.direction == TO_BACKEND]
 
 
 def _start(dev, guest):

@@ -6,7 +6,7 @@ import pytest
 
 from vhostlab.frontend import BuiltinMigration, run_demo
 from vhostlab.frontend.guest import BUF_GPA, BUF_SIZE, RX_QUEUE
-from vhostlab.protocol import Feature
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, Feature
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_source_trace_follows_the_seeds_three_steps(migrated):
     m, _ = migrated
     tl = m.src.dev.timeline
     out = [(i, e.record) for i, e in enumerate(tl)
-           if e.kind == "message" and e.record.direction == "out"]
+           if e.kind == "message" and e.record.direction == TO_BACKEND]
     log_base = [i for i, r in out if r.request == "SET_LOG_BASE"]
     log_all = [i for i, r in out if r.request == "SET_FEATURES"
                and "VHOST_F_LOG_ALL" in r.fields["payload"]["names"]]
@@ -57,8 +57,8 @@ def test_source_trace_follows_the_seeds_three_steps(migrated):
 
 def test_backend_saw_the_same_bytes(migrated):
     m, _ = migrated
-    sent = [r.raw for r in m.src.dev.vhost_ops.trace.records() if r.direction == "out"]
-    got = [r.raw for r in m.src.server.trace.records() if r.direction == "in"]
+    sent = [r.raw for r in m.src.dev.vhost_ops.trace.records() if r.direction == TO_BACKEND]
+    got = [r.raw for r in m.src.server.trace.records() if r.direction == TO_BACKEND]
     assert sent == got
 
 
@@ -66,8 +66,8 @@ def test_destination_resumes_where_the_source_stopped(migrated):
     m, _ = migrated
     bases = {r.fields["payload"]["index"]: r.fields["payload"]["num"]
              for r in m.src.dev.vhost_ops.trace.records()
-             if r.direction == "in" and r.request == "GET_VRING_BASE"}
-    dst_out = [r for r in m.dst.dev.vhost_ops.trace.records() if r.direction == "out"]
+             if r.direction == TO_FRONTEND and r.request == "GET_VRING_BASE"}
+    dst_out = [r for r in m.dst.dev.vhost_ops.trace.records() if r.direction == TO_BACKEND]
     set_base = {r.fields["payload"]["index"]: r.fields["payload"]["num"]
                 for r in dst_out if r.request == "SET_VRING_BASE"}
     frames_before_stop = (m.rounds + 1) * m.frames_per_round
@@ -109,8 +109,8 @@ def test_downtime_runs_from_the_source_stop_to_the_destination_start(migrated):
     # The messages of the switch-over, the source's GET_VRING_BASE to the
     # destination's last SET_VRING_ENABLE, fall inside the measured window
     # (which leaves out the kit's own page-by-page RAM comparison).
-    src = [r for r in m.src.dev.vhost_ops.trace.records() if r.direction == "out"]
-    dst = [r for r in m.dst.dev.vhost_ops.trace.records() if r.direction == "out"]
+    src = [r for r in m.src.dev.vhost_ops.trace.records() if r.direction == TO_BACKEND]
+    dst = [r for r in m.dst.dev.vhost_ops.trace.records() if r.direction == TO_BACKEND]
     first = next(r.time for r in src if r.request == "GET_VRING_BASE")
     last = [r.time for r in dst if r.request == "SET_VRING_ENABLE"][-1]
     assert 0 < last - first <= m.downtime_s + m.ram_compare_s

@@ -11,14 +11,14 @@ import os
 
 import pytest
 
-from vhostlab.backend import BackendServer
+from vhostlab.backend import BackendServer, is_rarp
 from vhostlab.dirtylog import DirtyLog
 from vhostlab.frontend import (VHOST_OPS_TABLE, BackendReplyError, CaptureWire,
                                NotSupportedByVhostUser, ProtocolFeatureMissing, VhostOpsError,
                                VhostOps, op_info)
 from vhostlab.frontend.frames import GUEST_MAC
 from vhostlab.memory import GuestMemory
-from vhostlab.protocol import Feature, ProtocolFeature, VHOST_IOTLB_UPDATE
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, VHOST_IOTLB_UPDATE, Feature, ProtocolFeature
 from vhostlab.ring.layout import vring_layout
 
 RAM = 8 << 20
@@ -48,7 +48,7 @@ def memory():
 
 
 def _backend_in(server, since: int):
-    return [r for r in server.trace.records(since) if r.direction == "in"]
+    return [r for r in server.trace.records(since) if r.direction == TO_BACKEND]
 
 
 class Watch:
@@ -63,13 +63,13 @@ class Watch:
         result = fn(*args, **kwargs)
         fe = self.ops.trace.records()[fe0:]
         # the back-end handles in its own thread: wait until it recorded as many
-        sent = [r for r in fe if r.direction == "out"]
+        sent = [r for r in fe if r.direction == TO_BACKEND]
         self.server.wait_for(lambda s: len(_backend_in(self.server, be0)) >= len(sent), 5.0)
         return result, fe, _backend_in(self.server, be0)
 
 
 def _check_same_bytes(fe, be):
-    sent = [r for r in fe if r.direction == "out"]
+    sent = [r for r in fe if r.direction == TO_BACKEND]
     assert [r.raw for r in sent] == [r.raw for r in be]
     assert [r.nfds for r in sent] == [r.nfds for r in be]
     return sent
@@ -121,7 +121,7 @@ def test_every_op_the_backend_serves(ops, server, memory):
 
     _, sent, fe = one("vhost_set_mem_table", memory, expect=["SET_MEM_TABLE"])
     assert sent[0].nfds == 3 and sent[0].fields["need_reply"]          # REPLY_ACK
-    assert fe[-1].direction == "in" and fe[-1].fields["payload"]["value"] == 0
+    assert fe[-1].direction == TO_FRONTEND and fe[-1].fields["payload"]["value"] == 0
     regions = sent[0].fields["payload"]["regions"]
     assert [(r["guest_phys_addr"], r["memory_size"]) for r in regions] == [
         (0x0, 0xC0000), (0xE0000, 0x10000), (0x100000, RAM - 0x100000)]
@@ -151,7 +151,7 @@ def test_every_op_the_backend_serves(ops, server, memory):
         try:
             _, sent, fe = one("vhost_set_log_base", log, expect=["SET_LOG_BASE"])
             assert sent[0].fields["payload"] == {"mmap_size": log.size, "mmap_offset": 0}
-            assert sent[0].nfds == 1 and fe[-1].direction == "in"      # LOG_SHMFD reply
+            assert sent[0].nfds == 1 and fe[-1].direction == TO_FRONTEND      # LOG_SHMFD reply
             _, sent, _ = one("vhost_set_features", acked | int(Feature.VHOST_F_LOG_ALL),
                              expect=["SET_FEATURES"])
             assert "VHOST_F_LOG_ALL" in sent[0].fields["payload"]["names"]
@@ -179,7 +179,7 @@ def test_every_op_the_backend_serves(ops, server, memory):
     assert sent_rarp
     assert server.wait_for(lambda s: s.counters["rarp_sent"] == 1, 5)
     rarp = server.capture.captured[-1]
-    assert rarp[12:14] == b"\x80\x35" and rarp[6:12] == GUEST_MAC
+    assert is_rarp(rarp) and rarp[6:12] == GUEST_MAC
 
     one("vhost_reset_device", expect=["RESET_DEVICE"])
 
@@ -191,7 +191,7 @@ def test_iotlb_msg_is_sent_and_its_refusal_named(ops, server):
         watch(ops.vhost_send_device_iotlb_msg, 0x1000, 0x1000, 0x7F0000000000, 3,
               VHOST_IOTLB_UPDATE)
     assert info.value.value != 0
-    out = [r for r in ops.trace.records() if r.direction == "out"]
+    out = [r for r in ops.trace.records() if r.direction == TO_BACKEND]
     assert out[-1].request == "IOTLB_MSG" and out[-1].fields["need_reply"]
     assert _backend_in(server, 0)[-1].request == "IOTLB_MSG"
 

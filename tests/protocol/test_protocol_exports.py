@@ -10,7 +10,7 @@ from vhostlab.protocol import (BACKEND_REQUESTS, FEATURE_MEANING,
                                Request, describe, describe_mask,
                                feature_names)
 
-MODULES = ["connection", "constants", "errors", "features", "message",
+MODULES = ["connection", "constants", "errors", "features", "lines", "message",
            "payloads", "requests"]
 
 

@@ -118,16 +118,3 @@ def test_replay_through_both_connections_over_a_socket() -> None:
             os.close(fd)
         a.close()
         b.close()
-
-
-def test_demo_narrates_every_message() -> None:
-    from vhostlab.protocol.recorded import narrate, run_demo
-    lines: list[str] = []
-    summary, code = run_demo(out=lines.append)
-    assert code == 0 and summary["messages"] == len(QEMU_7_2_SEQUENCE)
-    for entry in QEMU_7_2_SEQUENCE:
-        assert "  " + narrate(entry) in lines
-    mem = next(line for line in lines if "SET_MEM_TABLE" in line and "QEMU ->" in line)
-    assert "fds=3" in mem and "gpa 0x100000 size 0xff00000" in mem
-    summary, code = run_demo(break_logging=True, out=lines.append)
-    assert code == 2 and "error" in summary

@@ -10,6 +10,7 @@ import sys
 from vhostlab.backend.trace import MessageTrace
 from vhostlab.qemu.demo import _Narrator
 from vhostlab.qemu.migration import MigrationConfig, ProgressEvent
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 
 def _records(*items):
@@ -20,20 +21,20 @@ def _records(*items):
     return trace.records()
 
 
-SOURCE_START = [("in", "SET_VRING_NUM", {"index": 0, "num": 256}),
-                ("in", "SET_VRING_NUM", {"index": 1, "num": 256})]
-LOGGING = [("in", "SET_LOG_BASE", {"mmap_size": 4096, "mmap_offset": 0}),
-           ("out", "SET_LOG_BASE", {"value": 0}),
-           ("in", "SET_FEATURES", {"value": 1 << 26 | 1 << 30}),
-           ("in", "SET_VRING_ADDR", {"index": 0, "flags": 1, "log": True}),
-           ("in", "SET_VRING_ADDR", {"index": 1, "flags": 1, "log": True})]
-STOP = [("in", "GET_VRING_BASE", {"index": 0, "num": 0}),
-        ("out", "GET_VRING_BASE", {"index": 0, "num": 7}),
-        ("in", "GET_VRING_BASE", {"index": 1, "num": 0}),
-        ("out", "GET_VRING_BASE", {"index": 1, "num": 3}),
-        ("in", "SET_STATUS", {"value": 0})]
-DEST = [("in", "SET_VRING_BASE", {"index": 0, "num": 7}),
-        ("in", "SET_VRING_BASE", {"index": 1, "num": 3})]
+SOURCE_START = [(TO_BACKEND, "SET_VRING_NUM", {"index": 0, "num": 256}),
+                (TO_BACKEND, "SET_VRING_NUM", {"index": 1, "num": 256})]
+LOGGING = [(TO_BACKEND, "SET_LOG_BASE", {"mmap_size": 4096, "mmap_offset": 0}),
+           (TO_FRONTEND, "SET_LOG_BASE", {"value": 0}),
+           (TO_BACKEND, "SET_FEATURES", {"value": 1 << 26 | 1 << 30}),
+           (TO_BACKEND, "SET_VRING_ADDR", {"index": 0, "flags": 1, "log": True}),
+           (TO_BACKEND, "SET_VRING_ADDR", {"index": 1, "flags": 1, "log": True})]
+STOP = [(TO_BACKEND, "GET_VRING_BASE", {"index": 0, "num": 0}),
+        (TO_FRONTEND, "GET_VRING_BASE", {"index": 0, "num": 7}),
+        (TO_BACKEND, "GET_VRING_BASE", {"index": 1, "num": 0}),
+        (TO_FRONTEND, "GET_VRING_BASE", {"index": 1, "num": 3}),
+        (TO_BACKEND, "SET_STATUS", {"value": 0})]
+DEST = [(TO_BACKEND, "SET_VRING_BASE", {"index": 0, "num": 7}),
+        (TO_BACKEND, "SET_VRING_BASE", {"index": 1, "num": 3})]
 
 
 def _narrate(source, destination, version=(10, 0, 13)):

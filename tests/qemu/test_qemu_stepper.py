@@ -15,6 +15,7 @@ from vhostlab.qemu.host import vring_bases
 from vhostlab.qemu.sequences import expected_stop_variant, explain_stop
 from vhostlab.qemu.stepper import (HOST_MTU, NOT_CALLABLE_HERE, STEPS, QemuStepper,
                                    attribute_ops, coverage, coverage_column, step_named)
+from vhostlab.protocol import TO_BACKEND
 
 SEED_OPS = {op.name for op in VHOST_OPS_TABLE}
 MUST = ("vhost_net_set_mtu", "vhost_set_vring_enable", "vhost_get_vring_base",
@@ -74,7 +75,7 @@ def test_net_set_mtu_carries_host_mtu_and_the_device_offers_mtu(requires_qemu, w
     features = _result(walked, "features").detail
     assert features["device offers VIRTIO_NET_F_MTU"] and features["config mtu"] == HOST_MTU
     recs = [r for r in _result(walked, "DRIVER_OK").records["source"]
-            if r.request == "NET_SET_MTU" and r.direction == "in"]
+            if r.request == "NET_SET_MTU" and r.direction == TO_BACKEND]
     assert [r.fields["payload"]["value"] for r in recs] == [HOST_MTU]
     ops = dict((r.request, op) for r, op in _result(walked, "DRIVER_OK").ops["source"])
     assert ops["NET_SET_MTU"] == "vhost_net_set_mtu"
@@ -86,14 +87,14 @@ def test_queue_sizes_come_from_qemu(requires_qemu, walked):
     assert detail["queue 0"].startswith(f"size {size},"), detail
     assert f"{size} entries" in step_named("queue addresses").expected(walked.version)[2]
     nums = [r.fields["payload"]["num"] for r in _result(walked, "DRIVER_OK").records["source"]
-            if r.request == "SET_VRING_NUM" and r.direction == "in"]
+            if r.request == "SET_VRING_NUM" and r.direction == TO_BACKEND]
     assert nums == [size, size]
 
 
 def test_logging_on_and_off(requires_qemu, walked):
     def features(name):
         return [r.fields["payload"]["value"] for r in _result(walked, name).records["source"]
-                if r.request == "SET_FEATURES" and r.direction == "in"]
+                if r.request == "SET_FEATURES" and r.direction == TO_BACKEND]
     assert all(v & VHOST_F_LOG_ALL for v in features("migrate to a sink"))
     assert not any(v & VHOST_F_LOG_ALL for v in features("migrate_cancel"))
     ops = _result(walked, "migrate to a sink").ops_called
@@ -106,7 +107,7 @@ def test_migration_carries_ring_positions_and_ends_with_rarp(requires_qemu, walk
     put = vring_bases(result.records["destination"], "SET_VRING_BASE")
     assert got and put == got
     rarps = [r for r in result.records["destination"]
-             if r.request == "SEND_RARP" and r.direction == "in"]
+             if r.request == "SEND_RARP" and r.direction == TO_BACKEND]
     assert rarps
     assert "vhost_migration_done" in result.ops_called
 
@@ -184,7 +185,7 @@ def test_attribute_ops_reads_status_resets_by_position():
 
     def rec(seq, req, value=None):
         fields = {"payload": {"value": value}} if value is not None else {}
-        return TraceRecord(seq, 0.0, 1, "in", req, fields, b"", 0)
+        return TraceRecord(seq, 0.0, 1, TO_BACKEND, req, fields, b"", 0)
     before = [rec(1, "SET_OWNER"), rec(2, "SET_STATUS", 0), rec(3, "GET_VRING_BASE")]
     after = [rec(1, "SET_OWNER"), rec(2, "GET_VRING_BASE"), rec(3, "SET_STATUS", 0)]
     assert [op for _r, op in attribute_ops(before)][1] == "vhost_dev_start"

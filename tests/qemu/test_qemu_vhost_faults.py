@@ -19,7 +19,8 @@ import pytest
 
 from vhostlab.qemu import (FrameLedger, GuestDirtier, MigrationConfig, QemuMigration,
                            VhostUserHost)
-from vhostlab.qemu.traffic import FROM_GUEST, TO_GUEST
+from vhostlab.qemu.traffic import FROM_GUEST, TO_GUEST, is_rarp
+from vhostlab.protocol import TO_BACKEND
 
 pytestmark = pytest.mark.qemu
 
@@ -54,7 +55,7 @@ def frames_both_ways(host: VhostUserHost, n: int = 6) -> None:
     base = host.counters()["guest_tx_frames"]
     guest.transmit(outbound)
     assert host.server.wait_for(lambda s: s.counters["guest_tx_frames"] >= base + n, 10)
-    assert [f for f in host.wire.take() if f[12:14] != b"\x80\x35"] == outbound
+    assert [f for f in host.wire.take() if not is_rarp(f)] == outbound
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def test_backend_restart_with_reconnect(hosts):
     # QEMU could not ask the old back-end for its rings (GET_VRING_BASE failed),
     # so it restarts them at the used index the guest's memory shows.
     bases = [r.fields["payload"]["num"] for r in host.trace()
-             if r.request == "SET_VRING_BASE" and r.direction == "in"]
+             if r.request == "SET_VRING_BASE" and r.direction == TO_BACKEND]
     assert bases == [6, 6]
     frames_both_ways(host)
     assert host.guest.ring_state(0).used_idx == 12
@@ -196,7 +197,7 @@ def test_destination_killed_mid_migration(requires_qemu):
         # (vhost_log_global_stop may come after query-migrate said failed: wait for it).
         assert m.src.server.wait_for(lambda s: not s.logging, timeout=20)
         features = [r.fields["payload"]["value"] for r in m.src.trace()
-                    if r.request == "SET_FEATURES" and r.direction == "in"]
+                    if r.request == "SET_FEATURES" and r.direction == TO_BACKEND]
         assert features[-2] & LOG_ALL and not features[-1] & LOG_ALL
         _source_runs_on(m)
     finally:

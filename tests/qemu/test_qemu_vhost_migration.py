@@ -12,6 +12,7 @@ import pytest
 
 from vhostlab.qemu import MigrationConfig, QemuMigration
 from vhostlab.qemu.demo import run_demo
+from vhostlab.protocol import TO_BACKEND
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -19,7 +20,7 @@ LOG_ALL = 1 << 26
 
 
 def _in(trace, request):
-    return [r for r in trace if r.request == request and r.direction == "in"]
+    return [r for r in trace if r.request == request and r.direction == TO_BACKEND]
 
 
 def _frames_intact(d: dict) -> bool:

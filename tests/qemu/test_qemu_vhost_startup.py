@@ -11,6 +11,7 @@ import pytest
 
 from vhostlab.qemu import RX_QUEUE, TX_QUEUE, FrameLedger, VhostUserHost, ops_called
 from vhostlab.qemu.traffic import FROM_GUEST, TO_GUEST
+from vhostlab.protocol import TO_BACKEND
 
 pytestmark = pytest.mark.qemu
 
@@ -37,7 +38,7 @@ def _receive(guest, n: int) -> list[bytes]:
 def test_startup_sequence_and_device_state(host):
     guest = host.init_guest()
     snap = host.server.snapshot()
-    requests = [r.request for r in snap.trace if r.direction == "in"]
+    requests = [r.request for r in snap.trace if r.direction == TO_BACKEND]
     # vhost_user_backend_init first, then vhost_dev_init's SET_OWNER ...
     assert requests[0] == "GET_FEATURES"
     assert requests.index("SET_OWNER") < requests.index("SET_FEATURES")

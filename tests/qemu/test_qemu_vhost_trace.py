@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vhostlab.backend import MessageTrace
-from vhostlab.protocol import LogArea, Message, Request, U64, VringState
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, U64, LogArea, Message, Request, VringState
 from vhostlab.qemu import (FROM_GUEST, TO_GUEST, CaptureWire, FrameLedger, RoundSnapshot,
                            frame_tag, ops_called, vring_bases)
 from vhostlab.qemu.traffic import is_rarp
@@ -22,8 +22,8 @@ LOG_ALL = 1 << 26
 
 def _record(trace: MessageTrace, direction: str, request: Request, payload=None,
             connection: int = 1) -> None:
-    """What the back-end records: "in" a request from QEMU, "out" its reply."""
-    msg = Message.make(request, payload) if direction == "in" else \
+    """What the back-end records: TO_BACKEND a request from QEMU, TO_FRONTEND its reply."""
+    msg = Message.make(request, payload) if direction == TO_BACKEND else \
         Message.make_reply(request, payload)
     trace.record(direction, request.name, msg.fields(), msg.to_bytes(), 0, connection)
 
@@ -33,19 +33,19 @@ def _startup(trace: MessageTrace, connection: int = 1) -> None:
                          (Request.SET_PROTOCOL_FEATURES, U64(0x3)),
                          (Request.GET_QUEUE_NUM, None), (Request.SET_OWNER, None),
                          (Request.GET_FEATURES, None)):
-        _record(trace, "in", req, payload, connection)
+        _record(trace, TO_BACKEND, req, payload, connection)
 
 
 def test_ops_called_names_the_ops_qemu_invoked():
     src = MessageTrace()
     _startup(src)
-    _record(src, "in", Request.SET_LOG_BASE, LogArea(4096, 0))
-    _record(src, "in", Request.SET_FEATURES, U64(LOG_ALL))
-    _record(src, "in", Request.GET_STATUS)          # vhost_user_set_features adds FEATURES_OK
-    _record(src, "in", Request.SET_STATUS, U64(8))
+    _record(src, TO_BACKEND, Request.SET_LOG_BASE, LogArea(4096, 0))
+    _record(src, TO_BACKEND, Request.SET_FEATURES, U64(LOG_ALL))
+    _record(src, TO_BACKEND, Request.GET_STATUS)          # vhost_user_set_features adds FEATURES_OK
+    _record(src, TO_BACKEND, Request.SET_STATUS, U64(8))
     for i in range(2):
-        _record(src, "in", Request.GET_VRING_BASE, VringState(i, 0))
-    _record(src, "out", Request.GET_VRING_BASE, VringState(0, 96))   # replies do not count
+        _record(src, TO_BACKEND, Request.GET_VRING_BASE, VringState(i, 0))
+    _record(src, TO_FRONTEND, Request.GET_VRING_BASE, VringState(0, 96))   # replies do not count
     assert ops_called(src.records()) == [
         "vhost_backend_init", "vhost_set_owner", "vhost_get_features", "vhost_set_log_base",
         "vhost_set_features", "vhost_get_vring_base", "vhost_get_vring_base"]
@@ -55,9 +55,9 @@ def test_ops_called_merges_two_back_ends_in_time_order():
     src, dst = MessageTrace(), MessageTrace()
     _startup(src)
     _startup(dst)                                   # the destination connects later
-    _record(src, "in", Request.GET_VRING_BASE, VringState(0, 0))
-    _record(dst, "in", Request.SET_VRING_BASE, VringState(0, 7))
-    _record(dst, "in", Request.SEND_RARP, U64(0x563412005452))
+    _record(src, TO_BACKEND, Request.GET_VRING_BASE, VringState(0, 0))
+    _record(dst, TO_BACKEND, Request.SET_VRING_BASE, VringState(0, 7))
+    _record(dst, TO_BACKEND, Request.SEND_RARP, U64(0x563412005452))
     ops = ops_called(src.records(), dst.records())
     assert ops.count("vhost_backend_init") == 2
     assert ops[-3:] == ["vhost_get_vring_base", "vhost_set_vring_base", "vhost_migration_done"]
@@ -65,12 +65,12 @@ def test_ops_called_merges_two_back_ends_in_time_order():
 
 def test_vring_bases_reads_replies_and_requests():
     src, dst = MessageTrace(), MessageTrace()
-    _record(src, "in", Request.SET_VRING_BASE, VringState(0, 0))       # start-up
-    _record(src, "in", Request.GET_VRING_BASE, VringState(0, 0))
-    _record(src, "out", Request.GET_VRING_BASE, VringState(0, 96))
-    _record(src, "out", Request.GET_VRING_BASE, VringState(1, 56))
-    _record(dst, "in", Request.SET_VRING_BASE, VringState(0, 96))
-    _record(dst, "in", Request.SET_VRING_BASE, VringState(1, 55))
+    _record(src, TO_BACKEND, Request.SET_VRING_BASE, VringState(0, 0))       # start-up
+    _record(src, TO_BACKEND, Request.GET_VRING_BASE, VringState(0, 0))
+    _record(src, TO_FRONTEND, Request.GET_VRING_BASE, VringState(0, 96))
+    _record(src, TO_FRONTEND, Request.GET_VRING_BASE, VringState(1, 56))
+    _record(dst, TO_BACKEND, Request.SET_VRING_BASE, VringState(0, 96))
+    _record(dst, TO_BACKEND, Request.SET_VRING_BASE, VringState(1, 55))
     assert vring_bases(src.records(), "GET_VRING_BASE") == {0: 96, 1: 56}
     assert vring_bases(dst.records(), "SET_VRING_BASE") == {0: 96, 1: 55}
 

@@ -19,6 +19,7 @@ from vhostlab.viz import CallTimelineView, DirtyBitmapView, DirtyRoundPlayer, Vi
 from vhostlab.viz import decode_png
 from vhostlab.viz.calls import inferred_timeline
 from vhostlab.viz.dirtymap import DIRTY_COLOURS, FILL, render
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 BANDS = ("RX ring", "TX ring", "RX buffers", "TX buffers")
 
@@ -111,7 +112,7 @@ def test_rings_at_the_switch_over_are_not_drained(builtin_runs):
     assert [r.index for r in src] == [r.index for r in dst] == [0, 1]
     got = {r.fields["payload"]["index"]: r.fields["payload"]["num"]
            for r in mig.src.server.trace.records() if r.request == "GET_VRING_BASE"
-           and r.direction == "out"}
+           and r.direction == TO_FRONTEND}
     for s, d in zip(src, dst):
         assert s.last_avail_idx == got[s.index] == d.last_avail_idx
         assert s.num == mig.guest.queues[s.index].num          # read from the ring, not 256
@@ -124,7 +125,7 @@ def test_inferred_nesting_of_a_qemu_like_trace():
 
     trace = MessageTrace()
 
-    def rec(req, d="in", **payload):
+    def rec(req, d=TO_BACKEND, **payload):
         trace.record(d, req, {"payload": payload}, b"")
     # QEMU 7.2's shape: start-up, logging on at migrate, SET_STATUS 0 before the stop.
     for req in ("GET_FEATURES", "SET_OWNER"):
@@ -134,7 +135,7 @@ def test_inferred_nesting_of_a_qemu_like_trace():
                 "SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ENABLE"):
         rec(req, index=0)
     rec("SET_LOG_BASE")
-    rec("SET_LOG_BASE", "out")
+    rec("SET_LOG_BASE", TO_FRONTEND)
     rec("SET_FEATURES", value=1 << 26)
     rec("SET_VRING_ADDR", index=0, flags=1)
     rec("SET_STATUS", value=0)

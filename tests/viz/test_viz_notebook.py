@@ -18,7 +18,7 @@ from vhostlab.viz import LiveView, RoundSlider, Stepper, TraceView, progress
 trace = MessageTrace()
 def send(num):
     m = Message.make(Request.SET_VRING_NUM, VringState(0, num))
-    trace.record("in", m.request.name, m.fields(), m.to_bytes())""",
+    trace.record("front-end to back-end", m.request.name, m.fields(), m.to_bytes())""",
     """with progress("Compiling kernels", delay=0.2):
     time.sleep(0.6)""",
     """with progress("Quick step", delay=0.5):

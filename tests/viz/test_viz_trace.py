@@ -10,6 +10,7 @@ from vhostlab.protocol import (ConfigSpace, Feature, LogArea, MemoryRegion, Memo
 from vhostlab.protocol.recorded import QEMU_7_2_SEQUENCE
 from vhostlab.viz import TraceView
 from vhostlab.viz._common import hexdump
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 QEMU_REGIONS = ((0x0, 0xC0000, 0x0), (0xE0000, 0x10000, 0xE0000),
                 (0x100000, 0xFF00000, 0x100000))
@@ -31,12 +32,12 @@ def test_trace_table_shows_each_message_in_order_with_decoded_fields():
     trace = MessageTrace()
     table = MemoryTable(tuple(MemoryRegion(gpa, size, 0x7F0000000000 + off, off)
                               for gpa, size, off in QEMU_REGIONS))
-    _record(trace, "in", Message.make(Request.GET_FEATURES))
-    _record(trace, "out", Message.make_reply(
+    _record(trace, TO_BACKEND, Message.make(Request.GET_FEATURES))
+    _record(trace, TO_FRONTEND, Message.make_reply(
         Request.GET_FEATURES, int(Feature.VHOST_F_LOG_ALL)))
-    _record(trace, "in", Message.make(Request.SET_MEM_TABLE, table, fds=(10, 11, 12),
+    _record(trace, TO_BACKEND, Message.make(Request.SET_MEM_TABLE, table, fds=(10, 11, 12),
                                       need_reply=True))
-    _record(trace, "in", Message.make(Request.SET_LOG_BASE, LogArea(8192, 0), fds=(13,)))
+    _record(trace, TO_BACKEND, Message.make(Request.SET_LOG_BASE, LogArea(8192, 0), fds=(13,)))
     page = TraceView(trace).to_html()
     text = _text(page)
     order = [text.index(name) for name in ("GET_FEATURES", "SET_MEM_TABLE", "SET_LOG_BASE")]
@@ -65,7 +66,7 @@ def test_hostile_text_is_escaped_everywhere():
     """Bytes a front-end sent and an error naming them must not become markup."""
     trace = MessageTrace()
     msg = Message.make(Request.SET_CONFIG, ConfigSpace(0, len(HOSTILE), 0, HOSTILE))
-    _record(trace, "in", msg, error=HOSTILE.decode())
+    _record(trace, TO_BACKEND, msg, error=HOSTILE.decode())
     page = TraceView(trace).to_html()
     assert "<script" not in page.lower()
     assert "&lt;script&gt;" in page                      # the error, escaped
@@ -86,8 +87,8 @@ def test_limit_and_filter_and_live_reread():
     view = TraceView(trace, limit=2, requests={"SET_VRING_NUM", "GET_VRING_BASE"})
     assert "0 messages" in _text(view.to_html())
     for num in (64, 128, 256):
-        _record(trace, "in", Message.make(Request.SET_VRING_NUM, _vring_state(0, num)))
-    _record(trace, "in", Message.make(Request.SET_OWNER))
+        _record(trace, TO_BACKEND, Message.make(Request.SET_VRING_NUM, _vring_state(0, num)))
+    _record(trace, TO_BACKEND, Message.make(Request.SET_OWNER))
     text = _text(view.to_html())                         # the same view, read again
     assert "3 messages" in text and "1 earlier messages not shown" in text
     assert "num = 128" in text and "num = 256" in text and "num = 64" not in text

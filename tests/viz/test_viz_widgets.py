@@ -8,7 +8,7 @@ import time
 import pytest
 
 from vhostlab.backend.trace import MessageTrace
-from vhostlab.protocol import Message, Request, VringState
+from vhostlab.protocol import TO_BACKEND, Message, Request, VringState
 from vhostlab.viz import LiveView, RoundSlider, Stepper, TraceView, progress
 from vhostlab.viz.widgets import WIDGET_VIEW, _close_tree
 
@@ -29,7 +29,7 @@ def no_threads_left():
 
 
 def _send(trace: MessageTrace, msg: Message) -> None:
-    trace.record("in", msg.request.name, msg.fields(), msg.to_bytes(), nfds=len(msg.fds))
+    trace.record(TO_BACKEND, msg.request.name, msg.fields(), msg.to_bytes(), nfds=len(msg.fds))
 
 
 def test_live_view_refreshes_at_least_five_times_a_second_while_work_runs():

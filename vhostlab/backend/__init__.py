@@ -34,8 +34,8 @@ from vhostlab.backend.server import BackendServer
 from vhostlab.backend.snapshot import DeviceSnapshot, LogSnapshot, RegionSnapshot, VringSnapshot
 from vhostlab.backend.trace import MessageTrace, TraceRecord
 from vhostlab.backend.transport import PeerCredentials, check_peer, listen_unix, peer_credentials
-from vhostlab.backend.wire import (LoopbackWire, PcapWire, SinkWire, Wire, make_wire, rarp_frame,
-                                   read_pcap)
+from vhostlab.backend.wire import (ETH_P_RARP, CaptureWire, LoopbackWire, PcapWire, SinkWire, Wire,
+                                   is_rarp, make_wire, rarp_frame, read_pcap)
 from vhostlab.protocol.connection import FAILURE_REPLIES
 
 __all__ = [
@@ -45,5 +45,6 @@ __all__ = [
     "DeviceSnapshot", "LogSnapshot", "RegionSnapshot", "VringSnapshot",
     "MessageTrace", "TraceRecord",
     "PeerCredentials", "check_peer", "listen_unix", "peer_credentials",
-    "Wire", "SinkWire", "LoopbackWire", "PcapWire", "make_wire", "rarp_frame", "read_pcap",
+    "Wire", "SinkWire", "LoopbackWire", "PcapWire", "CaptureWire", "make_wire", "rarp_frame",
+    "read_pcap", "is_rarp", "ETH_P_RARP",
 ]

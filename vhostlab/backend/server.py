@@ -39,8 +39,8 @@ from vhostlab.backend.trace import DEFAULT_MAXLEN, MessageTrace
 from vhostlab.backend.transport import (FdChannel, check_peer, close_fds, connect_unix,
                                         listen_unix, make_private_dir)
 from vhostlab.backend.wire import LoopbackWire, Wire, make_wire
-from vhostlab.protocol import (HEADER_SIZE, BackendConnection, Message, ProtocolError,
-                               Request, parse_message, peek_header)
+from vhostlab.protocol import (HEADER_SIZE, TO_BACKEND, TO_FRONTEND, BackendConnection, Message,
+                               ProtocolError, Request, parse_message, peek_header)
 from vhostlab.ring import FrameArena
 
 log = logging.getLogger("vhostlab.backend")
@@ -365,7 +365,7 @@ class BackendServer:
         try:
             messages = conn.proto.receive_data(data, fds)
         except ProtocolError as exc:
-            self.trace.record("in", _request_name(conn.head), {}, bytes(conn.head),
+            self.trace.record(TO_BACKEND, _request_name(conn.head), {}, bytes(conn.head),
                               len(conn.proto.pending_fds), conn.number, error=str(exc))
             self._fail(conn, f"malformed message: {exc}")
             return
@@ -392,7 +392,7 @@ class BackendServer:
         """Handle one request and answer it; False if the connection was closed."""
         with self.lock:
             self.device.counters.messages[msg.request.name] += 1
-            self.trace.record("in", msg.request.name, msg.fields(), msg.to_bytes(),
+            self.trace.record(TO_BACKEND, msg.request.name, msg.fields(), msg.to_bytes(),
                               len(msg.fds), conn.number)
             outcome = _handlers.dispatch(self.device, msg, self.handlers)
             self.device.check_shrunk()
@@ -409,7 +409,7 @@ class BackendServer:
                     self._fail(conn, f"reply to {msg.request.name} failed: {exc}")
                     return False
                 answer = parse_message(reply)
-                self.trace.record("out", answer.request.name, answer.fields(), reply, 0,
+                self.trace.record(TO_FRONTEND, answer.request.name, answer.fields(), reply, 0,
                                   conn.number)
         return True
 

@@ -1,7 +1,8 @@
 """The message trace: every vhost-user message in and out, for the labs and `--trace FILE`.
 
-Each record holds the time, the direction ("in": front-end to back-end,
-"out": back-end to front-end), the decoded fields (the protocol layer's
+Each record holds the time, the direction (``TO_BACKEND``, "front-end to
+back-end", or ``TO_FRONTEND``: named by sender and receiver, so a front-end's
+trace says it the same way), the decoded fields (the protocol layer's
 `Message.fields()`), the raw bytes and the number of fds that rode with
 them. Records are frozen: fields are turned into tuples and read-only
 mappings, so a notebook can keep and draw them while the server runs.

@@ -7,7 +7,8 @@ A real vhost-user-net back-end is a switch port; here the "wire" is one of:
                  same queue pair (the device delivers them);
 * `PcapWire`     writes every frame to a classic pcap file (linktype 1,
                  Ethernet) that Wireshark opens; the virtio-net header has
-                 already been stripped by the TX path.
+                 already been stripped by the TX path;
+* `CaptureWire`  keeps every frame, for a migration's integrity check.
 
 Frames travel as the ring layer's `FrameArena`: one uint8 buffer plus
 offsets and lengths, which is what the numba TX kernel fills; nothing here
@@ -16,6 +17,7 @@ touches a frame byte by byte unless it has to (pcap writes each frame once).
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from typing import Callable
 
@@ -24,6 +26,7 @@ from vhostlab.ring import FrameArena
 PCAP_MAGIC = 0xA1B2C3D4          # classic pcap, microsecond timestamps
 PCAP_LINKTYPE_ETHERNET = 1
 PCAP_SNAPLEN = 262144
+ETH_P_RARP = 0x8035              # Linux's if_ether.h; QEMU's net/announce.c sends it too
 
 
 class Wire:
@@ -67,6 +70,31 @@ class LoopbackWire(Wire):
         super().send(arena, queue_pair)
         if self.deliver is not None and arena.count:
             self.deliver(arena, queue_pair)
+
+
+class CaptureWire(Wire):
+    """Keeps every frame the guest transmitted, for the integrity check.
+
+    ``captured`` holds the frames kept since the last ``take()``, oldest first.
+    """
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.captured: list[bytes] = []
+
+    def send(self, arena: FrameArena, queue_pair: int) -> None:
+        super().send(arena, queue_pair)
+        with self._lock:
+            self.captured.extend(arena.frames())
+
+    def take(self) -> list[bytes]:
+        """The frames captured since the last ``take()``, oldest first."""
+        with self._lock:
+            frames, self.captured = self.captured, []
+        return frames
 
 
 class PcapWire(Wire):
@@ -130,12 +158,17 @@ def make_wire(spec: str | Wire) -> Wire:
 def rarp_frame(mac: bytes) -> bytes:
     """The fake RARP a migrated guest's port broadcasts so switches learn where its MAC went.
 
-    Ethernet broadcast, ethertype 0x8035; RARP "reverse request" (op 3) with
+    Ethernet broadcast, ethertype ETH_P_RARP; RARP "reverse request" (op 3) with
     sender and target hardware address = `mac`, protocol addresses 0;
     padded to the 60-byte Ethernet minimum (as DPDK's make_rarp_packet does).
     """
     if len(mac) != 6:
         raise ValueError(f"a MAC address has 6 bytes, got {len(mac)}")
-    eth = b"\xff" * 6 + mac + struct.pack("!H", 0x8035)
+    eth = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_RARP)
     rarp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + b"\0" * 4 + mac + b"\0" * 4
     return (eth + rarp).ljust(60, b"\0")
+
+
+def is_rarp(frame: bytes) -> bool:
+    """True for a RARP announcement (what a back-end sends on SEND_RARP), not guest traffic."""
+    return len(frame) >= 14 and int.from_bytes(frame[12:14], "big") == ETH_P_RARP

@@ -32,7 +32,7 @@ from typing import Any
 from vhostlab.backend import handlers
 from vhostlab.exercises.checks import Case, Exercise, Mistake, Question
 from vhostlab.frontend.frames import RX, TX
-from vhostlab.protocol import Message, Request, VringAddr, VringState
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, Message, Request, VringAddr, VringState
 
 __all__ = ["EXERCISE", "SETUP", "BrokenRun", "FAULTS", "broken_run", "fault_for",
            "student_id", "reveal_after"]
@@ -59,12 +59,13 @@ bad_page = int(final.mismatched[0].page) if final.mismatched else None'''
 SOLUTION_MESSAGE = '''\
 first_wrong_message = None
 for r in run.source_trace:
-    if r.request == "GET_VRING_BASE" and r.direction == "out" \\
+    if r.request == "GET_VRING_BASE" and r.direction == "back-end to front-end" \\
             and r.fields["payload"]["num"] != run.rings_at_stop.get(r.fields["payload"]["index"]):
         first_wrong_message = r.seq
         break
-    if r.request == "SET_VRING_ADDR" and r.direction == "in" and run.logging_on_seq \\
-            and r.seq > run.logging_on_seq and not r.fields["payload"]["flags"] & 1:
+    if r.request == "SET_VRING_ADDR" and r.direction == "front-end to back-end" \\
+            and run.logging_on_seq and r.seq > run.logging_on_seq \\
+            and not r.fields["payload"]["flags"] & 1:
         first_wrong_message = r.seq
         break'''
 
@@ -133,7 +134,7 @@ class BrokenRun:
     summary: dict
     source_trace: tuple      # the source back-end's TraceRecords, in order
     destination_trace: tuple
-    rounds: tuple            # RoundSnapshot per copy round
+    rounds: tuple            # BuiltinRound per copy round
     dirty_rounds: tuple      # DirtyRound per sync; the last is the final sync
     rings_at_stop: dict      # ring index -> last_avail_idx when GET_VRING_BASE came
     rx_sent: tuple
@@ -169,7 +170,7 @@ def broken_run(student: str | None = None) -> BrokenRun:
         summary = migration.run()
         trace = tuple(migration.src.server.trace.records())
         stops = {r.index: r.last_avail_idx for r in migration.switchover.taken("source")}
-        log_on = next((r.seq for r in trace if r.direction == "in"
+        log_on = next((r.seq for r in trace if r.direction == TO_BACKEND
                        and r.request == "SET_FEATURES"
                        and "VHOST_F_LOG_ALL" in r.fields["payload"].get("names", ())), None)
         _RUNS[student] = BrokenRun(
@@ -193,10 +194,10 @@ def _bad_pages(run: BrokenRun) -> set[int]:
 def _wrong_message(run: BrokenRun) -> int | None:
     for r in run.source_trace:
         payload = r.fields.get("payload") or {}
-        if r.request == "GET_VRING_BASE" and r.direction == "out" \
+        if r.request == "GET_VRING_BASE" and r.direction == TO_FRONTEND \
                 and payload.get("num") != run.rings_at_stop.get(payload.get("index")):
             return r.seq
-        if r.request == "SET_VRING_ADDR" and r.direction == "in" and run.logging_on_seq \
+        if r.request == "SET_VRING_ADDR" and r.direction == TO_BACKEND and run.logging_on_seq \
                 and r.seq > run.logging_on_seq and run.fault == "f_log_not_sent" \
                 and not payload.get("flags", 0) & 1:
             return r.seq

@@ -9,11 +9,13 @@
 
 Everything runs without QEMU: the labs use it when no QEMU is installed.
 """
+from vhostlab.backend import CaptureWire
+
 from .channel import BackendDisconnected, BackendTimeout, VhostUserChannel
 from .demo import SEED_STEPS, format_timeline, run_demo
 from .frames import FrameLedger, frame_id, make_frame
 from .guest import BuiltinVirtioNetGuest, GuestDriverError
-from .migration import BuiltinMigration, CaptureWire, MigrationError, RoundSnapshot
+from .migration import BuiltinMigration, BuiltinRound
 from .optable import (VHOST_OPS_TABLE, BackendReplyError, NotSupportedByVhostUser, OpInfo,
                       ProtocolFeatureMissing, VhostBackendType, VhostOpsError, op_info)
 from .vhost_dev import TimelineEntry, VhostDev, VhostVirtqueue
@@ -25,7 +27,7 @@ __all__ = [
     "BackendReplyError", "BackendTimeout", "BackendDisconnected", "VhostUserChannel",
     "VhostDev", "VhostVirtqueue", "TimelineEntry",
     "BuiltinVirtioNetGuest", "GuestDriverError",
-    "BuiltinMigration", "RoundSnapshot", "CaptureWire", "MigrationError",
+    "BuiltinMigration", "BuiltinRound", "CaptureWire",
     "FrameLedger", "make_frame", "frame_id",
     "run_demo", "format_timeline", "SEED_STEPS",
 ]

@@ -9,8 +9,8 @@ back-end gives a named error instead of a hang).
 
 Every message in and out is recorded in a ``MessageTrace`` of the same shape
 as the back-end's (time, direction, request, decoded fields, raw bytes, fd
-count). In the front-end's trace "out" is front-end to back-end and "in" is
-a reply; the back-end's trace calls the same messages "in" and "out".
+count), with the same direction for the same message: ``TO_BACKEND`` for
+what it sends, ``TO_FRONTEND`` for the replies.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import os
 import socket
 
 from vhostlab.backend.trace import MessageTrace
-from vhostlab.protocol import FrontendConnection, Message, ProtocolError
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, FrontendConnection, Message, ProtocolError
 
 from .optable import VhostOpsError
 
@@ -97,7 +97,7 @@ class VhostUserChannel:
             raise BackendDisconnected(name, "channel already closed")
         data = self.conn.send(msg)
         self._sendmsg(name, data, msg.fds)
-        self._record("out", name, msg.fields(), data, len(msg.fds))
+        self._record(TO_BACKEND, name, msg.fields(), data, len(msg.fds))
         if not self.conn.expecting_reply:
             return None
         return self._read_reply(name)
@@ -143,7 +143,7 @@ class VhostUserChannel:
                 raise
             if replies:
                 reply = replies[0]
-                self._record("in", reply.request.name, reply.fields(),
+                self._record(TO_FRONTEND, reply.request.name, reply.fields(),
                              reply.to_bytes(), len(reply.fds))
                 # No op of the seed's table expects an fd back; close any that came.
                 _close_all(reply.fds)

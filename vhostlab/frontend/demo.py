@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from vhostlab.protocol import format_record
+
 from .migration import BuiltinMigration
 from .vhost_dev import VhostDev
 
@@ -26,33 +28,6 @@ SEED_STEPS = (
     ("At last, QEMU needs to stop vhost backend and synchronize dirty page memory.",
      "vhost_dev_stop()->vhost_virtqueue_stop()->vhost_get_vring_base()"),
 )
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int):
-        return hex(v) if v > 9 else str(v)
-    if isinstance(v, (tuple, list)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if hasattr(v, "items"):
-        return "{" + ", ".join(f"{k}={_value(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-
-def format_record(record) -> str:
-    """One message as a line: arrow, name, decoded payload, flags, fds."""
-    arrow = "->" if record.direction == "out" else "<-"
-    payload = record.fields.get("payload")
-    text = f"{arrow} {record.request}"
-    if payload:
-        text += " " + _value(payload)
-    flags = record.fields.get("flags", 0)
-    if flags & 0x8:
-        text += " (need_reply)"
-    if record.nfds:
-        text += f" + {record.nfds} fd{'s' if record.nfds > 1 else ''}"
-    return text
 
 
 def format_timeline(dev: VhostDev, start: int = 0, base_depth: int = 0) -> tuple[list[str], int]:

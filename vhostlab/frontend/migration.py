@@ -39,54 +39,33 @@ once, and at switch-over the two RAMs must be equal page for page.
 """
 from __future__ import annotations
 
-from ..errors import VhostlabError
-
 import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vhostlab.backend import BackendServer, Wire
+from vhostlab.backend import BackendServer, CaptureWire, is_rarp
 from vhostlab.dirtylog import DirtyRound, GuestBand
 from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
 from vhostlab.ring.layout import vring_layout
 from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
 from .channel import VhostUserChannel
-from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_id
+from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_name
 from .guest import (BUF_GPA, BUF_SIZE, RING_GPA, RX_QUEUE, TX_QUEUE, BuiltinVirtioNetGuest,
                     GuestDriverError)
 from .vhost_dev import VhostDev
 from .vhost_ops import VhostOps
 
-__all__ = ["BuiltinMigration", "RoundSnapshot", "CaptureWire", "MigrationError",
+__all__ = ["BuiltinMigration", "BuiltinRound",
            "copy_pages", "compare_pages", "ram_pages", "builtin_bands"]
 
-RARP_ETHERTYPE = b"\x80\x35"
 WAIT_TIMEOUT = 10.0
 
 
-class MigrationError(VhostlabError):
-    """The migration could not be set up or driven (not an integrity failure)."""
-
-
-class CaptureWire(Wire):
-    """A wire that keeps every frame the guest transmitted (for the integrity check)."""
-
-    name = "capture"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.captured: list[bytes] = []
-
-    def send(self, batch, queue_pair: int) -> None:
-        super().send(batch, queue_pair)
-        self.captured.extend(batch.frames())
-
-
 @dataclass(frozen=True)
-class RoundSnapshot:
+class BuiltinRound:
     """One round of RAM copy, for the labs to draw.
 
     ``pages_dirtied_by_guest`` and ``pages_from_vhost_log`` are what the sync
@@ -125,12 +104,6 @@ def builtin_bands(guest: BuiltinVirtioNetGuest) -> tuple[GuestBand, ...]:
         bands.append(GuestBand(f"{kind} buffers", BUF_GPA[q] // TARGET_PAGE_SIZE,
                                -(-guest.queues[q].num * BUF_SIZE // TARGET_PAGE_SIZE)))
     return tuple(sorted(bands, key=lambda b: b.first_page))
-
-
-def frame_name(frame: bytes) -> str | None:
-    """"RX #12" for an intact test frame, else None."""
-    found = frame_id(frame)
-    return None if found is None else f"{'RX' if found[0] == RX else 'TX'} #{found[1]}"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -233,8 +206,8 @@ class BuiltinMigration:
     snapshots: list = field(default_factory=list)
     dirty_rounds: list = field(default_factory=list)    # DirtyRound per sync, for the views
     ops_called: list = field(default_factory=list)
-    rx: FrameLedger = field(default_factory=lambda: FrameLedger.new(RX))
-    tx: FrameLedger = field(default_factory=lambda: FrameLedger.new(TX))
+    rx: FrameLedger = field(default_factory=lambda: FrameLedger(RX))
+    tx: FrameLedger = field(default_factory=lambda: FrameLedger(TX))
     pages_mismatched: np.ndarray | None = None
     rarp_frames: int = 0
     status: str = "not started"
@@ -318,7 +291,7 @@ class BuiltinMigration:
         self.guest.take_guest_dirty()        # QEMU's bitmap starts all dirty: round 1 copies all
         self.src.dev.vhost_log_global_start()
 
-    def copy_round(self, phase: str = "live") -> RoundSnapshot:
+    def copy_round(self, phase: str = "live") -> BuiltinRound:
         """One round: sync the dirty bitmap (not before round 1), then copy those pages."""
         number = len(self.snapshots) + 1
         npages = self.guest.npages
@@ -332,7 +305,7 @@ class BuiltinMigration:
             pages = np.union1d(guest_pages, log_pages)
         self.src.dev.mark(f"round {number}: copy {pages.size} pages", phase=phase)
         copied = copy_pages(self.src.memory, self.dst.memory, pages)
-        snap = RoundSnapshot(number, phase, copied, int(np.unique(guest_pages).size),
+        snap = BuiltinRound(number, phase, copied, int(np.unique(guest_pages).size),
                              int(np.unique(log_pages).size),
                              int(np.intersect1d(guest_pages, log_pages).size),
                              _bitmap(log_pages, npages), _bitmap(guest_pages, npages))
@@ -375,7 +348,7 @@ class BuiltinMigration:
         self._seq[direction] += 1
         return ledger.send(seq, int(self._lengths.integers(60, 1515)))
 
-    def live_round(self) -> RoundSnapshot:
+    def live_round(self) -> BuiltinRound:
         """A live round: copy, then frames both ways while the guest keeps running."""
         snap = self.copy_round("live")
         rx, tx = self.traffic(self.src)
@@ -399,7 +372,7 @@ class BuiltinMigration:
         self._t_final_sync = self._since_begin()
         return bases
 
-    def final_round(self) -> RoundSnapshot:
+    def final_round(self) -> BuiltinRound:
         """Stop-and-copy: the pages still dirty, then compare the two RAMs."""
         snap = self.copy_round("stop-and-copy")
         self.src.dev.vhost_log_global_stop()
@@ -410,7 +383,7 @@ class BuiltinMigration:
         self.dirty_rounds.append(self._final_round(snap))
         return snap
 
-    def _final_round(self, snap: RoundSnapshot) -> DirtyRound:
+    def _final_round(self, snap: BuiltinRound) -> DirtyRound:
         """vhost_log_put's final sync as its own frame, with the pages that differ at the
         destination and the RX frames that lived in them."""
         guest = np.flatnonzero(np.unpackbits(snap.guest_bitmap, bitorder="little"))
@@ -450,7 +423,7 @@ class BuiltinMigration:
         """Every frame that reached either wire goes through the TX ledger (RARPs aside)."""
         for side in (self.src, self.dst):
             for frame in side.wire.captured:
-                if frame[12:14] == RARP_ETHERTYPE:
+                if is_rarp(frame):
                     self.rarp_frames += 1
                 else:
                     self.tx.arrive(frame)

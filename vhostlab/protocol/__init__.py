@@ -27,6 +27,7 @@ from .payloads import (ConfigSpace, CryptoSession, InflightArea, IotlbMsg,
                        U64, VringAddr, VringArea, VringState, VHOST_IOTLB_ACCESS_FAIL,
                        VHOST_IOTLB_INVALIDATE, VHOST_IOTLB_MISS,
                        VHOST_IOTLB_UPDATE)
+from .lines import TO_BACKEND, TO_FRONTEND, format_message, format_record
 from .requests import (BACKEND_REQUESTS, REQUESTS, BackendRequest, FdRule,
                        ReplyKind, Request, RequestSpec, expected_fds, spec_of)
 
@@ -55,6 +56,8 @@ __all__ = [
     "VringState",
     "VHOST_IOTLB_ACCESS_FAIL", "VHOST_IOTLB_INVALIDATE", "VHOST_IOTLB_MISS",
     "VHOST_IOTLB_UPDATE",
+    # directions and message lines
+    "TO_BACKEND", "TO_FRONTEND", "format_message", "format_record",
     # the request table
     "BACKEND_REQUESTS", "REQUESTS", "BackendRequest", "FdRule", "ReplyKind",
     "Request", "RequestSpec", "expected_fds", "spec_of",

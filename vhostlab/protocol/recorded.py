@@ -21,19 +21,17 @@ Messages carry no fds here (a recording holds no open files);
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 from .features import Feature, ProtocolFeature
+from .lines import TO_BACKEND, TO_FRONTEND
 from .message import Message
 from .payloads import LogArea, MemoryRegion, MemoryTable, VringAddr, VringState
 from .requests import Request, expected_fds
 
 __all__ = ["TO_BACKEND", "TO_FRONTEND", "RecordedMessage", "RAM_HVA",
            "OFFERED_FEATURES", "OFFERED_PROTOCOL_FEATURES",
-           "QEMU_7_2_PHASES", "QEMU_7_2_SEQUENCE", "narrate", "run_demo"]
-
-TO_BACKEND = "front-end -> back-end"
-TO_FRONTEND = "back-end -> front-end"
+           "QEMU_7_2_PHASES", "QEMU_7_2_SEQUENCE"]
 
 RAM_HVA = 0x7F0000000000          # example: where QEMU mapped guest RAM
 QUEUE_SIZE = 256                  # legacy virtio-net queue size
@@ -146,60 +144,3 @@ QEMU_7_2_PHASES: tuple[tuple[str, tuple[RecordedMessage, ...]], ...] = (
 
 QEMU_7_2_SEQUENCE: tuple[RecordedMessage, ...] = tuple(
     entry for _, entries in QEMU_7_2_PHASES for entry in entries)
-
-
-# -- narration (``vhostlab demo --frontend recorded``) -------------------------
-def _show(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return str(value)
-    return hex(value) if value > 9 else str(value)
-
-
-def _payload_text(payload: dict | None) -> str:
-    if not payload:
-        return ""
-    parts = []
-    for key, value in payload.items():
-        if key == "regions":
-            value = ", ".join(f"gpa {_show(r['guest_phys_addr'])} size "
-                              f"{_show(r['memory_size'])}" for r in value)
-            parts.append(f"regions=[{value}]")
-        elif key == "names":
-            parts.append("names=" + ("|".join(value) or "-"))
-        else:
-            parts.append(f"{key}={_show(value)}")
-    return " ".join(parts)
-
-
-def narrate(entry: RecordedMessage) -> str:
-    """One line for a recorded message: who sent it, what, and its fields."""
-    fields = entry.message.fields()
-    arrow = "QEMU -> back-end" if entry.direction == TO_BACKEND else "back-end -> QEMU"
-    head = (f"{arrow:17} {fields['request']:22} flags=0x{fields['flags']:x} "
-            f"size={fields['size']} fds={entry.nfds}")
-    text = _payload_text(fields["payload"])
-    return f"{head}  {text}" if text else head
-
-
-def run_demo(as_json: bool = False, break_logging: bool = False,
-             out: Callable[..., Any] = print) -> tuple[dict, int]:
-    """Narrate the recording phase by phase; no back-end runs.
-
-    Returns (summary, exit code): 0, or 2 with ``break_logging``, which
-    needs a live back-end whose logging can be broken.
-    """
-    summary: dict[str, Any] = {"frontend": "recorded", "qemu": "7.2",
-                               "phases": {p: len(e) for p, e in QEMU_7_2_PHASES},
-                               "messages": len(QEMU_7_2_SEQUENCE)}
-    if break_logging:
-        summary["error"] = "--break-logging needs a live back-end"
-        out("recorded: --break-logging needs a live back-end (use --frontend builtin or qemu)")
-        return summary, 2
-    for phase, entries in QEMU_7_2_PHASES:
-        out(f"== {phase}")
-        for entry in entries:
-            out("  " + narrate(entry))
-    out(f"{len(QEMU_7_2_SEQUENCE)} messages. Values marked as examples in "
-        "vhostlab.protocol.recorded are illustrative; the order is QEMU's.")
-    summary["integrity"] = "not applicable (a recording moves no frames)"
-    return summary, 0

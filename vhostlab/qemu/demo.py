@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from vhostlab.frontend.demo import SEED_STEPS  # the seed's own words, one copy
+from vhostlab.protocol import TO_BACKEND, format_record
 
 from .errors import QemuError
 from .launcher import require_qemu
@@ -38,34 +39,6 @@ LOG_PUT_NOTE = ("(QEMU reads and clears the vhost log one last time: vhost_log_p
                 "syncs when it drops the last reference to the shared log)")
 SEED_LOG_PUT = ("And when backend is stopped, vhost_log_put() is used to synchronize "
                 "dirty page memory.")
-
-
-_HEX_FIELDS = ("addr", "size", "offset")
-
-
-def _value(key: str, v) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int) and any(h in key for h in _HEX_FIELDS):
-        return hex(v)
-    if isinstance(v, (tuple, list)):
-        return "[" + ", ".join(_value(key, x) for x in v) + "]"
-    return str(v)
-
-
-def format_record(record) -> str:
-    """One back-end trace record as a line: arrow, request, decoded payload, fds."""
-    arrow = "->" if record.direction == "in" else "<-"
-    payload = record.fields.get("payload") or {}
-    shown = {k: v for k, v in payload.items() if not (k == "value" and "names" in payload)}
-    text = f"{arrow} {record.request}"
-    if shown:
-        text += " {" + ", ".join(f"{k}={_value(k, v)}" for k, v in shown.items()) + "}"
-    if record.fields.get("flags", 0) & 0x8:
-        text += " (need_reply)"
-    if record.nfds:
-        text += f" + {record.nfds} fd{'s' if record.nfds > 1 else ''}"
-    return text
 
 
 class _Narrator:
@@ -138,11 +111,11 @@ class _Narrator:
     def _source(self, records) -> None:
         if not self.source_started:
             self.source_started = True
-            n = sum(r.direction == "in" for r in records)
+            n = sum(r.direction == TO_BACKEND for r in records)
             self.out(f"Source QEMU connected to back-end A and, at DRIVER_OK, started the "
                      f"device: {n} messages (features, memory table, rings).")
         for r in records:
-            if r.direction == "in":
+            if r.direction == TO_BACKEND:
                 step = self._seed_step_of(r)
                 self.pending = r.request if step else None
                 if not step:
@@ -156,10 +129,10 @@ class _Narrator:
     def _destination(self, records) -> None:
         if not self.destination_seen:
             self.destination_seen = True
-            n = sum(r.direction == "in" for r in records)
+            n = sum(r.direction == TO_BACKEND for r in records)
             self.out(f"Destination QEMU (-incoming) connected to back-end B: {n} messages, "
                      "no memory table and no rings yet; it waits for the migration stream.")
-        bases = [r for r in records if r.request == "SET_VRING_BASE" and r.direction == "in"]
+        bases = [r for r in records if r.request == "SET_VRING_BASE" and r.direction == TO_BACKEND]
         if self.step >= 3 and bases:
             self.explain_stop()
             self.out("\nThe destination QEMU starts its device with the source's ring "
@@ -217,7 +190,8 @@ class _Narrator:
     def expected(self) -> list[tuple[int, str, str, Callable]]:
         """(seed step, who, what, test on an incoming record) for each message the story needs."""
         rings = sorted({(r.fields.get("payload") or {}).get("index") for r in self.records["source"]
-                        if r.direction == "in" and r.request == "SET_VRING_NUM"} - {None}) or [0, 1]
+                        if r.direction == TO_BACKEND and r.request == "SET_VRING_NUM"}
+                       - {None}) or [0, 1]
 
         def req(name, **want):
             def test(r):
@@ -240,7 +214,7 @@ class _Narrator:
         """Say what the story expected and did not show; returns what was missing."""
         missing = []
         for step, who, what, test in self.expected():
-            found = [r for r in self.records[who] if r.direction == "in" and test(r)]
+            found = [r for r in self.records[who] if r.direction == TO_BACKEND and test(r)]
             side = "A (source)" if who == "source" else "B (destination)"
             if not found:
                 missing.append(what)

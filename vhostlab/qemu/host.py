@@ -26,11 +26,11 @@ import tempfile
 import weakref
 from typing import Iterable, Mapping
 
-from vhostlab.backend import BackendServer, TraceRecord
+from vhostlab.backend import BackendServer, CaptureWire, TraceRecord
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 from .guest import QTestVirtioNetGuest
 from .launcher import DEFAULT_RAM_SIZE, WORKDIR_PREFIX, QemuInstance, vhost_user_netdev
-from .traffic import CaptureWire
 
 __all__ = ["VhostUserHost", "MESSAGE_OPS", "ops_called", "vring_bases", "process_peak_rss"]
 
@@ -85,11 +85,11 @@ def ops_called(*traces: Iterable[TraceRecord]) -> list[str]:
     """The VhostOps QEMU invoked, in time order, as seen in back-end message traces.
 
     Each argument is one back-end's trace (e.g. source and destination);
-    only front-end requests ("in") count. A request that no op of the
+    only front-end requests (TO_BACKEND) count. A request that no op of the
     seed's table sends appears as ``(NAME)``.
     """
     tagged = [(rec.time, n, rec) for n, trace in enumerate(traces) for rec in trace
-              if rec.direction == "in" and not rec.error]
+              if rec.direction == TO_BACKEND and not rec.error]
     out: list[str] = []
     last: dict[int, str] = {}               # the op of each trace's previous request
     owned: set[tuple[int, int]] = set()
@@ -118,7 +118,7 @@ def vring_bases(records: Iterable[TraceRecord], request: str) -> dict[int, int]:
     ``request`` is "GET_VRING_BASE" (the back-end's replies: last_avail_idx
     when it stopped) or "SET_VRING_BASE" (what the front-end told it).
     """
-    want = "out" if request == "GET_VRING_BASE" else "in"
+    want = TO_FRONTEND if request == "GET_VRING_BASE" else TO_BACKEND
     bases: dict[int, int] = {}
     for rec in records:
         if rec.request == request and rec.direction == want and not rec.error:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 from vhostlab.backend import TraceRecord
+from vhostlab.protocol import TO_BACKEND
 
 from .host import MESSAGE_OPS
 
@@ -38,7 +39,7 @@ def attribute_ops(records: Iterable[TraceRecord]) -> list[tuple[TraceRecord, str
     before the rings stop) or ``vhost_reset_status`` (8.1 and later, after).
     Pass the whole trace: what came before a step decides some of its ops.
     """
-    ins = [r for r in records if r.direction == "in" and not r.error]
+    ins = [r for r in records if r.direction == TO_BACKEND and not r.error]
     owned: set[int] = set()
     out: list[tuple[TraceRecord, str]] = []
     prev_op = None
@@ -160,7 +161,7 @@ def infer_calls(records: Sequence[TraceRecord]) -> list[dict]:
     open_path: tuple = ()
     last_depth = 0
     for rec in records:
-        if rec.direction != "in" or rec.seq not in paths:
+        if rec.direction != TO_BACKEND or rec.seq not in paths:
             out.append({"kind": "message", "name": rec.request, "depth": last_depth,
                         "record": rec})
             continue

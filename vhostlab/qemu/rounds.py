@@ -15,9 +15,8 @@ import threading
 import numpy as np
 
 from vhostlab.dirtylog import GuestBand
+from vhostlab.frontend.frames import frame_name as _frame_name
 from vhostlab.memory import TARGET_PAGE_SIZE
-
-from .traffic import TO_GUEST, frame_tag
 
 __all__ = ["GuestWrites", "qemu_bands", "mismatched_pages", "frame_name"]
 
@@ -69,5 +68,4 @@ def mismatched_pages(src_server, dst_server, first_page: int, end_page: int) -> 
 
 def frame_name(frame: bytes) -> str | None:
     """"RX #12" for a frame the kit sent to the guest, "TX #3" for one it sent."""
-    tag = frame_tag(frame)
-    return None if tag is None else f"{'RX' if tag[0] == TO_GUEST else 'TX'} #{tag[1]}"
+    return _frame_name(frame, intact=False)

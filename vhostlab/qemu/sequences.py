@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from vhostlab.protocol import TO_BACKEND
+
 __all__ = ["StopSequence", "explain_stop", "expected_stop_variant", "STOP_VARIANTS"]
 
 #: variant -> (the messages in order, what QEMU does, the change that made it so)
@@ -67,7 +69,7 @@ def _name(item: Any) -> str | None:
     if isinstance(item, tuple):
         name, payload = item
     else:
-        if getattr(item, "direction", "in") != "in":
+        if getattr(item, "direction", TO_BACKEND) != TO_BACKEND:
             return None       # a reply, not a request
         name = item.request
         payload = (getattr(item, "fields", None) or {}).get("payload") or {}

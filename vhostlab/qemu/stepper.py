@@ -36,15 +36,15 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from vhostlab.backend import BackendServer, TraceRecord
+from vhostlab.backend import BackendServer, CaptureWire, TraceRecord
 from vhostlab.backend.trace import MessageTrace
+from vhostlab.protocol import TO_BACKEND
 
 from .guest import (RX_QUEUE, TX_QUEUE, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, QTestVirtioNetGuest)
 from .inference import attribute_ops, infer_calls
 from .launcher import (CI_QEMU_RELEASES, DEFAULT_RAM_SIZE, QemuInstance, require_qemu,
                        vhost_user_netdev)
-from .traffic import CaptureWire
 
 __all__ = ["Step", "StepResult", "QemuStepper", "STEPS", "NOT_CALLABLE_HERE", "HOST_MTU",
            "attribute_ops", "infer_calls", "coverage", "coverage_column", "step_named"]
@@ -354,12 +354,12 @@ class StepResult:
     @property
     def requests(self) -> list[str]:
         """The front-end requests the step caused, every host, in time order."""
-        recs = sorted((r for rs in self.records.values() for r in rs if r.direction == "in"),
+        recs = sorted((r for rs in self.records.values() for r in rs if r.direction == TO_BACKEND),
                       key=lambda r: r.time)
         return [r.request for r in recs]
 
     def requests_on(self, host: str) -> list[str]:
-        return [r.request for r in self.records.get(host, ()) if r.direction == "in"]
+        return [r.request for r in self.records.get(host, ()) if r.direction == TO_BACKEND]
 
     @property
     def ops_called(self) -> list[str]:
@@ -807,7 +807,7 @@ def coverage(version: Sequence[int] | None = (7, 2),
     owned: list[TraceRecord] = []
     for step in steps:
         msgs, _absent, _note = step.expected(version)
-        records = [TraceRecord(len(owned) + i + 1, 0.0, conn[step.on], "in", m,
+        records = [TraceRecord(len(owned) + i + 1, 0.0, conn[step.on], TO_BACKEND, m,
                                _recorded_fields(msgs, i), b"", 0)
                    for i, m in enumerate(msgs)]
         pairs = attribute_ops(owned + records)

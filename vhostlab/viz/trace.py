@@ -14,12 +14,14 @@ import datetime
 from typing import Any, Iterable, Mapping
 
 from vhostlab.protocol.constants import FLAG_REPLY
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 from ._common import View, esc, field, hexdump, plain, table, wrap
 
 
-TO_BACKEND = "front-end \u2192 back-end"
-TO_FRONTEND = "back-end \u2192 front-end"
+#: How each direction (``vhostlab.protocol.TO_BACKEND`` / ``TO_FRONTEND``,
+#: the same in every trace) is shown.
+LABELS = {TO_BACKEND: "front-end \u2192 back-end", TO_FRONTEND: "back-end \u2192 front-end"}
 
 
 def trace_records(source: Any) -> list[Any]:
@@ -93,35 +95,6 @@ def _is_reply(row: dict) -> bool | None:
         return bool(int(flags) & FLAG_REPLY)
     except (TypeError, ValueError):
         return None
-
-
-def _arrow_label(direction: str) -> str | None:
-    """``front-end -> back-end`` style labels name the sender themselves."""
-    text = direction.replace("\u2192", "->").lower()
-    if "->" not in text:
-        return None
-    return TO_BACKEND if text.split("->")[0].strip().startswith("front") else TO_FRONTEND
-
-
-def _direction_map(rows: list[dict]) -> dict:
-    """Which direction label means 'to the back-end' in these records.
-
-    A back-end records requests as "in", a front-end as "out": the reply
-    flag (0x4, only ever set by the back-end) tells which perspective a trace
-    was written from.
-    """
-    for row in rows:
-        d, reply = row["direction"], _is_reply(row)
-        if isinstance(d, str) and _arrow_label(d):
-            return {}
-        if d is None or reply is None:
-            continue
-        other = {"in": "out", "out": "in", "rx": "tx", "tx": "rx",
-                 "recv": "send", "send": "recv"}.get(str(d))
-        if reply:
-            return {d: TO_FRONTEND, other: TO_BACKEND}
-        return {d: TO_BACKEND, other: TO_FRONTEND}
-    return {"in": TO_BACKEND, "out": TO_FRONTEND}
 
 
 _HEADER_KEYS = ("request", "id", "flags", "reply", "need_reply", "size", "fds")
@@ -207,11 +180,10 @@ class TraceView(View):
         rows = self.rows()
         total = len(rows)
         shown = rows[-self.limit:] if self.limit else rows
-        dirs = _direction_map(rows)
         t0 = next((r["time"] for r in rows if isinstance(r["time"], (int, float))), None)
         cells = []
         for row in shown:
-            cells.append(self._cells(row, dirs, t0))
+            cells.append(self._cells(row, t0))
         note = ""
         if total > len(shown):
             note = f"<div class='muted'>{total - len(shown)} earlier messages not shown</div>"
@@ -220,14 +192,14 @@ class TraceView(View):
                                   "bytes"], cells, caption=caption), self.title,
                     view="trace")
 
-    def _cells(self, row: dict, dirs: dict, t0: float | None) -> list[str]:
+    def _cells(self, row: dict, t0: float | None) -> list[str]:
         when = ""
         if isinstance(row["time"], (int, float)) and t0 is not None:
             stamp = datetime.datetime.fromtimestamp(row["time"]).strftime("%H:%M:%S.%f")[:-3]
             when = f"<span title='{esc(stamp)}'>+{(row['time'] - t0) * 1e3:.3f} ms</span>"
         d = row["direction"]
-        label = (isinstance(d, str) and _arrow_label(d)) or dirs.get(d, d or "")
-        cls = "in" if label == TO_BACKEND else "out"
+        label = LABELS.get(d, d or "")
+        cls = "in" if d == TO_BACKEND else "out"
         reply = " <span class='muted'>(reply)</span>" if _is_reply(row) else ""
         request = f"<b>{esc(row['request'])}</b>{reply}"
         if row["error"]:
