@@ -73,9 +73,9 @@ from .migration import (
     MigrationFailedError,
     MigrationProgress,
     MigrationResult,
+    PrecopyRound,
     ProgressEvent,
     QemuMigration,
-    RoundSnapshot,
     migrate,
 )
 from .qmp import QMP, QmpEvent
@@ -99,7 +99,7 @@ __all__ = [
     "VhostUserHost", "MESSAGE_OPS", "ops_called", "vring_bases", "process_peak_rss",
     "FrameLedger", "CaptureWire", "GuestDirtier", "frame_tag", "TO_GUEST", "FROM_GUEST",
     "MigrationConfig", "QemuMigration", "MigrationResult", "MigrationProgress",
-    "ProgressEvent", "RoundSnapshot", "MigrationFailedError", "migrate",
+    "ProgressEvent", "PrecopyRound", "MigrationFailedError", "migrate",
     "VerifyReport", "verify_destination", "check_handoff",
     # errors
     "QemuError", "QemuNotFoundError", "QemuStartError", "QemuExitedError",
