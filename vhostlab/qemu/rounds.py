@@ -167,8 +167,10 @@ class RoundTracker:
         opened = None
         if now.dirty_sync_count > seen:
             opened = self._open_round(q, now, seen, at)
-        elif self._rounds:
+        elif self._rounds and "ram" in q:
             self._count(-1, now)
+        elif self._rounds:         # failed, cancelled: QEMU leaves out the RAM counters
+            self._replace(-1, status=now.status)
         if now.status in FINAL_STATES and self._rounds and not self.ended:
             self._end_rounds(q, now)
         self._reading, self._reading_at = now, at
