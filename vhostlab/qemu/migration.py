@@ -294,7 +294,7 @@ class QemuMigration:
         self._await_switch_over()
 
     def _poll(self) -> str:
-        """Read the vhost log and query-migrate; a new round when the sync count moved."""
+        """Read the vhost log and query-migrate and hand both to the round tracker."""
         self._new_messages()
         snap = self.src.server.snapshot(trace=False).log
         q = self.src.qemu.qmp.query_migrate()
