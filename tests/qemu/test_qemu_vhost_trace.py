@@ -12,7 +12,7 @@ import pytest
 
 from vhostlab.backend import MessageTrace
 from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, U64, LogArea, Message, Request, VringState
-from vhostlab.qemu import (FROM_GUEST, TO_GUEST, CaptureWire, FrameLedger, RoundSnapshot,
+from vhostlab.qemu import (FROM_GUEST, TO_GUEST, CaptureWire, FrameLedger, PrecopyRound,
                            frame_tag, ops_called, vring_bases)
 from vhostlab.qemu.traffic import is_rarp
 from vhostlab.ring import FrameArena
@@ -104,7 +104,7 @@ def test_capture_wire_keeps_frames_and_rarp_is_recognised():
 def test_round_snapshot_lists_logged_pages():
     bitmap = np.zeros(16, np.uint8)
     bitmap[0], bitmap[3] = 0b101, 0x80                                  # pages 0, 2, 31
-    snap = RoundSnapshot(round=2, dirty_sync_count=3, time=0.5, status="active",
+    snap = PrecopyRound(round=2, dirty_sync_count=3, time=0.5, status="active",
                          transferred=1, remaining=2, dirty_pages_rate=3,
                          log_bitmap=bitmap.tobytes(), pages_logged=3, syncs=(2, 3))
     assert list(snap.logged_pages()) == [0, 2, 31]

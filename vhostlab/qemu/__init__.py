@@ -2,7 +2,8 @@
 
 QEMU runs with TCG and a halt firmware (no guest OS, no KVM); the test
 process plays the guest's virtio-net driver over qtest and steers QEMU over
-QMP. See :mod:`.launcher` for the command line and the clean-up rules,
+QMP. See :mod:`.launcher` for the command line and the clean-up rules
+(:mod:`.find` finds QEMU, :mod:`.netdev` says what the NIC is plugged into),
 :mod:`.guest` for the driver, :mod:`.qmp` for how QMP works inside a notebook.
 
 Typical use::
@@ -16,8 +17,9 @@ Typical use::
         q.qmp.query_status()
 
 With vhostlab back-ends (:mod:`.host`), a live migration between two QEMUs
-with traffic and integrity checks (:mod:`.migration`, :mod:`.verify`), and
-the narrated ``vhostlab demo --frontend qemu`` (:mod:`.demo`)::
+with traffic and integrity checks (:mod:`.migration`, its data in
+:mod:`.migration_model`, its pre-copy rounds in :mod:`.rounds`, the checks in
+:mod:`.verify`), and the narrated ``vhostlab demo --frontend qemu`` (:mod:`.demo`)::
 
     from vhostlab.qemu import MigrationConfig, QemuMigration
 
@@ -73,9 +75,9 @@ from .migration import (
     MigrationFailedError,
     MigrationProgress,
     MigrationResult,
+    PrecopyRound,
     ProgressEvent,
     QemuMigration,
-    RoundSnapshot,
     migrate,
 )
 from .qmp import QMP, QmpEvent
@@ -99,7 +101,7 @@ __all__ = [
     "VhostUserHost", "MESSAGE_OPS", "ops_called", "vring_bases", "process_peak_rss",
     "FrameLedger", "CaptureWire", "GuestDirtier", "frame_tag", "TO_GUEST", "FROM_GUEST",
     "MigrationConfig", "QemuMigration", "MigrationResult", "MigrationProgress",
-    "ProgressEvent", "RoundSnapshot", "MigrationFailedError", "migrate",
+    "ProgressEvent", "PrecopyRound", "MigrationFailedError", "migrate",
     "VerifyReport", "verify_destination", "check_handoff",
     # errors
     "QemuError", "QemuNotFoundError", "QemuStartError", "QemuExitedError",

@@ -17,7 +17,7 @@ from vhostlab.protocol import TO_BACKEND, format_record
 
 from .errors import QemuError
 from .launcher import require_qemu
-from .migration import MigrationConfig, ProgressEvent, QemuMigration, RoundSnapshot
+from .migration import MigrationConfig, PrecopyRound, ProgressEvent, QemuMigration
 from .sequences import explain_stop
 
 __all__ = ["run_demo", "SEED_STEPS", "format_record"]
@@ -164,7 +164,7 @@ class _Narrator:
                  f"{(resume.timestamp - stop.timestamp) * 1000:.1f} ms later")
 
     def on_round(self, ev: ProgressEvent) -> None:
-        s: RoundSnapshot = ev.data
+        s: PrecopyRound = ev.data
         if s.status != "active":
             return
         self.active_rounds += 1

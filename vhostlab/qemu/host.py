@@ -21,8 +21,6 @@ ring positions out of GET_VRING_BASE replies and SET_VRING_BASE requests.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import weakref
 from typing import Iterable, Mapping
 
@@ -30,7 +28,8 @@ from vhostlab.backend import BackendServer, CaptureWire, TraceRecord
 from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 from .guest import QTestVirtioNetGuest
-from .launcher import DEFAULT_RAM_SIZE, WORKDIR_PREFIX, QemuInstance, vhost_user_netdev
+from .launcher import (DEFAULT_RAM_SIZE, QemuInstance, close_each, make_workdir, started,
+                       vhost_user_netdev)
 
 __all__ = ["VhostUserHost", "MESSAGE_OPS", "ops_called", "vring_bases", "process_peak_rss"]
 
@@ -167,14 +166,8 @@ class _Owned:
             self.server.stop()
 
     def close(self) -> None:
-        for step in (self.close_qemu, self.close_server):
-            try:
-                step()
-            except Exception:  # clean-up goes on; each step is independent
-                pass
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+        close_each(self.close_qemu, self.close_server, workdir=self.workdir)
+        self.workdir = None
 
 
 class VhostUserHost:
@@ -206,23 +199,16 @@ class VhostUserHost:
     def socket_path(self) -> str:
         """The back-end's unix socket (in a private directory made on first use)."""
         if self._own.workdir is None:
-            if not self._finalizer.alive:   # closed: never make a directory nobody removes
-                raise RuntimeError(f"{self.name} is closed")
-            self._own.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-            os.chmod(self._own.workdir, 0o700)
+            self._own.workdir = make_workdir(self.name, closed=not self._finalizer.alive)
         return os.path.join(self._own.workdir, "vhost-user.sock")
 
     @property
     def server(self) -> BackendServer:
-        if self._own.server is None:
-            raise RuntimeError(f"{self.name}: the back-end is not started")
-        return self._own.server
+        return started(self._own.server, f"{self.name}: the back-end")
 
     @property
     def qemu(self) -> QemuInstance:
-        if self._own.qemu is None:
-            raise RuntimeError(f"{self.name}: QEMU is not started")
-        return self._own.qemu
+        return started(self._own.qemu, f"{self.name}: QEMU")
 
     @property
     def migration_uri(self) -> str:

@@ -7,8 +7,9 @@ virtio-net-pci device, and two control channels: ``-qtest`` (port I/O and
 guest memory, which the guest driver in :mod:`.guest` uses in place of a
 guest kernel) and ``-qmp`` (run state, migration).
 
-What the network device is plugged into is a parameter (:class:`NetdevSpec`):
-a vhost-user back-end for real use, or an ordinary QEMU netdev on loopback.
+What the network device is plugged into is a parameter (:class:`NetdevSpec`,
+in :mod:`.netdev`): a vhost-user back-end for real use, or an ordinary QEMU
+netdev on loopback. Finding QEMU and probing what it can do is :mod:`.find`.
 
 Nothing started here outlives its owner. QEMU runs in its own session (a
 Ctrl-C aimed at the notebook is not delivered to QEMU behind our back), with
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
-import ipaddress
 import os
 import queue
 import re
@@ -36,9 +35,13 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import QemuExitedError, QemuNotFoundError, QemuStartError, describe_exit
+# Finding QEMU and the netdevs have their own modules; their names stay importable here.
+from .find import (CI_QEMU_RELEASES, MIN_QEMU_VERSION, QEMU_ENV, QemuInfo, ci_coverage,
+                   find_qemu, require_qemu)
+from .netdev import NetdevSpec, dgram_netdev, escape_option, udp_socket_netdev, vhost_user_netdev
 from .qmp import QMP
 from .qtest import QTest, QTestServer
 
@@ -46,116 +49,15 @@ __all__ = [
     "QemuInfo", "find_qemu", "require_qemu", "halt_firmware",
     "NetdevSpec", "vhost_user_netdev", "dgram_netdev", "udp_socket_netdev",
     "QemuInstance", "DEFAULT_RAM_SIZE", "DEFAULT_MAC", "QEMU_ENV", "MIN_QEMU_VERSION",
-    "CI_QEMU_RELEASES", "ci_coverage",
+    "CI_QEMU_RELEASES", "ci_coverage", "WORKDIR_PREFIX", "make_workdir", "sweep_stale_workdirs",
+    "close_each", "started",
 ]
 
 MiB = 1 << 20
 DEFAULT_RAM_SIZE = 128 * MiB
 DEFAULT_MAC = "52:54:00:12:34:56"
-QEMU_ENV = "VHOSTLAB_QEMU"
-QEMU_BINARY = "qemu-system-x86_64"
-#: ``-machine memory-backend=`` appeared in QEMU 5.0.
-MIN_QEMU_VERSION = (5, 0, 0)
-#: The QEMU releases CI runs the QEMU tests and the labs against (Debian 11, 12
-#: and 13: ``.ci/run`` and ``scripts/debian-qemu.sh``). Binder's Ubuntu QEMU
-#: (6.2 on 22.04, 8.2 on 24.04) lies between them.
-CI_QEMU_RELEASES = ((5, 2), (7, 2), (10, 0))
 WORKDIR_PREFIX = "vhostlab-qemu-"
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-
-
-# -- finding QEMU ----------------------------------------------------------
-@dataclass(frozen=True)
-class QemuInfo:
-    """What ``qemu-system-x86_64`` at ``path`` can do; ``problems`` empty means usable."""
-
-    path: str
-    version: tuple[int, int, int]
-    has_memfd: bool
-    has_virtio_net_pci: bool
-    netdevs: tuple[str, ...] = ()
-    accelerators: tuple[str, ...] = ()
-    problems: tuple[str, ...] = ()
-
-    @property
-    def usable(self) -> bool:
-        """True when the vhostlab recipe can run on this QEMU."""
-        return not self.problems
-
-    @property
-    def version_string(self) -> str:
-        return ".".join(map(str, self.version))
-
-
-def ci_coverage(version: tuple[int, ...]) -> str:
-    """How CI covers a QEMU version: "tested" (a release CI runs), "in range", or "untested"."""
-    release = tuple(version[:2])
-    if release in CI_QEMU_RELEASES:
-        return "tested"
-    if CI_QEMU_RELEASES[0] < release < CI_QEMU_RELEASES[-1]:
-        return "in range"
-    return "untested"
-
-
-def _run_help(path: str, *args: str) -> str:
-    res = subprocess.run([path, *args], stdin=subprocess.DEVNULL, capture_output=True,
-                         text=True, timeout=20, check=False)
-    return res.stdout
-
-
-@functools.lru_cache(maxsize=8)
-def _probe(path: str, mtime_ns: int, size: int) -> QemuInfo:
-    # mtime and size are in the key so an upgraded binary is probed afresh.
-    m = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", _run_help(path, "--version"))
-    version = (int(m[1]), int(m[2]), int(m[3] or 0)) if m else (0, 0, 0)
-    objects = _run_help(path, "-object", "help")
-    devices = _run_help(path, "-device", "help")
-    # Both lists are a title line, then one name per line.
-    netdevs = tuple(_run_help(path, "-netdev", "help").split("\n", 1)[-1].split())
-    accels = tuple(_run_help(path, "-accel", "help").split("\n", 1)[-1].split())
-    problems = []
-    if not m:
-        problems.append(f"{path} --version did not print a QEMU version")
-    elif version < MIN_QEMU_VERSION:
-        problems.append(f"QEMU {'.'.join(map(str, version))} is older than "
-                        f"{'.'.join(map(str, MIN_QEMU_VERSION))}")
-    has_memfd = "memory-backend-memfd" in objects
-    has_vnet = '"virtio-net-pci"' in devices
-    if not has_memfd:
-        problems.append("no memory-backend-memfd object (guest RAM must be a shareable fd)")
-    if not has_vnet:
-        problems.append("no virtio-net-pci device")
-    return QemuInfo(path, version, has_memfd, has_vnet, netdevs, accels, tuple(problems))
-
-
-def find_qemu(path: str | None = None) -> QemuInfo | None:
-    """Find and probe QEMU: ``path``, else $VHOSTLAB_QEMU, else ``qemu-system-x86_64`` on PATH.
-
-    Returns None when there is no such executable. The answers of
-    ``--version`` / ``-object help`` / ``-device help`` are cached.
-    """
-    path = path or os.environ.get(QEMU_ENV) or shutil.which(QEMU_BINARY)
-    if not path:
-        return None
-    path = shutil.which(path) or path
-    try:
-        st = os.stat(path)
-        return _probe(os.path.realpath(path), st.st_mtime_ns, st.st_size)
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def require_qemu(path: str | None = None) -> QemuInfo:
-    """Like :func:`find_qemu`, but raise QemuNotFoundError when QEMU is absent or unusable."""
-    info = find_qemu(path)
-    hint = ("install it (Debian/Ubuntu: apt-get install --no-install-recommends "
-            f"qemu-system-x86) or point ${QEMU_ENV} at a qemu-system-x86_64")
-    if info is None:
-        raise QemuNotFoundError(f"{QEMU_BINARY} not found (${QEMU_ENV} unset or wrong)", hint=hint)
-    if not info.usable:
-        raise QemuNotFoundError(f"QEMU at {info.path} cannot run the lab: "
-                                + "; ".join(info.problems), hint=hint)
-    return info
 
 
 # -- firmware --------------------------------------------------------------
@@ -169,96 +71,6 @@ def halt_firmware() -> bytes:
     image = bytearray(b"\xf4" * 65536)
     image[65536 - 16:65536 - 13] = b"\xf4\xeb\xfd"
     return bytes(image)
-
-
-# -- netdevs ---------------------------------------------------------------
-@dataclass(frozen=True)
-class NetdevSpec:
-    """The QEMU arguments that create netdev ``netdev_id``, plus virtio-net-pci properties it needs.
-
-    ``listen_address`` is where QEMU receives datagrams for the guest (UDP
-    netdevs only).
-    """
-
-    args: tuple[str, ...]
-    netdev_id: str = "net0"
-    device_props: tuple[str, ...] = ()
-    description: str = ""
-    listen_address: tuple[str, int] | None = None
-
-
-def _escape(value: str) -> str:
-    # QEMU option syntax: a comma inside a value is written twice.
-    return value.replace(",", ",,")
-
-
-def vhost_user_netdev(socket_path: str, *, reconnect: int | None = None,
-                      queues: int | None = None, netdev_id: str = "net0",
-                      chardev_id: str = "chr0", host_mtu: int | None = None) -> NetdevSpec:
-    """A vhost-user netdev: QEMU connects as client to the back-end listening at ``socket_path``.
-
-    ``host_mtu`` sets the virtio-net-pci property of that name: the device then
-    offers VIRTIO_NET_F_MTU, and a guest that acks it makes QEMU send
-    NET_SET_MTU (``vhost_net_set_mtu``) before it starts the back-end.
-    """
-    chardev = f"socket,id={chardev_id},path={_escape(socket_path)}"
-    if reconnect is not None:
-        chardev += f",reconnect={int(reconnect)}"
-    netdev = f"vhost-user,id={netdev_id},chardev={chardev_id},vhostforce=on"
-    props: tuple[str, ...] = ()
-    if queues is not None:
-        if not 1 <= queues <= 128:
-            raise ValueError(f"queues={queues} outside 1..128")
-        netdev += f",queues={queues}"
-        if queues > 1:
-            props = ("mq=on", f"vectors={2 * queues + 2}")
-    if host_mtu is not None:
-        if not 68 <= host_mtu <= 65535:
-            raise ValueError(f"host_mtu={host_mtu} outside 68..65535")
-        props += (f"host_mtu={int(host_mtu)}",)
-    return NetdevSpec(("-chardev", chardev, "-netdev", netdev), netdev_id, props,
-                      f"vhost-user back-end at {socket_path}")
-
-
-def _loopback(host: str) -> str:
-    if not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"host {host!r} is not a loopback address; the lab never "
-                         "sends frames off this machine")
-    return host
-
-
-def _free_udp_port(host: str) -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def dgram_netdev(remote_port: int, local_port: int | None = None, *,
-                 host: str = "127.0.0.1", netdev_id: str = "net0") -> NetdevSpec:
-    """``-netdev dgram`` on loopback (QEMU >= 7.2).
-
-    QEMU binds ``host:local_port`` (a free port when None) and sends every
-    frame the guest transmits, as one datagram, to ``host:remote_port``;
-    datagrams sent to ``local_port`` reach the guest's RX queue.
-    """
-    host = _loopback(host)
-    local_port = local_port or _free_udp_port(host)
-    netdev = (f"dgram,id={netdev_id},local.type=inet,local.host={host},"
-              f"local.port={local_port},remote.type=inet,remote.host={host},"
-              f"remote.port={remote_port}")
-    return NetdevSpec(("-netdev", netdev), netdev_id, (),
-                      f"UDP {host}:{local_port} <-> {host}:{remote_port}", (host, local_port))
-
-
-def udp_socket_netdev(remote_port: int, local_port: int | None = None, *,
-                      host: str = "127.0.0.1", netdev_id: str = "net0") -> NetdevSpec:
-    """The older ``-netdev socket,udp=...,localaddr=...`` form of :func:`dgram_netdev`."""
-    host = _loopback(host)
-    local_port = local_port or _free_udp_port(host)
-    netdev = f"socket,id={netdev_id},udp={host}:{remote_port},localaddr={host}:{local_port}"
-    return NetdevSpec(("-netdev", netdev), netdev_id, (),
-                      f"UDP {host}:{local_port} <-> {host}:{remote_port}", (host, local_port))
 
 
 # -- spawning --------------------------------------------------------------
@@ -338,6 +150,38 @@ def sweep_stale_workdirs() -> list[str]:
     return removed
 
 
+def make_workdir(owner: str, closed: bool) -> str:
+    """A private (0700) directory named after this process, so that the next start removes
+    it if this process is killed outright. ``closed``: the owner was closed, and a directory
+    made now would never be removed (QemuExitedError)."""
+    if closed:
+        raise QemuExitedError(f"{owner} is closed")
+    sweep_stale_workdirs()
+    path = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
+    os.chmod(path, 0o700)
+    return path
+
+
+def close_each(*steps, workdir: str | None = None) -> None:
+    """Run every clean-up step, then remove ``workdir``: a step that fails does not stop
+    the others (clean-up goes on whatever broke)."""
+    for step in steps:
+        try:
+            step()
+        except Exception:  # each step is independent
+            pass
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def started(part, what: str):
+    """``part`` (a connection, a process, a server), or QemuExitedError when it is None:
+    ``what`` is not started."""
+    if part is None:
+        raise QemuExitedError(f"{what} is not started")
+    return part
+
+
 # -- one QEMU --------------------------------------------------------------
 @dataclass
 class _Resources:
@@ -350,7 +194,6 @@ class _Resources:
     qmp: QMP | None = None
     stderr_path: str | None = None
     last_log: str = ""
-    closers: list = field(default_factory=list)
 
     def read_log(self) -> str:
         if self.stderr_path and os.path.exists(self.stderr_path):
@@ -374,18 +217,11 @@ class _Resources:
                 continue
 
     def close(self, timeout: float = 5.0) -> None:
-        for step in (lambda: self.qmp and self.qmp.close(),
-                     lambda: self.qtest and self.qtest.close(),
-                     lambda: self.stop_process(timeout),
-                     lambda: self.qtest_server and self.qtest_server.close(),
-                     self.read_log,
-                     *self.closers):
-            try:
-                step()
-            except Exception:  # clean-up goes on; each step is independent
-                pass
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        close_each(lambda: self.qmp and self.qmp.close(),
+                   lambda: self.qtest and self.qtest.close(),
+                   lambda: self.stop_process(timeout),
+                   lambda: self.qtest_server and self.qtest_server.close(),
+                   self.read_log, workdir=self.workdir)
 
 
 def _hint(log: str, returncode: int | None, fallback: str | None = None) -> str:
@@ -462,11 +298,7 @@ class QemuInstance:
     # -- paths -----------------------------------------------------------------
     def _path(self, leaf: str) -> str:
         if self._res.workdir is None:
-            if not self._finalizer.alive:  # closed: never create a directory nobody removes
-                raise QemuExitedError(f"{self.name} is closed")
-            sweep_stale_workdirs()
-            self._res.workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
-            os.chmod(self._res.workdir, 0o700)
+            self._res.workdir = make_workdir(self.name, closed=not self._finalizer.alive)
         path = os.path.join(self._res.workdir, leaf)
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             raise QemuStartError(f"socket path {path!r} is longer than {_SUN_PATH_MAX} bytes",
@@ -503,7 +335,7 @@ class QemuInstance:
         size = f"{self.ram_size // MiB}M"
         firmware = self._path("halt.bin")
         device = ["virtio-net-pci", "disable-modern=on", "romfile=", f"mac={self.mac}"]
-        argv = [self.info.path, "-name", _escape(self.name),
+        argv = [self.info.path, "-name", escape_option(self.name),
                 "-machine", "pc,accel=tcg,memory-backend=mem", "-m", size,
                 "-nodefaults", "-display", "none",
                 "-object", f"memory-backend-memfd,id=mem,size={size},share=on",
@@ -617,16 +449,12 @@ class QemuInstance:
     @property
     def qtest(self) -> QTest:
         """The qtest connection (port I/O and guest memory)."""
-        if self._res.qtest is None:
-            raise QemuExitedError(f"{self.name} is not started")
-        return self._res.qtest
+        return started(self._res.qtest, self.name)
 
     @property
     def qmp(self) -> QMP:
         """The QMP connection (run state, migration, events)."""
-        if self._res.qmp is None:
-            raise QemuExitedError(f"{self.name} is not started")
-        return self._res.qmp
+        return started(self._res.qmp, self.name)
 
     def guest(self, **kwargs):
         """A :class:`~vhostlab.qemu.guest.QTestVirtioNetGuest` on this QEMU, initialised."""

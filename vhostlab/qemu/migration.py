@@ -32,11 +32,11 @@ back-ends serve from background threads of this process.
    source returned from GET_VRING_BASE; then more frames both ways on the
    destination.
 
-Per round (a dirty-bitmap sync and what QEMU sends until the next) the
-orchestrator keeps a :class:`RoundSnapshot`, reading the vhost log and
-query-migrate every ``tick``; QEMU clears the log at each sync, so the log's
-readings are ORed until the sync count changes (marks made just before a
-sync and after the last reading are missed).
+The orchestrator reads the vhost log and query-migrate every ``tick`` and
+hands the readings to a :class:`~.rounds.RoundTracker`, which makes one
+:class:`~.rounds.PrecopyRound` per round (a dirty-bitmap sync and what QEMU
+sends until the next). The data (config, events, progress, result) is in
+:mod:`.migration_model`; the checks on the destination in :mod:`.verify`.
 
 Everything runs in one background thread (:meth:`QemuMigration.start`), so
 a notebook cell stays responsive; :meth:`QemuMigration.progress` returns a
@@ -45,253 +45,34 @@ consistent immutable picture at any time, and ``on_progress`` receives
 """
 from __future__ import annotations
 
-from ..errors import VhostlabError
-
 import logging
 import random
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Mapping
-
-import numpy as np
+from dataclasses import replace
+from typing import Callable
 
 from vhostlab.dirtylog import DirtyRound
+from vhostlab.errors import VhostlabError
 from vhostlab.switchover import StopWindow, SwitchoverRecorder, frames_in_pages
 
 from .errors import GuestDriverError, QemuError
 from .host import VhostUserHost, ops_called, process_peak_rss
-from .launcher import DEFAULT_RAM_SIZE
-from .rounds import GuestWrites, frame_name, mismatched_pages, qemu_bands
+from .migration_model import (MigrationConfig, MigrationFailedError, MigrationProgress,
+                              MigrationResult, ProgressEvent)
+from .rounds import (GuestWrites, PrecopyRound, RoundTracker, frame_name, mismatched_pages,
+                     qemu_bands)
 from .traffic import FROM_GUEST, TO_GUEST, FrameLedger, GuestDirtier, is_rarp
-from .verify import VerifyReport, verify_destination
+from .verify import verify_destination
 
-__all__ = ["MigrationConfig", "RoundSnapshot", "ProgressEvent", "MigrationProgress",
-           "MigrationResult", "QemuMigration", "MigrationFailedError"]
+# The model's names stay importable from here, where the labs and tests take them.
+__all__ = ["MigrationConfig", "PrecopyRound", "ProgressEvent", "MigrationProgress",
+           "MigrationResult", "QemuMigration", "MigrationFailedError", "migrate"]
 
 log = logging.getLogger("vhostlab.qemu")
 
-FINAL_STATES = ("completed", "failed", "cancelled")
 DELIVERY_TIMEOUT = 5.0
 RX_BUDGET = 200            # RX frames left unread during the migration (ring of 256)
-
-
-class MigrationFailedError(QemuError):
-    """The migration did not complete (QEMU said failed, or it did not finish in time)."""
-
-
-@dataclass(frozen=True)
-class MigrationConfig:
-    """How to migrate. Bandwidth in bytes/s, downtime in ms, times in s.
-
-    ``busy_syncs``: the guest keeps dirtying memory until dirty-sync-count
-    reaches this. ``working_set`` / ``dirty_rate``: how much guest RAM it
-    rewrites, how fast. ``rx_burst`` / ``tx_burst`` frames go each way every
-    ``burst_interval``. ``destination_uri`` replaces the destination QEMU's
-    own (to show a destination that never comes up). ``rx_at_stop``: RX
-    frames the source back-end writes as GET_VRING_BASE arrives, after QEMU's
-    last bitmap sync (only the final sync reports them). ``skip_final_sync``
-    emulates a front-end that skips vhost_log_put's final sync (QEMU has no
-    such switch): the source back-end discards its log marks as the rings
-    stop, so that sync finds nothing (switchover.StopWindow).
-    ``source_handlers``: request -> handler entries the source back-end uses
-    instead of its own (``BackendServer(handlers=...)``), e.g. an exercise's
-    SET_LOG_BASE.
-    """
-
-    ram_size: int = DEFAULT_RAM_SIZE
-    max_bandwidth: int = 2 << 20
-    downtime_limit: int = 10
-    busy_syncs: int = 4
-    working_set: int = 1 << 20
-    dirty_rate: int = 3 << 20
-    rx_burst: int = 8
-    tx_burst: int = 4
-    burst_interval: float = 0.2
-    tick: float = 0.02
-    warm_up_frames: int = 16
-    after_frames: int = 16
-    break_logging: bool = False
-    rx_at_stop: int = 0
-    skip_final_sync: bool = False
-    timeout: float = 60.0
-    qemu: str | None = None
-    destination_uri: str | None = None
-    source_handlers: Mapping | None = None
-
-
-@dataclass(frozen=True)
-class RoundSnapshot:
-    """One pre-copy round: a dirty-bitmap sync and what QEMU sent after it.
-
-    Read just after the sync: ``dirty_sync_count``, ``time`` (s since
-    migrate), ``transferred``, ``remaining`` (bytes still dirty), the pages
-    the source back-end marked in the vhost log since the previous sync
-    (``log_bitmap``: bit ``p % 8`` of byte ``p // 8``; ``pages_logged``) and
-    what the guest did meanwhile. QEMU counts the guest's dirty pages and the
-    log's together: there is no "dirtied by the guest" number.
-
-    Over the round (query-migrate deltas, from the reading that saw its sync
-    to the one that saw the next; round 1 from migrate; the last round, whose
-    sync no reading sees before its pages are out, from the reading before):
-    ``pages_sent`` (normal + duplicate), ``zero_pages``, ``bytes_sent``;
-    ``remaining_after`` (bytes dirty at the next sync; 0 after the last round,
-    None if unknown); ``downtime_bytes`` (sent with the guest stopped) and
-    ``status`` when it ended. ``syncs``: the syncs it stands for (several when
-    they fell between two readings); ``note`` explains those and the last.
-    """
-
-    round: int
-    dirty_sync_count: int
-    time: float                   # s since migrate
-    status: str
-    transferred: int
-    remaining: int
-    dirty_pages_rate: int
-    log_bitmap: bytes
-    pages_logged: int
-    guest_bytes_written: int = 0
-    rx_frames: int = 0
-    tx_frames: int = 0
-    syncs: tuple[int, ...] = ()
-    pages_sent: int = 0
-    zero_pages: int = 0
-    bytes_sent: int = 0
-    remaining_after: int | None = None
-    downtime_bytes: int | None = None
-    note: str = ""
-
-    def summary(self) -> dict:
-        """JSON-ready, without the bitmap."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "log_bitmap"}
-        return {**out, "syncs": list(self.syncs)}
-
-    def logged_pages(self) -> np.ndarray:
-        """Page numbers set in :attr:`log_bitmap`."""
-        bits = np.unpackbits(np.frombuffer(self.log_bitmap, np.uint8), bitorder="little")
-        return np.flatnonzero(bits)
-
-
-@dataclass(frozen=True)
-class _Reading:
-    """query-migrate's RAM counters at one reading (``pages``: normal + duplicate)."""
-
-    status: str = "none"
-    dirty_sync_count: int = 0
-    transferred: int = 0
-    pages: int = 0
-    zero_pages: int = 0
-    remaining: int = 0
-
-    @classmethod
-    def of(cls, q: dict) -> "_Reading":
-        ram = {k: int(v) for k, v in q.get("ram", {}).items() if isinstance(v, (int, float))}
-        return cls(q.get("status", "none"), ram.get("dirty-sync-count", 0),
-                   ram.get("transferred", 0), ram.get("normal", 0) + ram.get("duplicate", 0),
-                   ram.get("duplicate", 0), ram.get("remaining", 0))
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """Something happened: ``kind`` is phase, round, messages, event or frames."""
-
-    kind: str
-    text: str
-    data: object = None
-
-
-@dataclass(frozen=True)
-class MigrationProgress:
-    """A consistent picture of a migration in progress (what the labs' views poll)."""
-
-    phase: str
-    status: str
-    dirty_sync_count: int
-    rounds: tuple[RoundSnapshot, ...]
-    events: tuple[dict, ...]
-    last_query: dict
-    error: str | None
-    elapsed: float
-    done: bool
-
-
-@dataclass
-class MigrationResult:
-    """What a migration did and whether every frame survived it."""
-
-    status: str = "not started"
-    qemu_version: str = ""
-    config: MigrationConfig = field(default_factory=MigrationConfig)
-    rounds: tuple[RoundSnapshot, ...] = ()
-    final_query: dict = field(default_factory=dict)
-    events: tuple[dict, ...] = ()
-    to_guest: dict = field(default_factory=dict)
-    from_guest: dict = field(default_factory=dict)
-    verify: VerifyReport | None = None
-    ops_called: list = field(default_factory=list)
-    pages_logged: int = 0
-    rarp_frames: int = 0
-    resources: dict = field(default_factory=dict)
-    wall_time: float = 0.0
-    error: str | None = None
-    notes: list = field(default_factory=list)
-
-    @property
-    def dirty_sync_count(self) -> int:
-        return int(self.final_query.get("ram", {}).get("dirty-sync-count", 0))
-
-    @property
-    def integrity_ok(self) -> bool:
-        """Completed, nothing lost, corrupted or duplicated, ring positions handed over."""
-        ok_frames = all(d.get("sent", 0) and not (d["lost"] or d["corrupted"] or d["duplicated"])
-                        for d in (self.to_guest, self.from_guest))
-        return (self.status == "completed" and self.error is None and ok_frames
-                and self.verify is not None and self.verify.ok)
-
-    @property
-    def integrity(self) -> str:
-        """"ok", "corrupted", or "not checked" (the migration did not complete)."""
-        if self.integrity_ok:
-            return "ok"
-        return "corrupted" if self.status == "completed" and self.verify else "not checked"
-
-    def summary(self) -> dict:
-        """The JSON summary (the built-in demo's fields plus the real QEMU's numbers)."""
-        directions = {TO_GUEST: self.to_guest, FROM_GUEST: self.from_guest}
-        keys = ("sent", "delivered", "lost", "corrupted", "duplicated")
-        frames = {k: sum(d.get(k, 0) for d in directions.values()) for k in keys}
-        q = self.final_query
-        completed = self.status == "completed"
-        return {
-            "frontend": "qemu",
-            "qemu_version": self.qemu_version,
-            "migration": {"status": self.status, "rounds": len(self.rounds),
-                          "max_bandwidth": self.config.max_bandwidth,
-                          "downtime_limit": self.config.downtime_limit,
-                          "transferred": q.get("ram", {}).get("transferred"),
-                          "per_round": [r.summary() for r in self.rounds],
-                          "error": self.error},
-            # QEMU reads the vhost log at every bitmap sync, and once more in
-            # vhost_log_put when vhost_dev_stop stops the device.
-            "vhost_log": {"pages_logged": self.pages_logged,
-                          "syncs": self.dirty_sync_count + (1 if completed else 0)},
-            "frames": frames,
-            "frames_by_direction": {k: dict(v) for k, v in directions.items()},
-            "integrity": self.integrity,
-            "ops_called": list(self.ops_called),
-            "dirty_sync_count": self.dirty_sync_count,
-            "total_time_ms": q.get("total-time"),
-            "downtime_ms": q.get("downtime"),
-            "break_logging": self.config.break_logging,
-            "skip_final_sync": self.config.skip_final_sync,
-            "vring_handoff": self.verify.handoff if self.verify else {},
-            "rarp_frames": self.rarp_frames,
-            "driver_errors": list(self.verify.driver_errors) if self.verify else [],
-            "events": list(self.events),
-            "notes": list(self.notes),
-            "resources": dict(self.resources),
-            "wall_time_s": round(self.wall_time, 3),
-        }
 
 
 class _Aborted(VhostlabError):
@@ -322,20 +103,14 @@ class QemuMigration:
         self._rng = random.Random(2020)
         self._lock = threading.Lock()
         self._phase = "not started"
-        self._rounds: list[RoundSnapshot] = []
+        self.tracker = RoundTracker()           # read and changed under self._lock
         self._query: dict = {}
         self._t0 = self._t_migrate = 0.0
         self._abort = threading.Event()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._trace_seq = {"source": 0, "destination": 0}
-        self._acc_log: np.ndarray | None = None
-        self._reading, self._reading_at = _Reading(), 0.0   # the last query-migrate
-        self._starts: list[_Reading] = []                   # each round's first reading
-        self._before_last = self._reading                   # the one before the last round
-        self._ended = False
         self._t_stop_seen: float | None = None
-        self._round_stats = [0, 0, 0]           # guest bytes, rx frames, tx frames
         self._rx_unread = 0                     # RX frames delivered, not read by the guest
         self.dirtier: GuestDirtier | None = None
         self._guest_state: dict | None = None
@@ -407,7 +182,7 @@ class QemuMigration:
             return MigrationProgress(
                 phase=self._phase, status=q.get("status", "not started"),
                 dirty_sync_count=int(q.get("ram", {}).get("dirty-sync-count", 0)),
-                rounds=tuple(self._rounds), events=self._events(), last_query=dict(q),
+                rounds=self.tracker.rounds, events=self._events(), last_query=dict(q),
                 error=self.result.error, elapsed=time.monotonic() - self._t0 if self._t0 else 0.0,
                 done=self._done.is_set())
 
@@ -519,67 +294,26 @@ class QemuMigration:
         self._await_switch_over()
 
     def _poll(self) -> str:
-        """Read the vhost log and query-migrate; a new round when the sync count moved."""
+        """Read the vhost log and query-migrate and hand both to the round tracker."""
         self._new_messages()
         snap = self.src.server.snapshot(trace=False).log
-        if snap is not None:
-            bits = np.frombuffer(snap.bitmap, np.uint8)
-            same = self._acc_log is not None and self._acc_log.size == bits.size
-            self._acc_log = self._acc_log | bits if same else bits.copy()
         q = self.src.qemu.qmp.query_migrate()
-        now, at = _Reading.of(q), time.monotonic()
+        at = time.monotonic() - self._t_migrate
         with self._lock:
+            if snap is not None:
+                self.tracker.log_read(snap.bitmap)
             self._query = q
-        seen = self._rounds[-1].dirty_sync_count if self._rounds else 0
-        if now.dirty_sync_count > seen:
-            self._open_round(q, now, seen, at)
-        elif self._rounds:
-            self._count(-1, now)
-        if now.status in FINAL_STATES and self._rounds and not self._ended:
-            self._end_rounds(q, now)
-        self._reading, self._reading_at = now, at
-        return now.status
+            opened = self.tracker.query_migrate(q, at)
+        if opened is not None:
+            self._dirty_round(opened, at)
+            self._emit("round", f"dirty sync {opened.dirty_sync_count}", opened)
+        return q.get("status", "none")
 
-    def _replace(self, i: int, **changes) -> None:
-        with self._lock:
-            self._rounds[i] = replace(self._rounds[i], **changes)
-
-    def _open_round(self, q: dict, now: _Reading, seen: int, at: float) -> None:
-        """QEMU synced since the last reading: the round before ends, a new one begins, here."""
-        if self._rounds:
-            self._count(-1, now, status=self._rounds[-1].status)
-            self._replace(-1, remaining_after=now.remaining)
-        syncs = tuple(range(seen + 1, now.dirty_sync_count + 1))
-        note = ""
-        if len(syncs) > 1:
-            since = at - (self._reading_at or self._t_migrate)
-            note = (f"dirty syncs {syncs[0]} to {syncs[-1]} came between two readings of "
-                    f"query-migrate {since * 1e3:.0f} ms apart: one round for them")
-        bitmap = self._acc_log if self._acc_log is not None else np.zeros(0, np.uint8)
-        snap = RoundSnapshot(
-            round=len(self._rounds) + 1, dirty_sync_count=now.dirty_sync_count,
-            time=round(at - self._t_migrate, 4), status=now.status,
-            transferred=now.transferred, remaining=now.remaining,
-            dirty_pages_rate=int(q.get("ram", {}).get("dirty-pages-rate", 0)),
-            log_bitmap=bitmap.tobytes(), pages_logged=int(np.bitwise_count(bitmap).sum()),
-            guest_bytes_written=self._round_stats[0], rx_frames=self._round_stats[1],
-            tx_frames=self._round_stats[2], syncs=syncs, note=note)
-        self._acc_log = None
-        self._round_stats = [0, 0, 0]
-        self._dirty_round(snap, at)
-        # Round 1 counts from migrate (QEMU's counters start at 0 there).
-        self._starts.append(now if self._rounds else _Reading())
-        self._before_last = self._reading
-        with self._lock:
-            self._rounds.append(snap)
-        self._count(-1, now)
-        self._emit("round", f"dirty sync {now.dirty_sync_count}", self._rounds[-1])
-
-    def _dirty_round(self, snap: RoundSnapshot, at: float) -> None:
+    def _dirty_round(self, snap: PrecopyRound, at: float) -> None:
         """The round's DirtyRound: the log pages the polls saw before this sync, and the
         pages the guest wrote through qtest meanwhile (QEMU's own bitmap)."""
         guest = self.src.guest
-        dr = DirtyRound.make(len(self.dirty_rounds) + 1, at - self._t_migrate,
+        dr = DirtyRound.make(len(self.dirty_rounds) + 1, at,
                              self.config.ram_size // 4096, snap.logged_pages(),
                              self.guest_writes.take(), qemu_bands(guest), note=snap.note)
         with self._lock:
@@ -611,35 +345,6 @@ class QemuMigration:
         with self._lock:
             self.dirty_rounds.append(dr)
 
-    def _count(self, i: int, end: _Reading, status: str | None = None) -> None:
-        """Round ``i``'s counters, from its first reading to ``end``."""
-        start = self._starts[i]
-        self._replace(i, status=status or end.status, pages_sent=end.pages - start.pages,
-                      zero_pages=end.zero_pages - start.zero_pages,
-                      bytes_sent=end.transferred - start.transferred)
-
-    def _end_rounds(self, q: dict, now: _Reading) -> None:
-        """The migration ended; if it completed, its last round went with the guest stopped
-        (QEMU holds its main lock from the STOP until the last pages are out)."""
-        self._ended = True
-        if now.status != "completed":
-            return
-        before = ""
-        if len(self._rounds) > 1:
-            self._starts[-1] = self._before_last
-            self._count(-2, self._before_last, status=self._rounds[-2].status)
-            self._replace(-2, remaining_after=None)
-            before = f" (left after round {len(self._rounds) - 1})"
-        self._count(-1, now)
-        stopped = q.get("ram", {}).get("downtime-bytes")
-        note = ("the guest stopped (STOP) before the last sync; QEMU answers query-migrate "
-                f"again only once it has sent what that sync found, so that count{before} "
-                "is not known" + ("" if stopped is None else
-                                  f"; {stopped} bytes went out with the guest stopped "
-                                  "(downtime-bytes)"))
-        self._replace(-1, remaining_after=0, downtime_bytes=stopped,
-                      note="; ".join(filter(None, (self._rounds[-1].note, note))))
-
     def _check_status(self, status: str) -> None:
         if status in ("failed", "cancelled"):
             desc = self._query.get("error-desc", "no error-desc given")
@@ -656,6 +361,10 @@ class QemuMigration:
         except QemuError:
             pass
 
+    def _guest_did(self, **what: int) -> None:
+        with self._lock:
+            self.tracker.guest_did(**what)
+
     def _busy_rounds(self) -> None:
         """Guest writes, TX and RX bursts, and polling, until ``busy_syncs`` syncs."""
         c = self.config
@@ -669,7 +378,7 @@ class QemuMigration:
                 return              # converged early; _verify accounts for what happened
             if status == "active" and count >= c.busy_syncs:
                 break
-            self._round_stats[0] += self.dirtier.catch_up()
+            self._guest_did(bytes_written=self.dirtier.catch_up())
             if time.monotonic() >= next_burst and status == "active":
                 self._burst()
                 next_burst = time.monotonic() + c.burst_interval
@@ -677,7 +386,7 @@ class QemuMigration:
             time.sleep(c.tick)
         # A last burst: RX frames into pages QEMU has copied at least once. Then quiet.
         self._burst()
-        self._round_stats[0] += self.dirtier.catch_up()
+        self._guest_did(bytes_written=self.dirtier.catch_up())
         self._last_guest_action = time.time()
         self._guest_state = self.src.guest.export_state()
 
@@ -696,8 +405,7 @@ class QemuMigration:
             DELIVERY_TIMEOUT)
         delivered = host.counters()["guest_rx_frames"] - base["guest_rx_frames"]
         self._rx_unread += delivered
-        self._round_stats[1] += delivered
-        self._round_stats[2] += sent_tx
+        self._guest_did(rx_frames=delivered, tx_frames=sent_tx)
         if not ok:
             self.result.notes.append(
                 f"the source back-end handled {delivered} of {len(frames)} RX frames (and "
@@ -762,7 +470,7 @@ class QemuMigration:
                                           self.dst.trace() if self.dst else ())
             with self._lock:
                 r.final_query = dict(self._query)
-                r.rounds = tuple(self._rounds)
+                r.rounds = self.tracker.rounds
             r.status = self._query.get("status", "not started")
             r.events = self._events()
             r.to_guest, r.from_guest = self.rx.summary(), self.tx.summary()
