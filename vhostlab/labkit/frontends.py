@@ -15,8 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from .base import RAM_SIZE, LabSetupError, wait_until
 from .device import LabDevice
 
-__all__ = ["Frontend", "QemuFrontend", "BuiltinFrontend", "FRONTEND_NAMES", "RX_AT_STOP",
-           "frontend_named"]
+__all__ = ["Frontend", "QemuFrontend", "BuiltinFrontend", "RX_AT_STOP", "frontend_named"]
 
 #: RX frames a real QEMU's source back-end writes as its rings stop (see LabMigration).
 RX_AT_STOP = 8
@@ -163,8 +162,8 @@ class BuiltinFrontend:
         from vhostlab.frontend import VhostDev, VhostOps, VirtioNetGuest
         vhost_dev = VhostDev(VhostOps.connect(backend.socket_path))
         guest = VirtioNetGuest(ram_size=RAM_SIZE)
-        device = lab.own(LabDevice(self, backend, guest, vhost_dev=vhost_dev),
-                         lambda: device.close(), label)
+        device = LabDevice(self, backend, guest, vhost_dev=vhost_dev)
+        lab.own(device, device.close, label)
         vhost_dev.vhost_dev_init()
         guest.negotiate(vhost_dev.features)
         vhost_dev.vhost_net_start(guest)
@@ -217,7 +216,6 @@ class BuiltinFrontend:
 
 #: The front-end names a lab may hold, and their front-ends.
 _FRONTENDS: dict[str, Frontend] = {"qemu": QemuFrontend(), "builtin": BuiltinFrontend()}
-FRONTEND_NAMES = tuple(_FRONTENDS)
 
 
 def frontend_named(name: str) -> Frontend:
