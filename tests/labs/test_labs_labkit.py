@@ -49,6 +49,23 @@ def test_choice_is_doctors(monkeypatch, value):
     assert os.environ["VHOSTLAB_FRONTEND"] == value      # the environment is left as it was
 
 
+def test_each_frontend_implements_the_protocol_and_other_names_are_refused():
+    for name in ("qemu", "builtin"):
+        frontend = labkit.frontend_named(name)
+        assert isinstance(frontend, labkit.Frontend) and frontend.name == name
+    with pytest.raises(labkit.LabSetupError, match="expected 'qemu' or 'builtin'"):
+        labkit.frontend_named("kvm")
+
+
+def test_a_bad_frontend_starts_nothing_and_builtin_has_no_qemu_to_step(lab):
+    with pytest.raises(labkit.LabSetupError, match="'kvm'"):
+        lab.start_device(frontend="kvm")
+    assert lab.running() == [] and lab._owned == []
+    lab.frontend = "builtin"
+    assert lab.qemu_stepper() is None and lab.qemu_version is None
+    assert "the built-in Python front-end" in lab.describe()
+
+
 def test_reopening_a_lab_stops_what_the_previous_one_started(monkeypatch):
     monkeypatch.setenv("VHOSTLAB_FRONTEND", "builtin")
     first = labkit.open_lab("first")
