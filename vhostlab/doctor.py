@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, ContextManager, Iterator, Mapping
 
+import numpy as np
+
 __all__ = ["Outcome", "Result", "Raises", "Case", "Mistake", "Question", "Exercise",
            "BoundQuestion", "BoundExercise", "Hint", "Solution", "CheckTimeout", "fixed",
            "time_limit"]
@@ -187,12 +189,8 @@ class Mistake:
 
 
 def _same(got: Any, want: Any) -> bool:
-    try:
-        import numpy as np
-        if isinstance(got, np.ndarray) or isinstance(want, np.ndarray):
-            return bool(np.array_equal(np.asarray(got), np.asarray(want)))
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(got, np.ndarray) or isinstance(want, np.ndarray):
+        return bool(np.array_equal(np.asarray(got), np.asarray(want)))
     try:
         return bool(got == want)
     except Exception:
