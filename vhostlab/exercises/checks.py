@@ -40,7 +40,7 @@ import numpy as np
 
 __all__ = ["Outcome", "Result", "Raises", "Case", "Mistake", "Question", "Exercise",
            "BoundQuestion", "BoundExercise", "Hint", "Solution", "CheckTimeout", "fixed",
-           "time_limit"]
+           "time_limit", "answered", "letter", "word", "name_set", "lower_name_set"]
 
 
 class Outcome(str, Enum):
@@ -186,6 +186,41 @@ class Mistake:
 
     when: Callable[[Any, Any, tuple], bool]
     say: str | Callable[[Any, Any, tuple], str]
+
+
+def answered(value: Any, say: str | Callable[[Any, Any, tuple], str]) -> Mistake:
+    """The mistake of answering exactly ``value``, and what to say about it."""
+    return Mistake(lambda got, want, args: got == value, say)
+
+
+# How value questions read what the learner wrote (``run=`` of a Question).
+def letter(targets: tuple, args: tuple) -> Any:
+    """A multiple-choice letter: ' b ' reads as 'B'."""
+    value = targets[0]
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def word(targets: tuple, args: tuple) -> str:
+    """A function's name: '"vhost_dev_init()"' reads as 'vhost_dev_init'."""
+    return str(targets[0]).strip().strip('"').rstrip("()").strip()
+
+
+def _names(value: Any, lower: bool) -> Any:
+    if isinstance(value, str):
+        value = {value}
+    if not isinstance(value, (set, list, tuple, frozenset)):
+        return value
+    return {str(v).strip().lower() if lower else str(v).strip() for v in value}
+
+
+def name_set(targets: tuple, args: tuple) -> Any:
+    """A set of names (one name, a list or a tuple also do), each stripped."""
+    return _names(targets[0], lower=False)
+
+
+def lower_name_set(targets: tuple, args: tuple) -> Any:
+    """As name_set, case aside: 'EVENT_IDX' matches 'event_idx'."""
+    return _names(targets[0], lower=True)
 
 
 def _same(got: Any, want: Any) -> bool:
