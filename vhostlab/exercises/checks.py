@@ -40,7 +40,8 @@ import numpy as np
 
 __all__ = ["Outcome", "Result", "Raises", "Case", "Mistake", "Question", "Exercise",
            "BoundQuestion", "BoundExercise", "Hint", "Solution", "CheckTimeout", "fixed",
-           "time_limit", "answered", "letter", "word", "name_set", "lower_name_set"]
+           "time_limit", "answered", "letter", "word", "name_set", "lower_name_set",
+           "name_question"]
 
 
 class Outcome(str, Enum):
@@ -399,6 +400,23 @@ class Question:
         return self._result(Outcome.INCORRECT, (
             f"for {case.describe} your code gave {_short.repr(got)}, which is not right. "
             f"{case.advice}").strip())
+
+
+def name_question(name: str, title: str, target: str, answer: str, *,
+                  wrong: Mapping[str, str], hints: tuple[str, ...],
+                  run: Callable[[tuple, tuple], Any] = word,
+                  describe: str = "your function name",
+                  mistakes: tuple[Mistake, ...] = ()) -> Question:
+    """A value question answered by one name (a function, a field, a letter).
+
+    The learner sets the variable ``target``; ``run`` reads it. ``wrong`` maps
+    the likely wrong names to what to tell the learner, tried after
+    ``mistakes``; the solution assigns ``answer``.
+    """
+    return Question(name=name, title=title, targets=(target,), kind="value", reference=answer,
+                    run=run, cases=(Case(describe, fixed),),
+                    mistakes=mistakes + tuple(answered(w, say) for w, say in wrong.items()),
+                    hints=hints, solution=f'{target} = "{answer}"')
 
 
 @dataclass(frozen=True)

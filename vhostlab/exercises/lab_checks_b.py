@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, answered, fixed, letter,
-                                       name_set)
+from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed, letter,
+                                       name_question, name_set)
 
 __all__ = ["LAB05", "LAB08", "LAB09", "MARKING_CHOICES"]
 
@@ -85,23 +85,22 @@ MARKING_CHOICES = {
     "C": "two back-end threads mark pages of the same byte with an atomic OR",
 }
 
-L05_Q2 = Question(
-    name="q2", title="when is a dirty-log mark lost?", targets=("loses_a_mark",), kind="value",
-    reference="B", run=letter, cases=(Case("your letter", fixed),),
+L05_Q2 = name_question(
+    "q2", "when is a dirty-log mark lost?", "loses_a_mark", "B",
+    run=letter, describe="your letter",
     mistakes=(
         Mistake(lambda got, want, args: got not in MARKING_CHOICES,
                 "answer with one letter, A, B or C, as a string."),
-        answered("A",
-                 "walk it through: QEMU takes the word and clears it, then the plain store puts "
-                 "back the bits QEMU took. Those pages are sent again: extra work, nothing "
-                 "lost."),
-        answered("C",
-                 "an atomic OR is one indivisible read-modify-write: neither writer can "
-                 "overwrite the other's bit."),
     ),
+    wrong={
+        "A": "walk it through: QEMU takes the word and clears it, then the plain store puts "
+             "back the bits QEMU took. Those pages are sent again: extra work, nothing "
+             "lost.",
+        "C": "an atomic OR is one indivisible read-modify-write: neither writer can "
+             "overwrite the other's bit.",
+    },
     hints=("A mark is lost when a store writes back a byte that no longer holds another "
            "writer's bit.",),
-    solution='loses_a_mark = "B"',
 )
 
 LAB05 = Exercise("lab05", "Lab 05: the numba datapath", (L05_Q1, L05_Q2))
@@ -153,20 +152,16 @@ L08_Q2 = Question(
     solution="def sends_rarp(guest_announce, rarp):\n    return not guest_announce and rarp",
 )
 
-L08_Q3 = Question(
-    name="q3", title="who calls vhost_net_set_mtu?", targets=("mtu_caller",), kind="value",
-    reference="virtio_net_vhost_status", run=lambda t, a: str(t[0]).strip().rstrip("()"),
-    cases=(Case("your function name", fixed),),
-    mistakes=(
-        answered("vhost_net_init",
-                 "vhost_net_init() creates the vhost_net; the MTU is sent later, when the "
-                 "device starts."),
-        answered("vhost_net_start",
-                 "close: it is called just before vhost_net_start(), by its caller."),
-    ),
+L08_Q3 = name_question(
+    "q3", "who calls vhost_net_set_mtu?", "mtu_caller", "virtio_net_vhost_status",
+    run=lambda t, a: str(t[0]).strip().rstrip("()"),
+    wrong={
+        "vhost_net_init": "vhost_net_init() creates the vhost_net; the MTU is sent later, "
+                          "when the device starts.",
+        "vhost_net_start": "close: it is called just before vhost_net_start(), by its caller.",
+    },
     hints=("hw/net/virtio-net.c: the function that decides to start vhost when the "
            "guest's driver sets DRIVER_OK.",),
-    solution='mtu_caller = "virtio_net_vhost_status"',
 )
 
 LAB08 = Exercise("lab08", "Lab 08: the VhostOps reference", (L08_Q1, L08_Q2, L08_Q3))
@@ -209,20 +204,18 @@ L09_Q2 = Question(
              "    return pages * 4096 < bandwidth * downtime_ms / 1000",
 )
 
-L09_Q3 = Question(
-    name="q3", title="what query-migrate lacks when there was no switch-over",
-    targets=("missing_field",), kind="value", reference="downtime",
-    run=lambda t, a: str(t[0]).strip().strip('"').lower(),
-    cases=(Case("your field name", fixed),),
+L09_Q3 = name_question(
+    "q3", "what query-migrate lacks when there was no switch-over", "missing_field", "downtime",
+    run=lambda t, a: str(t[0]).strip().strip('"').lower(), describe="your field name",
     mistakes=(
         Mistake(lambda got, want, args: got in ("total-time", "total_time"),
                 "total-time is there while the migration runs (and grows); look for the one "
                 "that only a switch-over can measure."),
-        answered("status",
-                 "status is always there: it stays 'active'."),
     ),
+    wrong={
+        "status": "status is always there: it stays 'active'.",
+    },
     hints=("The guest never stopped.",),
-    solution='missing_field = "downtime"',
 )
 
 LAB09 = Exercise("lab09", "Lab 09: a migration sweep", (L09_Q1, L09_Q2, L09_Q3))
