@@ -41,7 +41,7 @@ import numpy as np
 __all__ = ["Outcome", "Result", "Raises", "Case", "Mistake", "Question", "Exercise",
            "BoundQuestion", "BoundExercise", "Hint", "Solution", "CheckTimeout", "fixed",
            "time_limit", "answered", "letter", "word", "name_set", "lower_name_set",
-           "name_question"]
+           "name_question", "letter_question"]
 
 
 class Outcome(str, Enum):
@@ -417,6 +417,18 @@ def name_question(name: str, title: str, target: str, answer: str, *,
                     run=run, cases=(Case(describe, fixed),),
                     mistakes=mistakes + tuple(answered(w, say) for w, say in wrong.items()),
                     hints=hints, solution=f'{target} = "{answer}"')
+
+
+def letter_question(name: str, title: str, target: str, answer: str, *,
+                    choices: Mapping[str, str], wrong: Mapping[str, str],
+                    hints: tuple[str, ...]) -> Question:
+    """A multiple-choice question: the learner sets ``target`` to one letter of ``choices``."""
+    *first, last = sorted(choices)
+    return name_question(
+        name, title, target, answer, wrong=wrong, hints=hints, run=letter,
+        describe="your letter",
+        mistakes=(Mistake(lambda got, want, args: got not in choices,
+                          f"answer with one letter, {', '.join(first)} or {last}, as a string."),))
 
 
 @dataclass(frozen=True)

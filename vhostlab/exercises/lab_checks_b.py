@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed, letter,
-                                       name_question, name_set)
+from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed,
+                                       letter_question, name_question, name_set)
 
 __all__ = ["LAB05", "LAB08", "LAB09", "MARKING_CHOICES"]
 
@@ -85,13 +85,9 @@ MARKING_CHOICES = {
     "C": "two back-end threads mark pages of the same byte with an atomic OR",
 }
 
-L05_Q2 = name_question(
+L05_Q2 = letter_question(
     "q2", "when is a dirty-log mark lost?", "loses_a_mark", "B",
-    run=letter, describe="your letter",
-    mistakes=(
-        Mistake(lambda got, want, args: got not in MARKING_CHOICES,
-                "answer with one letter, A, B or C, as a string."),
-    ),
+    choices=MARKING_CHOICES,
     wrong={
         "A": "walk it through: QEMU takes the word and clears it, then the plain store puts "
              "back the bits QEMU took. Those pages are sent again: extra work, nothing "

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import struct
 
-from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed, letter,
-                                       name_question, name_set)
+from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed,
+                                       letter_question, name_question, name_set)
 
 __all__ = ["LAB02", "LAB06", "LAB07", "LOGGED_CHOICES", "LOSS_CHOICES"]
 
@@ -163,13 +163,9 @@ LOSS_CHOICES = {
     "C": "the pages the guest's own driver wrote after the last sync",
 }
 
-L07_Q2 = name_question(
+L07_Q2 = letter_question(
     "q2", "what does a skipped final sync lose?", "lost_pages", "B",
-    run=letter, describe="your letter",
-    mistakes=(
-        Mistake(lambda got, want, args: got not in LOSS_CHOICES,
-                "answer with one letter, A, B or C, as a string."),
-    ),
+    choices=LOSS_CHOICES,
     wrong={
         "A": "the earlier syncs took those marks, and their pages were copied again.",
         "C": "the guest's writes go through QEMU, into QEMU's own dirty bitmap.",
