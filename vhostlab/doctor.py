@@ -6,15 +6,16 @@ these details.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
 
 APT_QEMU = "sudo apt-get install -y --no-install-recommends qemu-system-x86"
 APT_DPDK = "sudo apt-get install -y --no-install-recommends dpdk dpdk-dev"
@@ -68,54 +69,62 @@ def qemu_info() -> dict | None:
             "ci_releases": [".".join(map(str, r)) for r in CI_QEMU_RELEASES]}
 
 
-def check_memfd() -> Check:
+@contextlib.contextmanager
+def _opened(fd: int) -> Iterator[int]:
     try:
-        fd = os.memfd_create("vhostlab-doctor", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, 4096)
-            with mmap.mmap(fd, 4096, mmap.MAP_SHARED) as m:
-                m[0:4] = b"ping"
-        finally:
-            os.close(fd)
-        return Check("memfd", True, "memfd_create + shared mmap work", required=True)
-    except (OSError, AttributeError) as exc:
-        return Check("memfd", False, str(exc), "guest RAM needs memfd_create (Linux >= 3.17)", True)
+        yield fd
+    finally:
+        os.close(fd)
 
 
-def check_eventfd() -> Check:
+def _attempt(name: str, works: Callable[[], bool], detail: str, fix: str,
+             errors: tuple = (OSError, AttributeError)) -> Check:
+    """A required check: ``works()`` tries the facility for real; what it raises is the detail."""
     try:
-        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        try:
-            os.eventfd_write(fd, 3)
-            ok = os.eventfd_read(fd) == 3
-        finally:
-            os.close(fd)
-        return Check("eventfd", ok, "kick/call notifications use eventfds", required=True)
-    except (OSError, AttributeError) as exc:
-        return Check("eventfd", False, str(exc), "needs Linux eventfd and Python >= 3.10", True)
+        return Check(name, works(), detail, required=True)
+    except errors as exc:
+        return Check(name, False, str(exc), fix, True)
 
 
-def check_fd_passing() -> Check:
+def _memfd_maps() -> bool:
+    with _opened(os.memfd_create("vhostlab-doctor", os.MFD_CLOEXEC)) as fd:
+        os.ftruncate(fd, 4096)
+        with mmap.mmap(fd, 4096, mmap.MAP_SHARED) as m:
+            m[0:4] = b"ping"
+    return True
+
+
+def _eventfd_counts() -> bool:
+    with _opened(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)) as fd:
+        os.eventfd_write(fd, 3)
+        return os.eventfd_read(fd) == 3
+
+
+def _memfd_passes() -> bool:
     """Send a memfd over a unix socket (SCM_RIGHTS) and see the same memory on the other side."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    fd = received = -1
-    try:
-        fd = os.memfd_create("vhostlab-doctor-pass", os.MFD_CLOEXEC)
+    with a, b, _opened(os.memfd_create("vhostlab-doctor-pass", os.MFD_CLOEXEC)) as fd:
         os.ftruncate(fd, 4096)
         socket.send_fds(a, [b"x"], [fd])
         _, fds, _, _ = socket.recv_fds(b, 1, 1)
-        received = fds[0]
-        os.pwrite(fd, b"vhost", 0)
-        ok = os.pread(received, 5, 0) == b"vhost"
-        return Check("fd_passing", ok, "SCM_RIGHTS over AF_UNIX carries memory-table fds", required=True)
-    except (OSError, AttributeError, IndexError) as exc:
-        return Check("fd_passing", False, str(exc), "vhost-user needs AF_UNIX fd passing", True)
-    finally:
-        for f in (fd, received):
-            if f >= 0:
-                os.close(f)
-        a.close()
-        b.close()
+        with _opened(fds[0]) as received:
+            os.pwrite(fd, b"vhost", 0)
+            return os.pread(received, 5, 0) == b"vhost"
+
+
+def check_memfd() -> Check:
+    return _attempt("memfd", _memfd_maps, "memfd_create + shared mmap work",
+                    "guest RAM needs memfd_create (Linux >= 3.17)")
+
+
+def check_eventfd() -> Check:
+    return _attempt("eventfd", _eventfd_counts, "kick/call notifications use eventfds",
+                    "needs Linux eventfd and Python >= 3.10")
+
+
+def check_fd_passing() -> Check:
+    return _attempt("fd_passing", _memfd_passes, "SCM_RIGHTS over AF_UNIX carries memory-table fds",
+                    "vhost-user needs AF_UNIX fd passing", (OSError, AttributeError, IndexError))
 
 
 def _device(path: str, why: str) -> Check:

@@ -21,6 +21,7 @@ import sys
 
 from vhostlab.backend.errors import BackendError
 from vhostlab.backend.server import BackendServer
+from vhostlab.command import standalone
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +71,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vhostlab serve", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = standalone("serve", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

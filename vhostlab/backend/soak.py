@@ -47,7 +47,7 @@ from vhostlab.dirtylog import DirtyLog
 from vhostlab.memory import GuestMemory
 from vhostlab.protocol import (BackendConnection, Feature, FrontendConnection, LogArea,
                                MemoryRegion, MemoryTable, Message, ProtocolError, Request,
-                               U64, VringAddr, VringState, parse_message)
+                               U64, VringAddr, VringState)
 from vhostlab.protocol.recorded import QEMU_7_2_SEQUENCE, TO_BACKEND
 from vhostlab.ring import VRING_DESC_DTYPE, VirtqueueDriver
 from vhostlab.ring.layout import vring_layout

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nbformat import NotebookNode
 
+from vhostlab.command import standalone
 from vhostlab.exercises import notebook as nbg
 
 
@@ -132,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vhostlab assign", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = standalone("assign", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

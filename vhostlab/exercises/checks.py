@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, ContextManager, Iterator, Mapping
 
+import numpy as np
+
 __all__ = ["Outcome", "Result", "Raises", "Case", "Mistake", "Question", "Exercise",
            "BoundQuestion", "BoundExercise", "Hint", "Solution", "CheckTimeout", "fixed",
-           "time_limit"]
+           "time_limit", "answered", "letter", "word", "name_set", "lower_name_set",
+           "name_question", "letter_question"]
 
 
 class Outcome(str, Enum):
@@ -186,13 +189,44 @@ class Mistake:
     say: str | Callable[[Any, Any, tuple], str]
 
 
+def answered(value: Any, say: str | Callable[[Any, Any, tuple], str]) -> Mistake:
+    """The mistake of answering exactly ``value``, and what to say about it."""
+    return Mistake(lambda got, want, args: got == value, say)
+
+
+# How value questions read what the learner wrote (``run=`` of a Question).
+def letter(targets: tuple, args: tuple) -> Any:
+    """A multiple-choice letter: ' b ' reads as 'B'."""
+    value = targets[0]
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def word(targets: tuple, args: tuple) -> str:
+    """A function's name: '"vhost_dev_init()"' reads as 'vhost_dev_init'."""
+    return str(targets[0]).strip().strip('"').rstrip("()").strip()
+
+
+def _names(value: Any, lower: bool) -> Any:
+    if isinstance(value, str):
+        value = {value}
+    if not isinstance(value, (set, list, tuple, frozenset)):
+        return value
+    return {str(v).strip().lower() if lower else str(v).strip() for v in value}
+
+
+def name_set(targets: tuple, args: tuple) -> Any:
+    """A set of names (one name, a list or a tuple also do), each stripped."""
+    return _names(targets[0], lower=False)
+
+
+def lower_name_set(targets: tuple, args: tuple) -> Any:
+    """As name_set, case aside: 'EVENT_IDX' matches 'event_idx'."""
+    return _names(targets[0], lower=True)
+
+
 def _same(got: Any, want: Any) -> bool:
-    try:
-        import numpy as np
-        if isinstance(got, np.ndarray) or isinstance(want, np.ndarray):
-            return bool(np.array_equal(np.asarray(got), np.asarray(want)))
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    if isinstance(got, np.ndarray) or isinstance(want, np.ndarray):
+        return bool(np.array_equal(np.asarray(got), np.asarray(want)))
     try:
         return bool(got == want)
     except Exception:
@@ -366,6 +400,35 @@ class Question:
         return self._result(Outcome.INCORRECT, (
             f"for {case.describe} your code gave {_short.repr(got)}, which is not right. "
             f"{case.advice}").strip())
+
+
+def name_question(name: str, title: str, target: str, answer: str, *,
+                  wrong: Mapping[str, str], hints: tuple[str, ...],
+                  run: Callable[[tuple, tuple], Any] = word,
+                  describe: str = "your function name",
+                  mistakes: tuple[Mistake, ...] = ()) -> Question:
+    """A value question answered by one name (a function, a field, a letter).
+
+    The learner sets the variable ``target``; ``run`` reads it. ``wrong`` maps
+    the likely wrong names to what to tell the learner, tried after
+    ``mistakes``; the solution assigns ``answer``.
+    """
+    return Question(name=name, title=title, targets=(target,), kind="value", reference=answer,
+                    run=run, cases=(Case(describe, fixed),),
+                    mistakes=mistakes + tuple(answered(w, say) for w, say in wrong.items()),
+                    hints=hints, solution=f'{target} = "{answer}"')
+
+
+def letter_question(name: str, title: str, target: str, answer: str, *,
+                    choices: Mapping[str, str], wrong: Mapping[str, str],
+                    hints: tuple[str, ...]) -> Question:
+    """A multiple-choice question: the learner sets ``target`` to one letter of ``choices``."""
+    *first, last = sorted(choices)
+    return name_question(
+        name, title, target, answer, wrong=wrong, hints=hints, run=letter,
+        describe="your letter",
+        mistakes=(Mistake(lambda got, want, args: got not in choices,
+                          f"answer with one letter, {', '.join(first)} or {last}, as a string."),))
 
 
 @dataclass(frozen=True)

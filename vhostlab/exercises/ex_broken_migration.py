@@ -31,7 +31,6 @@ from typing import Any
 
 from vhostlab.backend import handlers
 from vhostlab.exercises.checks import Case, Exercise, Mistake, Question
-from vhostlab.frontend.frames import RX, TX
 from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, Message, Request, VringAddr, VringState
 
 __all__ = ["EXERCISE", "SETUP", "BrokenRun", "FAULTS", "broken_run", "fault_for",

@@ -23,6 +23,7 @@ from typing import Callable
 from vhostlab.backend.overrides import (RingOverrides, SignalView, reference_place_frame,
                                         reference_should_signal)
 from vhostlab.exercises.checks import Case, Exercise, Mistake, Question, fixed
+from vhostlab.exercises.migration_checks import usable_qemu
 from vhostlab.ring.layout import VRING_AVAIL_F_NO_INTERRUPT, vring_need_event_py
 
 __all__ = ["EXERCISE", "SETUP", "SignalView", "NO_QEMU", "usable_qemu", "needs_qemu",
@@ -69,13 +70,6 @@ NO_QEMU = ("needs a real QEMU: this challenge is graded inside a back-end that s
 VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_RING_F_EVENT_IDX = 29
 RX_QUEUE, IRQ_WAIT_S = 0, 4.0
-
-
-def usable_qemu() -> str | None:
-    """The QEMU this challenge is graded with, or None."""
-    from vhostlab.qemu.launcher import find_qemu
-    info = find_qemu()
-    return info.path if info is not None and info.usable else None
 
 
 def needs_qemu() -> str:

@@ -88,6 +88,12 @@ def _swapped_vring(got, want, args) -> bool:
     return tuple(got) == (want[0], want[2], want[1])
 
 
+def _not_three_ints(fields: str) -> Mistake:
+    """Both parsers return a tuple of three ints; say so when the answer has another shape."""
+    return Mistake(lambda got, want, args: not isinstance(got, tuple) or len(got) != 3,
+                   f"return a tuple of three ints: ({fields}).")
+
+
 Q1 = Question(
     name="q1", title="parse_header: the 12-byte header", targets=("parse_header",),
     reference=_ref_header,
@@ -123,8 +129,7 @@ Q1 = Question(
         Mistake(lambda got, want, args: got[0] == want[0] and got[1] == want[1] & 0x3
                 and got[2] == want[2],
                 "return the whole flags field, not only the version bits."),
-        Mistake(lambda got, want, args: not isinstance(got, tuple) or len(got) != 3,
-                "return a tuple of three ints: (request, flags, size)."),
+        _not_three_ints("request, flags, size"),
     ),
     hints=(
         "The header is three little-endian u32 values in a row: request, flags, size.",
@@ -174,8 +179,7 @@ Q2 = Question(
     mistakes=(
         Mistake(_swapped_vring, "index and num are swapped: the payload is "
                                 "struct vhost_vring_state { unsigned int index; unsigned int num; }."),
-        Mistake(lambda got, want, args: not isinstance(got, tuple) or len(got) != 3,
-                "return a tuple of three ints: (request, index, num)."),
+        _not_three_ints("request, index, num"),
     ),
     hints=(
         "Call your parse_header first: it already refuses short headers and bad versions.",

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from nbformat import NotebookNode
 
+from vhostlab.command import standalone
 from vhostlab.exercises import notebook as nbg
 
 CSV_COLUMNS = ("student", "exercise", "grade_id", "points", "max_points", "status")
@@ -446,10 +447,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vhostlab grade", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = standalone("grade", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":

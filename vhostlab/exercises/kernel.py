@@ -55,10 +55,7 @@ def fit_guest_memory_reservations(limit: int) -> None:
     """
     if limit <= 0:
         return
-    try:
-        from vhostlab.memory import GuestMemory
-    except ImportError:  # the memory layer is missing: nothing to fit
-        return
+    from vhostlab.memory import GuestMemory
     defaults = GuestMemory.__init__.__kwdefaults__
     if defaults and defaults.get("reserve", 0) > limit // 8:
         defaults["reserve"] = limit // 8

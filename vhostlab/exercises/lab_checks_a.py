@@ -7,31 +7,10 @@ messages for the usual mistakes. A lab notebook's last section asks them;
 """
 from __future__ import annotations
 
-import contextlib
-
-from vhostlab.exercises.checks import Case, Exercise, Mistake, Question, Raises, fixed
+from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, Raises, answered, fixed,
+                                       lower_name_set)
 
 __all__ = ["LAB00", "LAB01", "LAB03", "LAB04"]
-
-
-def _only():
-    """The one 'case' of a value question: nothing to set up."""
-    @contextlib.contextmanager
-    def setup():
-        yield ()
-    return setup
-
-
-def _value(targets, args):
-    return targets[0]
-
-
-def _lower_set(targets, args):
-    value = targets[0]
-    if isinstance(value, str):
-        value = {value}
-    return {str(v).strip().lower() for v in value} if isinstance(value, (set, list, tuple,
-                                                                          frozenset)) else value
 
 
 # -- lab 00 ------------------------------------------------------------------------
@@ -40,7 +19,7 @@ KIT_EXPLAINS = {"packed rings", "event_idx", "inflight", "postcopy", "multiqueue
 
 L00_Q1 = Question(
     name="q1", title="what the kit only explains", targets=("only_explained",), kind="value",
-    reference=KIT_EXPLAINS, run=_lower_set, cases=(Case("your set", _only()),),
+    reference=KIT_EXPLAINS, run=lower_name_set, cases=(Case("your set", fixed),),
     mistakes=(
         Mistake(lambda got, want, args: not isinstance(got, set),
                 "give a set of names from the list in the question, e.g. {\"tcg\"}."),
@@ -102,37 +81,36 @@ def _ioc(direction: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (0xAF << 8) | nr
 
 
-L01_Q1 = Question(
-    name="q1", title="the ioctl number of VHOST_GET_VRING_BASE", kind="value",
-    targets=("VHOST_GET_VRING_BASE",), reference=_ioc(3, 0x12, 8), run=_value,
-    cases=(Case("your number", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got == _ioc(1, 0x12, 8),
-                "that is _IOW: GET_VRING_BASE also reads the state back, so it is _IOWR "
-                "(direction read|write = 3)."),
-        Mistake(lambda got, want, args: got == _ioc(2, 0x12, 8),
-                "that is _IOR: the kernel reads the queue index from the argument too, so "
-                "it is _IOWR."),
-        Mistake(lambda got, want, args: got == _ioc(3, 0x12, 4),
-                "struct vhost_vring_state is two unsigned ints: 8 bytes."),
-    ),
+def _ioctl_question(name: str, ioctl: str, direction: int, nr: int, size: int, *,
+                    wrong: dict, hints: tuple) -> Question:
+    """The number of ioctl ``ioctl`` (vhost's type 0xAF): ``wrong`` maps the
+    (direction, size) of a likely slip to what to tell the learner."""
+    return Question(
+        name=name, title=f"the ioctl number of {ioctl}", kind="value", targets=(ioctl,),
+        reference=_ioc(direction, nr, size), cases=(Case("your number", fixed),),
+        mistakes=tuple(answered(_ioc(d, nr, s), say) for (d, s), say in wrong.items()),
+        hints=hints,
+        solution=f"{ioctl} = ({direction} << 30) | ({size} << 16) | (0xAF << 8) | 0x{nr:02x}"
+                 f"   # {_ioc(direction, nr, size):#010x}",
+    )
+
+
+L01_Q1 = _ioctl_question(
+    "q1", "VHOST_GET_VRING_BASE", 3, 0x12, 8,
+    wrong={(1, 8): "that is _IOW: GET_VRING_BASE also reads the state back, so it is _IOWR "
+                   "(direction read|write = 3).",
+           (2, 8): "that is _IOR: the kernel reads the queue index from the argument too, so "
+                   "it is _IOWR.",
+           (3, 4): "struct vhost_vring_state is two unsigned ints: 8 bytes."},
     hints=("_IOWR(0xAF, 0x12, struct vhost_vring_state): direction 3 (read and write).",
            "Reuse _IOC from the lab: _IOC(3, 0xAF, 0x12, 8)."),
-    solution="VHOST_GET_VRING_BASE = (3 << 30) | (8 << 16) | (0xAF << 8) | 0x12   # 0xc008af12",
 )
 
-L01_Q2 = Question(
-    name="q2", title="the ioctl number of VHOST_SET_LOG_BASE", kind="value",
-    targets=("VHOST_SET_LOG_BASE",), reference=_ioc(1, 0x04, 8), run=_value,
-    cases=(Case("your number", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got == _ioc(1, 0x04, 4),
-                "the argument is a __u64 (the log's address): 8 bytes."),
-        Mistake(lambda got, want, args: got == _ioc(3, 0x04, 8),
-                "the kernel only reads the address: _IOW."),
-    ),
+L01_Q2 = _ioctl_question(
+    "q2", "VHOST_SET_LOG_BASE", 1, 0x04, 8,
+    wrong={(1, 4): "the argument is a __u64 (the log's address): 8 bytes.",
+           (3, 8): "the kernel only reads the address: _IOW."},
     hints=("_IOW(0xAF, 0x04, __u64).",),
-    solution="VHOST_SET_LOG_BASE = (1 << 30) | (8 << 16) | (0xAF << 8) | 0x04   # 0x4008af04",
 )
 
 

@@ -5,33 +5,17 @@ in order, a solution, and messages for the usual mistakes.
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
-from vhostlab.exercises.checks import Case, Exercise, Mistake, Question, fixed
+from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed,
+                                       letter_question, name_question, name_set)
 
 __all__ = ["LAB05", "LAB08", "LAB09", "MARKING_CHOICES"]
 
 
-def _only():
-    @contextlib.contextmanager
-    def setup():
-        yield ()
-    return setup
-
-
-def _letter(targets, args):
-    value = targets[0]
-    return value.strip().upper() if isinstance(value, str) else value
-
-
 def _names(targets, args):
     value = targets[0]() if callable(targets[0]) else targets[0]   # the reference is a function
-    if isinstance(value, str):
-        value = {value}
-    return {str(v).strip() for v in value} if isinstance(value, (set, list, tuple,
-                                                                 frozenset)) else value
+    return name_set((value,), args)
 
 
 # -- lab 05 ------------------------------------------------------------------------
@@ -72,7 +56,7 @@ def _first_wrong(got, want):
 L05_Q1 = Question(
     name="q1", title="mark the pages of a written range in the dirty log",
     targets=("mark_pages",), reference=_log_reference, run=_mark_observe,
-    cases=(Case("five ranges on a 64-page log", _only()),),
+    cases=(Case("five ranges on a 64-page log", fixed),),
     mistakes=(
         Mistake(lambda got, want, args: _first_wrong(got, want) is not None
                 and _first_wrong(got, want)[0].startswith("2 bytes"),
@@ -101,23 +85,18 @@ MARKING_CHOICES = {
     "C": "two back-end threads mark pages of the same byte with an atomic OR",
 }
 
-L05_Q2 = Question(
-    name="q2", title="when is a dirty-log mark lost?", targets=("loses_a_mark",), kind="value",
-    reference="B", run=_letter, cases=(Case("your letter", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got not in MARKING_CHOICES,
-                "answer with one letter, A, B or C, as a string."),
-        Mistake(lambda got, want, args: got == "A",
-                "walk it through: QEMU takes the word and clears it, then the plain store puts "
-                "back the bits QEMU took. Those pages are sent again: extra work, nothing "
-                "lost."),
-        Mistake(lambda got, want, args: got == "C",
-                "an atomic OR is one indivisible read-modify-write: neither writer can "
-                "overwrite the other's bit."),
-    ),
+L05_Q2 = letter_question(
+    "q2", "when is a dirty-log mark lost?", "loses_a_mark", "B",
+    choices=MARKING_CHOICES,
+    wrong={
+        "A": "walk it through: QEMU takes the word and clears it, then the plain store puts "
+             "back the bits QEMU took. Those pages are sent again: extra work, nothing "
+             "lost.",
+        "C": "an atomic OR is one indivisible read-modify-write: neither writer can "
+             "overwrite the other's bit.",
+    },
     hints=("A mark is lost when a store writes back a byte that no longer holds another "
            "writer's bit.",),
-    solution='loses_a_mark = "B"',
 )
 
 LAB05 = Exercise("lab05", "Lab 05: the numba datapath", (L05_Q1, L05_Q2))
@@ -132,7 +111,7 @@ def _local_ops():
 L08_Q1 = Question(
     name="q1", title="the ops that send no message for vhost-user", targets=("local_ops",),
     kind="value", reference=_local_ops, run=_names,
-    cases=(Case("your set", _only()),),
+    cases=(Case("your set", fixed),),
     mistakes=(
         Mistake(lambda got, want, args: not isinstance(got, set),
                 "give a set of op names, e.g. {\"vhost_get_vq_index\"}."),
@@ -169,20 +148,16 @@ L08_Q2 = Question(
     solution="def sends_rarp(guest_announce, rarp):\n    return not guest_announce and rarp",
 )
 
-L08_Q3 = Question(
-    name="q3", title="who calls vhost_net_set_mtu?", targets=("mtu_caller",), kind="value",
-    reference="virtio_net_vhost_status", run=lambda t, a: str(t[0]).strip().rstrip("()"),
-    cases=(Case("your function name", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got == "vhost_net_init",
-                "vhost_net_init() creates the vhost_net; the MTU is sent later, when the "
-                "device starts."),
-        Mistake(lambda got, want, args: got == "vhost_net_start",
-                "close: it is called just before vhost_net_start(), by its caller."),
-    ),
+L08_Q3 = name_question(
+    "q3", "who calls vhost_net_set_mtu?", "mtu_caller", "virtio_net_vhost_status",
+    run=lambda t, a: str(t[0]).strip().rstrip("()"),
+    wrong={
+        "vhost_net_init": "vhost_net_init() creates the vhost_net; the MTU is sent later, "
+                          "when the device starts.",
+        "vhost_net_start": "close: it is called just before vhost_net_start(), by its caller.",
+    },
     hints=("hw/net/virtio-net.c: the function that decides to start vhost when the "
            "guest's driver sets DRIVER_OK.",),
-    solution='mtu_caller = "virtio_net_vhost_status"',
 )
 
 LAB08 = Exercise("lab08", "Lab 08: the VhostOps reference", (L08_Q1, L08_Q2, L08_Q3))
@@ -225,20 +200,18 @@ L09_Q2 = Question(
              "    return pages * 4096 < bandwidth * downtime_ms / 1000",
 )
 
-L09_Q3 = Question(
-    name="q3", title="what query-migrate lacks when there was no switch-over",
-    targets=("missing_field",), kind="value", reference="downtime",
-    run=lambda t, a: str(t[0]).strip().strip('"').lower(),
-    cases=(Case("your field name", _only()),),
+L09_Q3 = name_question(
+    "q3", "what query-migrate lacks when there was no switch-over", "missing_field", "downtime",
+    run=lambda t, a: str(t[0]).strip().strip('"').lower(), describe="your field name",
     mistakes=(
         Mistake(lambda got, want, args: got in ("total-time", "total_time"),
                 "total-time is there while the migration runs (and grows); look for the one "
                 "that only a switch-over can measure."),
-        Mistake(lambda got, want, args: got == "status",
-                "status is always there: it stays 'active'."),
     ),
+    wrong={
+        "status": "status is always there: it stays 'active'.",
+    },
     hints=("The guest never stopped.",),
-    solution='missing_field = "downtime"',
 )
 
 LAB09 = Exercise("lab09", "Lab 09: a migration sweep", (L09_Q1, L09_Q2, L09_Q3))

@@ -5,28 +5,12 @@ in order, a solution, and messages for the usual mistakes.
 """
 from __future__ import annotations
 
-import contextlib
 import struct
 
-from vhostlab.exercises.checks import Case, Exercise, Mistake, Question, fixed
+from vhostlab.exercises.checks import (Case, Exercise, Mistake, Question, fixed,
+                                       letter_question, name_question, name_set)
 
 __all__ = ["LAB02", "LAB06", "LAB07", "LOGGED_CHOICES", "LOSS_CHOICES"]
-
-
-def _only():
-    @contextlib.contextmanager
-    def setup():
-        yield ()
-    return setup
-
-
-def _word(targets, args):
-    return str(targets[0]).strip().strip('"').rstrip("()").strip()
-
-
-def _letter(targets, args):
-    value = targets[0]
-    return value.strip().upper() if isinstance(value, str) else value
 
 
 # -- lab 02 ------------------------------------------------------------------------
@@ -51,20 +35,18 @@ L02_Q1 = Question(
              "    return struct.pack(\"<III\", request, 0x5, size)",
 )
 
-L02_Q2 = Question(
-    name="q2", title="who adds the LOG_SHMFD migration blocker?", targets=("blocker_function",),
-    kind="value", reference="vhost_user_backend_init", run=_word,
-    cases=(Case("your function name", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got == "vhost_dev_init",
-                "vhost_dev_init adds only the VHOST_F_LOG_ALL blocker; the LOG_SHMFD one "
-                "is vhost-user's own."),
-        Mistake(lambda got, want, args: got == "vhost_user_set_log_base",
-                "that is where the log is sent, during a migration; the blocker is added "
-                "long before, when the connection is set up."),
-    ),
+L02_Q2 = name_question(
+    "q2", "who adds the LOG_SHMFD migration blocker?", "blocker_function",
+    "vhost_user_backend_init",
+    wrong={
+        "vhost_dev_init":
+            "vhost_dev_init adds only the VHOST_F_LOG_ALL blocker; the LOG_SHMFD one "
+            "is vhost-user's own.",
+        "vhost_user_set_log_base":
+            "that is where the log is sent, during a migration; the blocker is added "
+            "long before, when the connection is set up.",
+    },
     hints=("hw/virtio/vhost-user.c: look for the text 'lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD'.",),
-    solution='blocker_function = "vhost_user_backend_init"',
 )
 
 
@@ -121,18 +103,10 @@ L06_Q1 = Question(
 LOGGED_CHOICES = {"RX buffers", "TX buffers", "RX used ring", "TX used ring", "RX avail ring"}
 
 
-def _names(targets, args):
-    value = targets[0]
-    if isinstance(value, str):
-        value = {value}
-    return {str(v).strip() for v in value} if isinstance(value, (set, list, tuple,
-                                                                 frozenset)) else value
-
-
 L06_Q2 = Question(
     name="q2", title="which pages does the back-end log?", targets=("logged",), kind="value",
-    reference={"RX buffers", "RX used ring", "TX used ring"}, run=_names,
-    cases=(Case("your set", _only()),),
+    reference={"RX buffers", "RX used ring", "TX used ring"}, run=name_set,
+    cases=(Case("your set", fixed),),
     mistakes=(
         Mistake(lambda got, want, args: not isinstance(got, set) or bool(got - LOGGED_CHOICES),
                 f"a set of names from {sorted(LOGGED_CHOICES)}."),
@@ -147,22 +121,20 @@ L06_Q2 = Question(
     solution='logged = {"RX buffers", "RX used ring", "TX used ring"}',
 )
 
-L06_Q3 = Question(
-    name="q3", title="who sends SET_LOG_BASE when a migration starts on a running device?",
-    targets=("log_base_sender",), kind="value", reference="vhost_dev_log_resize", run=_word,
-    cases=(Case("your function name", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got == "vhost_dev_start",
-                "vhost_dev_start sends it only when logging was already on as the device "
-                "started; this device was running before the migration began."),
-        Mistake(lambda got, want, args: got == "vhost_dev_set_log",
-                "vhost_dev_set_log comes after: it sends SET_FEATURES and SET_VRING_ADDR."),
-        Mistake(lambda got, want, args: got == "vhost_migration_log",
-                "close: vhost_migration_log calls the function that sizes the log and sends it."),
-    ),
+L06_Q3 = name_question(
+    "q3", "who sends SET_LOG_BASE when a migration starts on a running device?",
+    "log_base_sender", "vhost_dev_log_resize",
+    wrong={
+        "vhost_dev_start":
+            "vhost_dev_start sends it only when logging was already on as the device "
+            "started; this device was running before the migration began.",
+        "vhost_dev_set_log":
+            "vhost_dev_set_log comes after: it sends SET_FEATURES and SET_VRING_ADDR.",
+        "vhost_migration_log":
+            "close: vhost_migration_log calls the function that sizes the log and sends it.",
+    },
     hints=("hw/virtio/vhost.c vhost_migration_log(): what does it call before "
            "vhost_dev_set_log()?",),
-    solution='log_base_sender = "vhost_dev_log_resize"',
 )
 
 LAB06 = Exercise("lab06", "Lab 06: dirty logging", (L06_Q1, L06_Q2, L06_Q3))
@@ -191,19 +163,14 @@ LOSS_CHOICES = {
     "C": "the pages the guest's own driver wrote after the last sync",
 }
 
-L07_Q2 = Question(
-    name="q2", title="what does a skipped final sync lose?", targets=("lost_pages",),
-    kind="value", reference="B", run=_letter, cases=(Case("your letter", _only()),),
-    mistakes=(
-        Mistake(lambda got, want, args: got not in LOSS_CHOICES,
-                "answer with one letter, A, B or C, as a string."),
-        Mistake(lambda got, want, args: got == "A",
-                "the earlier syncs took those marks, and their pages were copied again."),
-        Mistake(lambda got, want, args: got == "C",
-                "the guest's writes go through QEMU, into QEMU's own dirty bitmap."),
-    ),
+L07_Q2 = letter_question(
+    "q2", "what does a skipped final sync lose?", "lost_pages", "B",
+    choices=LOSS_CHOICES,
+    wrong={
+        "A": "the earlier syncs took those marks, and their pages were copied again.",
+        "C": "the guest's writes go through QEMU, into QEMU's own dirty bitmap.",
+    },
     hints=("Which marks has nobody taken out of the log when the rings stop?",),
-    solution='lost_pages = "B"',
 )
 
 LAB07 = Exercise("lab07", "Lab 07: live migration", (L07_Q1, L07_Q2))

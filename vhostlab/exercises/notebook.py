@@ -56,13 +56,6 @@ def is_grade(cell: NotebookNode) -> bool:
     return bool(meta(cell).get("grade"))
 
 
-def is_locked(cell: NotebookNode) -> bool:
-    """Locked as nbgrader counts it: explicitly, or any grade cell that is
-    not also a solution (the learner never edits a test)."""
-    m = meta(cell)
-    return bool(m.get("locked")) or (bool(m.get("grade")) and not m.get("solution"))
-
-
 def points(cell: NotebookNode) -> float:
     return float(meta(cell).get("points", 0) or 0)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from ..errors import VhostlabError
 
 import enum
+import functools
 from dataclasses import dataclass
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "NotSupportedByVhostUser",
     "ProtocolFeatureMissing",
     "BackendReplyError",
+    "vhost_op",
 ]
 
 
@@ -213,3 +215,26 @@ class BackendReplyError(VhostOpsError):
     def __init__(self, request: str, field: str, value, expected):
         self.request, self.field, self.value, self.expected = request, field, value, expected
         super().__init__(f"{request}: reply field {field} is {value!r}, expected {expected}")
+
+
+def vhost_op(method):
+    """Make ``method`` the op of its name in the table: each call is recorded in
+    ``ops_called`` (``op_hooks`` run on the way in and out), and an op that
+    ``user_ops`` leaves NULL raises NotSupportedByVhostUser instead of running."""
+    info = op_info(method.__name__)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self.ops_called.append(info.name)
+        for hook in self.op_hooks:
+            hook(info.name, True)
+        try:
+            if not info.user:
+                raise NotSupportedByVhostUser(info.name, info.kernel_ioctl, info.note)
+            return method(self, *args, **kwargs)
+        finally:
+            for hook in self.op_hooks:
+                hook(info.name, False)
+
+    wrapper.op_info = info
+    return wrapper

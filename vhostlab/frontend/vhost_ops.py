@@ -14,7 +14,6 @@ on the way in and out); every message lands in ``trace`` (the channel's).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 from vhostlab.protocol import (ConfigSpace, CryptoSession, Feature, IotlbMsg, LogArea,
@@ -25,8 +24,8 @@ from vhostlab.protocol.constants import (QEMU_VHOST_USER_MAX_RAM_SLOTS,
                                          VRING_IDX_MASK, VRING_NOFD_MASK)
 
 from .channel import VhostUserChannel
-from .optable import (BackendReplyError, NotSupportedByVhostUser, ProtocolFeatureMissing,
-                      VhostBackendType, VhostOpsError, op_info)
+from .optable import (BackendReplyError, ProtocolFeatureMissing, VhostBackendType,
+                      VhostOpsError, vhost_op)
 
 __all__ = ["VhostOps", "FRONTEND_PROTOCOL_FEATURES"]
 
@@ -39,27 +38,6 @@ P = ProtocolFeature
 FRONTEND_PROTOCOL_FEATURES = int(P.MQ | P.LOG_SHMFD | P.RARP | P.REPLY_ACK | P.NET_MTU
                                  | P.CROSS_ENDIAN | P.CRYPTO_SESSION | P.CONFIG
                                  | P.RESET_DEVICE)
-
-
-def vhost_op(method):
-    """Record the call in ``ops_called``; raise for ops ``user_ops`` leaves NULL."""
-    info = op_info(method.__name__)
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        self.ops_called.append(info.name)
-        for hook in self.op_hooks:
-            hook(info.name, True)
-        try:
-            if not info.user:
-                raise NotSupportedByVhostUser(info.name, info.kernel_ioctl, info.note)
-            return method(self, *args, **kwargs)
-        finally:
-            for hook in self.op_hooks:
-                hook(info.name, False)
-
-    wrapper.op_info = info
-    return wrapper
 
 
 class VhostOps:
@@ -119,6 +97,11 @@ class VhostOps:
         if reply is not None and reply.payload is not None and reply.payload.value != 0:
             raise BackendReplyError(request.name, "u64 (REPLY_ACK status)",
                                     reply.payload.value, 0)
+
+    def _send_acked(self, request: Request, payload) -> None:
+        """Send; with REPLY_ACK ask for the ack and check it (QEMU's need_reply)."""
+        reply = self._send(request, payload, need_reply=self._has(P.REPLY_ACK))
+        self._check_ack(request, reply)
 
     def _write_sync(self, request: Request, payload, wait_for_reply: bool) -> None:
         """vhost_user_write_sync(): with REPLY_ACK ask for an ack; without it,
@@ -215,9 +198,7 @@ class VhostOps:
         """
         if not self._has(P.NET_MTU):
             return False
-        ack = self._has(P.REPLY_ACK)
-        reply = self._send(Request.NET_SET_MTU, U64(mtu), need_reply=ack)
-        self._check_ack(Request.NET_SET_MTU, reply)
+        self._send_acked(Request.NET_SET_MTU, U64(mtu))
         return True
 
     @vhost_op
@@ -570,10 +551,7 @@ class VhostOps:
         vhost-kernel: NULL. Called by vhost_dev_set_config(). Not used by migration.
         """
         self._require("vhost_set_config", "SET_CONFIG", P.CONFIG)
-        ack = self._has(P.REPLY_ACK)
-        reply = self._send(Request.SET_CONFIG, ConfigSpace(offset, len(data), flags, bytes(data)),
-                           need_reply=ack)
-        self._check_ack(Request.SET_CONFIG, reply)
+        self._send_acked(Request.SET_CONFIG, ConfigSpace(offset, len(data), flags, bytes(data)))
 
     @vhost_op
     def vhost_crypto_create_session(self, op_code: int, session_info: bytes) -> int:

@@ -296,7 +296,7 @@ def run_demo(as_json: bool = False, break_logging: bool = False,
 
 
 def _report(summary: dict, out: Callable[[str], None]) -> None:
-    f, log = summary["frames"], summary["vhost_log"]
+    log = summary["vhost_log"]
     res = summary["resources"]
     out("")
     out(f"migration {summary['migration']['status']}: dirty-sync-count "

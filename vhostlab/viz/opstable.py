@@ -20,10 +20,7 @@ from ._common import View, esc, field, resolve, table, wrap
 
 def default_ops_table() -> tuple:
     """The front-end layer's VhostOps table (imported when first needed)."""
-    try:
-        from vhostlab.frontend import VHOST_OPS_TABLE
-    except ImportError:
-        from vhostlab.frontend.optable import VHOST_OPS_TABLE
+    from vhostlab.frontend.optable import VHOST_OPS_TABLE
     return VHOST_OPS_TABLE
 
 
