@@ -10,7 +10,7 @@ import pytest
 
 from vhostlab import VhostlabError
 from vhostlab.backend.dpdk import DpdkError, DpdkVhostBackend, dpdk_usable
-from vhostlab.frontend import VhostDev, VhostOps, VirtioNetGuest, make_frame
+from vhostlab.frontend import VhostDev, VhostOps, BuiltinVirtioNetGuest, make_frame
 from vhostlab.frontend.frames import TX
 
 N = 32
@@ -26,7 +26,7 @@ def _receive(guest, n: int, timeout: float = 20.0) -> list[bytes]:
 
 def test_builtin_front_end_against_dpdk(requires_dpdk, tmp_path):
     sock = str(tmp_path / "dpdk.sock")
-    guest = VirtioNetGuest()
+    guest = BuiltinVirtioNetGuest()
     try:
         with DpdkVhostBackend(sock, testpmd=requires_dpdk) as dpdk:
             pid = dpdk.pid

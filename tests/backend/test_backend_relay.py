@@ -12,8 +12,9 @@ import pytest
 from vhostlab.backend import BackendServer
 from vhostlab.backend.dpdk import DpdkVhostBackend
 from vhostlab.backend.relay import VhostUserRelay, _Framer
-from vhostlab.frontend import VhostDev, VhostOps, VirtioNetGuest, make_frame
+from vhostlab.frontend import VhostDev, VhostOps, BuiltinVirtioNetGuest, make_frame
 from vhostlab.frontend.frames import TX
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
 
 def _requests(trace, direction):
@@ -38,7 +39,7 @@ def test_relay_to_our_back_end_records_what_the_back_end_records(tmp_path):
     d = tmp_path / "s"
     d.mkdir(mode=0o700)
     open_fds = len(os.listdir("/proc/self/fd"))
-    guest = VirtioNetGuest()
+    guest = BuiltinVirtioNetGuest()
     try:
         with BackendServer(str(d / "be.sock")) as srv, \
                 VhostUserRelay(str(d / "relay.sock"), srv.socket_path) as relay:
@@ -46,15 +47,15 @@ def test_relay_to_our_back_end_records_what_the_back_end_records(tmp_path):
             time.sleep(0.2)
             theirs = srv.snapshot().trace
         assert bases == {0: 0, 1: 8}
-        mine_in = _requests(relay.trace, "in")
-        assert mine_in == [r.request for r in theirs if r.direction == "in"]
+        mine_in = _requests(relay.trace, TO_BACKEND)
+        assert mine_in == [r.request for r in theirs if r.direction == TO_BACKEND]
         assert "SET_MEM_TABLE" in mine_in and "SET_LOG_BASE" in mine_in
         # fds went through: the back-end mapped the memory and the log
-        fds = {r.request: r.nfds for r in relay.trace.records() if r.direction == "in"}
+        fds = {r.request: r.nfds for r in relay.trace.records() if r.direction == TO_BACKEND}
         assert fds["SET_MEM_TABLE"] == len(guest.memory.regions)   # one fd a region
         assert fds["SET_LOG_BASE"] == 1
         assert fds["SET_VRING_KICK"] == 1
-        replies = _requests(relay.trace, "out")
+        replies = _requests(relay.trace, TO_FRONTEND)
         assert replies.count("GET_VRING_BASE") == 2
     finally:
         guest.close()
@@ -64,13 +65,13 @@ def test_relay_to_our_back_end_records_what_the_back_end_records(tmp_path):
 def test_relay_to_dpdk(requires_dpdk, tmp_path):
     d = tmp_path / "s"
     d.mkdir(mode=0o700)
-    guest = VirtioNetGuest()
+    guest = BuiltinVirtioNetGuest()
     try:
         with DpdkVhostBackend(str(d / "dpdk.sock"), testpmd=requires_dpdk) as dpdk, \
                 VhostUserRelay(str(d / "relay.sock"), dpdk.socket_path) as relay:
             bases = _drive(relay.listen_path, guest)
         assert bases == {0: 8, 1: 8}          # testpmd io-forwarded all 8 back
-        reqs = _requests(relay.trace, "in")
+        reqs = _requests(relay.trace, TO_BACKEND)
         assert reqs[:2] == ["GET_FEATURES", "GET_PROTOCOL_FEATURES"]
         assert {"SET_MEM_TABLE", "SET_LOG_BASE", "SET_VRING_KICK"} <= set(reqs)
         assert not [r for r in relay.trace.records() if r.error]

@@ -9,8 +9,8 @@ real back-end's, and every chunk of bytes, with its fds, is passed on
 unchanged. Beside that, each direction is framed and parsed with
 the sans-IO protocol layer, and every message goes into a
 :class:`~vhostlab.backend.trace.MessageTrace` with the same records a
-vhostlab back-end writes ("in": front-end to back-end, "out": back to the
-front-end), so the same views read it.
+vhostlab back-end writes (direction ``TO_BACKEND`` or ``TO_FRONTEND``), so
+the same views read it.
 
 Passing fds on: a message's fds arrive with the read that holds the start of
 its sendmsg (see protocol/connection.py); the relay sends them on with the
@@ -34,7 +34,8 @@ import select
 import socket
 import threading
 
-from vhostlab.protocol import HEADER_SIZE, ProtocolError, parse_message, peek_header
+from vhostlab.protocol import (HEADER_SIZE, TO_BACKEND, TO_FRONTEND, ProtocolError,
+                               parse_message, peek_header)
 
 from .errors import TransportError
 from .trace import MessageTrace
@@ -150,7 +151,7 @@ class VhostUserRelay:
                 back = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 back.connect(self.backend_path)
             except OSError as err:
-                self.trace.record("in", "connect", {}, b"", connection=self.connections,
+                self.trace.record(TO_BACKEND, "connect", {}, b"", connection=self.connections,
                                   error=f"the back-end at {self.backend_path} refused: {err}")
                 front.close()
                 continue
@@ -176,7 +177,7 @@ class VhostUserRelay:
                     if not data:
                         _close(fds)
                         return                  # one side hung up: so does the other
-                    direction = "in" if src is front else "out"
+                    direction = TO_BACKEND if src is front else TO_FRONTEND
                     if not self._relay(framers[src], peer[src], direction, data, fds):
                         return
         finally:
