@@ -84,6 +84,31 @@ def test_demo_builtin_with_broken_logging_is_caught():
     assert summary["frames"]["lost"] + summary["frames"]["corrupted"] > 0
 
 
+def test_demo_builtin_against_dpdk_back_ends(requires_dpdk):
+    summary, code = _demo_json("--frontend", "builtin", "--backend", "dpdk")
+    assert code == 0, summary
+    assert summary["backend"] == "dpdk" and summary["integrity"] == "ok"
+    frames = summary["frames"]
+    assert frames["sent"] > 0 and frames["delivered"] == frames["sent"]
+    assert frames["lost"] == frames["corrupted"] == frames["duplicated"] == 0
+    assert summary["vhost_log"]["pages_logged"] > 0          # DPDK marked the log
+    assert summary["migration"]["pages_mismatched"] == 0
+    assert summary["rarp_frames"] == 1                       # DPDK's answer to SEND_RARP
+    assert "vhost_get_vring_base" in summary["ops_called"]
+
+
+def test_demo_against_dpdk_ignoring_its_log_is_caught(requires_dpdk):
+    summary, code = _demo_json("--frontend", "builtin", "--backend", "dpdk", "--break-logging")
+    assert code == 3 and summary["integrity"] == "corrupted"
+    assert summary["frames"]["lost"] + summary["frames"]["corrupted"] > 0
+
+
+def test_doctor_says_whether_dpdk_is_usable(requires_dpdk):
+    report = json.loads(vhostlab("doctor", "--json").stdout)
+    check = report["checks"]["dpdk-testpmd"]
+    assert check["ok"] and "vhost port started" in check["detail"], check
+
+
 def test_demo_qemu_migrates_with_integrity(requires_qemu):
     summary, code = _demo_json("--frontend", "qemu")
     assert code == 0, summary

@@ -77,6 +77,9 @@ def run_recorded(as_json: bool = False, break_logging: bool = False,
 def add_arguments(parser) -> None:
     parser.add_argument("--frontend", choices=("auto", "builtin", "qemu", "recorded"), default="auto",
                         help="who plays QEMU's part (auto: real QEMU when present, else built-in)")
+    parser.add_argument("--backend", choices=("vhostlab", "dpdk"), default="vhostlab",
+                        help="whose back-ends serve the two hosts: this kit's, or DPDK's "
+                             "vhost back-end (dpdk-testpmd)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON summary on stdout (narration goes to stderr)")
     parser.add_argument("--break-logging", action="store_true",
@@ -86,8 +89,17 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     frontend = choose(args.frontend)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    say(f"front-end: {frontend}" + (" (chosen automatically)" if args.frontend == "auto" else ""))
-    summary, code = _runner(frontend)(as_json=args.json, break_logging=args.break_logging, out=say)
+    say(f"front-end: {frontend}" + (" (chosen automatically)" if args.frontend == "auto" else "")
+        + f", back-end: {args.backend}")
+    kwargs = {} if args.backend == "vhostlab" else {"backend": args.backend}
+    if kwargs and frontend == "recorded":
+        summary, code = {"frontend": frontend, "backend": args.backend,
+                         "error": "a recording has no back-end"}, EXIT_SETUP
+        say("recorded: --backend needs a live back-end (use --frontend builtin or qemu)")
+    else:
+        summary, code = _runner(frontend)(as_json=args.json, break_logging=args.break_logging,
+                                          out=say, **kwargs)
+    summary.setdefault("backend", args.backend)
     if args.json:
         print(json.dumps(summary))
     return code

@@ -11,11 +11,12 @@ import json
 import mmap
 import os
 import platform
-import shutil
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
+
+from vhostlab.backend.dpdk import dpdk_usable, find_testpmd
 
 APT_QEMU = "sudo apt-get install -y --no-install-recommends qemu-system-x86"
 APT_DPDK = "sudo apt-get install -y --no-install-recommends dpdk dpdk-dev"
@@ -156,11 +157,15 @@ def choose_frontend(qemu: dict | None) -> str:
 
 def collect() -> Report:
     qemu = qemu_info()
-    testpmd = os.environ.get("VHOSTLAB_DPDK") or shutil.which("dpdk-testpmd")
+    testpmd = find_testpmd()
+    # With a testpmd, start its vhost port once on a scratch socket (about a
+    # second): "installed" is not "usable" (EAL may refuse this machine).
+    dpdk_ok, dpdk_why = dpdk_usable(probe=testpmd is not None)
     checks = [check_memfd(), check_eventfd(), check_fd_passing(),
               _qemu_check(qemu),
-              Check("dpdk-testpmd", testpmd is not None, testpmd or "not found",
-                    "" if testpmd else f"only the DPDK tests and `bench --peer dpdk` need it: {APT_DPDK}"),
+              Check("dpdk-testpmd", dpdk_ok, dpdk_why,
+                    "" if dpdk_ok else "only VHOSTLAB_BACKEND=dpdk, `demo --backend dpdk`, the "
+                    f"DPDK tests and `bench --peer dpdk` need it: {APT_DPDK}"),
               _device("/dev/kvm", "KVM acceleration (unused: QEMU runs with TCG)"),
               _device("/dev/vhost-net", "the in-kernel vhost-net back-end (VHOST_BACKEND_TYPE_KERNEL)")]
     return Report(python=platform.python_version(), numpy=_version("numpy"), numba=_version("numba"),

@@ -74,7 +74,8 @@ def dpdk_usable(probe: bool = False) -> tuple[bool, str]:
                                  testpmd=testpmd).close()
             except DpdkError as err:
                 return False, f"{testpmd} did not start its vhost port: {err.reason[:200]}"
-    return True, f"{testpmd}: DPDK's vhost back-end (testpmd --vdev net_vhost0)"
+    started = "; its vhost port started here" if probe else ""
+    return True, f"{testpmd}: DPDK's vhost back-end (testpmd --vdev net_vhost0){started}"
 
 
 def _lcores() -> list[str]:

@@ -65,7 +65,11 @@ class _Narrator:
 def _narrate_start(m: BuiltinMigration, n: _Narrator) -> None:
     n.say("The seed: \"vhost backend needs to provide below ops\" (VhostOps, 35 of them) and")
     n.say("\"Live migration needs to use some of these ops.\" Here they run for real: two")
-    n.say("vhost-user-net back-ends, each on its own unix socket, and this kit's Python")
+    if m.echo:
+        n.say("DPDK vhost back-ends (dpdk-testpmd, net_vhost0, forwarding every frame the")
+        n.say("guest sends back to it), each on its own unix socket, and this kit's Python")
+    else:
+        n.say("vhost-user-net back-ends, each on its own unix socket, and this kit's Python")
     n.say("front-end in QEMU's place, with memfd guest RAM and eventfds.\n")
     m.start_backends()
     m.start_source()
@@ -116,14 +120,15 @@ def _narrate_stop_and_switch(m: BuiltinMigration, n: _Narrator) -> None:
 
 
 def run_demo(as_json: bool = False, break_logging: bool = False,
-             out: Callable[[str], None] = print) -> tuple[dict, int]:
+             out: Callable[[str], None] = print, backend: str = "vhostlab") -> tuple[dict, int]:
     """Run the built-in migration, narrating through ``out``; return (summary, exit code).
 
     Exit code 0 when every frame arrived intact and the RAMs matched, 3 when
     not (``break_logging`` must produce 3: the back-ends skip dirty logging).
     With ``as_json`` the narration is shorter (the caller prints the summary).
+    ``backend="dpdk"``: the two back-ends are DPDK's (testpmd), see BuiltinMigration.
     """
-    m = BuiltinMigration(break_logging=break_logging)
+    m = BuiltinMigration(break_logging=break_logging, backend=backend)
     narrator = _Narrator(out if not as_json else (lambda text: None))
     try:
         _narrate_start(m, narrator)
@@ -140,10 +145,12 @@ def run_demo(as_json: bool = False, break_logging: bool = False,
 def _report(summary: dict, out: Callable[[str], None]) -> None:
     f, mig, log = summary["frames"], summary["migration"], summary["vhost_log"]
     out("")
+    broken = (" (the source front-end ignored DPDK's log)" if summary["backend"] == "dpdk"
+              else " (back-ends told to skip dirty logging)")
     out(f"migration {mig['status']} in {mig['rounds']} rounds, downtime "
         f"{summary['downtime_ms']:.1f} ms of {summary['total_time_ms']:.0f} ms; vhost log: "
         f"{log['pages_logged']} pages in {log['syncs']} syncs"
-        + (" (back-ends told to skip dirty logging)" if summary["break_logging"] else ""))
+        + (broken if summary["break_logging"] else ""))
     out(f"frames: sent {f['sent']}, delivered {f['delivered']}, lost {f['lost']}, "
         f"corrupted {f['corrupted']}, duplicated {f['duplicated']}; RAM pages differing at "
         f"switch-over: {mig['pages_mismatched']}")

@@ -36,6 +36,16 @@ Integrity is checked, not assumed: every frame carries its own identity and
 content (frames.py); every RX frame the back-ends delivered must be read by
 the guest intact from guest memory, every TX frame must reach a wire exactly
 once, and at switch-over the two RAMs must be equal page for page.
+
+With ``backend="dpdk"`` the two back-ends are DPDK's (testpmd with a vhost
+port, ``vhostlab.backend.dpdk``), reached through a recording relay so the
+messages are traced all the same. testpmd has no wire to inject from or
+capture to: it forwards every frame the guest transmits back into the
+guest's RX ring (io forwarding on one looped port). So each TX frame must
+come back exactly once, intact, read from guest memory, and the ones DPDK
+wrote into RX buffers after a copy round reach the guest only if DPDK
+logged those writes and the pages were copied again. A SEND_RARP makes DPDK
+send the guest a RARP too; it is counted, not checked.
 """
 from __future__ import annotations
 
@@ -45,7 +55,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import os
+import tempfile
+
 from vhostlab.backend import BackendServer, CaptureWire, is_rarp
+from vhostlab.backend.dpdk import DpdkVhostBackend
+from vhostlab.backend.relay import VhostUserRelay
 from vhostlab.dirtylog import DirtyRound, GuestBand
 from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
 from vhostlab.ring.layout import vring_layout
@@ -62,6 +77,46 @@ __all__ = ["BuiltinMigration", "BuiltinRound",
            "copy_pages", "compare_pages", "ram_pages", "builtin_bands"]
 
 WAIT_TIMEOUT = 10.0
+BACKENDS = ("vhostlab", "dpdk")
+
+
+def _ignore_log(words: np.ndarray) -> np.ndarray:
+    """A log sync that clears the log and reports no page dirty."""
+    words[:] = 0
+    return np.zeros(0, np.int64)
+
+
+class DpdkSide:
+    """A DPDK back-end behind a recording relay, shaped like the parts of a
+    ``BackendServer`` the migration uses: ``start``, ``socket_path`` (the
+    relay's), ``trace``, ``stop``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.workdir = tempfile.mkdtemp(prefix="vhostlab-dpdk-")
+        os.chmod(self.workdir, 0o700)
+        self.dpdk: DpdkVhostBackend | None = None
+        self.relay: VhostUserRelay | None = None
+        self.socket_path = os.path.join(self.workdir, "relay.sock")
+
+    @property
+    def trace(self):
+        return self.relay.trace if self.relay else None
+
+    def start(self) -> "DpdkSide":
+        self.dpdk = DpdkVhostBackend(os.path.join(self.workdir, "dpdk.sock"))
+        self.relay = VhostUserRelay(self.socket_path, self.dpdk.socket_path).start()
+        return self
+
+    def stop(self) -> None:
+        for part in (self.relay, self.dpdk):
+            if part is not None:
+                part.close()
+        self.relay = self.dpdk = None
+        try:
+            os.rmdir(self.workdir)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -169,8 +224,8 @@ class _Side:
     """One host: its back-end server, its QEMU (VhostDev), its guest RAM."""
 
     name: str
-    server: BackendServer
-    wire: CaptureWire
+    server: BackendServer | DpdkSide
+    wire: CaptureWire | None
     dev: VhostDev | None = None
     memory: GuestMemory | None = None
 
@@ -191,6 +246,9 @@ class BuiltinMigration:
     (a function of the log's u64 words returning dirty pages);
     ``skip_final_sync`` leaves out vhost_log_put's last sync at the stop;
     ``log_used_ring=False`` sends SET_VRING_ADDR without VHOST_VRING_F_LOG.
+    ``backend``: "vhostlab" (in-process back-ends) or "dpdk" (two testpmd
+    processes; ``backend_handlers`` do not apply, and ``break_logging``
+    makes the source front-end ignore DPDK's log, as DPDK cannot skip it).
     """
 
     ram_size: int = 16 << 20
@@ -203,6 +261,7 @@ class BuiltinMigration:
     log_sync: object = None
     skip_final_sync: bool = False
     log_used_ring: bool = True
+    backend: str = "vhostlab"
     snapshots: list = field(default_factory=list)
     dirty_rounds: list = field(default_factory=list)    # DirtyRound per sync, for the views
     ops_called: list = field(default_factory=list)
@@ -216,11 +275,23 @@ class BuiltinMigration:
     ram_compare_s: float = field(default=0.0, init=False)   # the check, not in the downtime
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        self.echo = self.backend == "dpdk"       # frames come back, no wire
+        if self.echo and self.backend_handlers:
+            raise ValueError("backend_handlers replace vhostlab's own handlers; DPDK's "
+                             "back-end cannot take them")
+        if self.echo and self.break_logging and self.log_sync is None:
+            # DPDK cannot be told to skip logging: the source front-end ignores
+            # what it logged instead (every sync reads and clears, and reports
+            # nothing), which loses the same pages.
+            self.log_sync = _ignore_log
         self.src = self._side("source")
         self.dst = self._side("destination")
         self.switchover = SwitchoverRecorder()   # rings at GET_VRING_BASE / SET_VRING_BASE
-        self.switchover.install(self.src.server, "source")
-        self.switchover.install(self.dst.server, "destination")
+        if not self.echo:
+            self.switchover.install(self.src.server, "source")
+            self.switchover.install(self.dst.server, "destination")
         self._final_log = np.zeros(0, np.int64)     # what vhost_log_put's sync took
         self.problems: list[str] = []     # what went wrong on the way (not integrity)
         self.guest: BuiltinVirtioNetGuest | None = None
@@ -230,6 +301,8 @@ class BuiltinMigration:
         self._t_begin = self._t_stop = None         # time.monotonic() at migrate, at the stop
 
     def _side(self, name: str) -> _Side:
+        if self.echo:
+            return _Side(name, DpdkSide(name), None)
         wire = CaptureWire()
         server = BackendServer(None, wire=wire, break_logging=self.break_logging,
                                handlers=self.backend_handlers)
@@ -245,7 +318,12 @@ class BuiltinMigration:
 
     def _receive(self) -> None:
         for frame in self._guest("receive", self.guest.receive, default=[]):
-            self.rx.arrive(frame)
+            if not self.echo:
+                self.rx.arrive(frame)
+            elif is_rarp(frame):
+                self.rarp_frames += 1          # DPDK's answer to SEND_RARP
+            else:
+                self.tx.arrive(frame)          # a TX frame, forwarded back by testpmd
 
     # -- phases -------------------------------------------------------------------
     def start_backends(self) -> None:
@@ -325,6 +403,8 @@ class BuiltinMigration:
     def traffic(self, side: _Side, n: int | None = None) -> tuple[int, int]:
         """``n`` frames each way through ``side``'s back-end; wait until it has handled them."""
         n = self.frames_per_round if n is None else n
+        if self.echo:
+            return self._echo_traffic(side, n)
         snap = side.server.snapshot(trace=False).counters
         rx0, tx0 = snap["guest_rx_frames"], snap["guest_tx_frames"]
         rx_frames = [self._next(RX) for _ in range(n)]
@@ -341,6 +421,25 @@ class BuiltinMigration:
                 f"delivered {c['guest_rx_frames'] - rx0} of {n} RX frames in {self.wait_timeout} s")
         self._guest("reap", self.guest.reap, TX_QUEUE)
         return n, sent
+
+    def _echo_traffic(self, side: _Side, n: int) -> tuple[int, int]:
+        """``n`` TX frames to DPDK; wait until as many are back in RX buffers (the
+        guest reads them later, so some live in pages copied before they came)."""
+        before = self.guest.used_idx(RX_QUEUE)
+        sent = self._guest("transmit", self.guest.transmit,
+                           [self._next(TX) for _ in range(n)], default=0)
+        deadline = time.monotonic() + self.wait_timeout
+        back = 0
+        while time.monotonic() < deadline:
+            back = (self.guest.used_idx(RX_QUEUE) - before) & 0xFFFF
+            if back >= sent:
+                break
+            self.guest.wait_call(RX_QUEUE, 0.05)
+        if back < sent:
+            self.problems.append(f"{side.name} back-end (DPDK) returned {back} of {sent} "
+                                 f"frames in {self.wait_timeout} s")
+        self._guest("reap", self.guest.reap, TX_QUEUE)
+        return back, sent
 
     def _next(self, direction: int) -> bytes:
         ledger = self.rx if direction == RX else self.tx
@@ -422,7 +521,7 @@ class BuiltinMigration:
     def check_wires(self) -> None:
         """Every frame that reached either wire goes through the TX ledger (RARPs aside)."""
         for side in (self.src, self.dst):
-            for frame in side.wire.captured:
+            for frame in (side.wire.captured if side.wire is not None else ()):
                 if is_rarp(frame):
                     self.rarp_frames += 1
                 else:
@@ -451,9 +550,10 @@ class BuiltinMigration:
     @property
     def integrity_ok(self) -> bool:
         rx, tx = self.rx.summary(), self.tx.summary()
+        checked = (tx,) if self.echo else (rx, tx)     # with DPDK every frame is a TX echo
         return (self.pages_mismatched is not None and self.pages_mismatched.size == 0
                 and all(s["sent"] > 0 and s["lost"] == 0 and s["corrupted"] == 0
-                        and s["duplicated"] == 0 for s in (rx, tx))
+                        and s["duplicated"] == 0 for s in checked)
                 and self.status == "completed")
 
     def summary(self) -> dict:
@@ -464,6 +564,7 @@ class BuiltinMigration:
         frames.update(duplicated=rx["duplicated"] + tx["duplicated"], rx=rx, tx=tx)
         return {
             "frontend": "builtin",
+            "backend": self.backend,
             "migration": {"status": self.status, "rounds": len(self.snapshots),
                           "pages_copied": sum(s.pages_copied for s in self.snapshots),
                           "pages_mismatched": (int(self.pages_mismatched.size)
