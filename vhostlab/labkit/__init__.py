@@ -34,6 +34,7 @@ single labs (``fixtures``). Everything is importable from here.
 from __future__ import annotations
 
 from .base import RAM_SIZE, LabSetupError, child_processes, wait_until
+from .compare import BackendComparison, compare_backends
 from .device import LabDevice, LabMigration, LoggingWindow, vring_view
 from .fixtures import OpReference, TxRing, llvm_ir
 from .frontends import BuiltinFrontend, Frontend, QemuFrontend, frontend_named
@@ -44,4 +45,5 @@ __all__ = [
     "LabMigration", "OpReference", "TxRing", "choose_frontend", "open_lab",
     "child_processes", "wait_until", "vring_view", "llvm_ir",
     "Frontend", "QemuFrontend", "BuiltinFrontend", "frontend_named",
+    "BackendComparison", "compare_backends",
 ]

@@ -219,6 +219,13 @@ class Lab:
         return self.own(stepper, stepper.close, self._label("qemu-stepper"),
                         alive=stepper.alive)
 
+    def compare_backends(self, frames: int = 16):
+        """The same VhostOps against vhostlab's back-end and DPDK's, side by side
+        (``vhostlab.labkit.compare``): what each offers, the frames, the pages each
+        logs, GET_VRING_BASE. Everything it starts is stopped before it returns."""
+        from .compare import compare_backends
+        return compare_backends(frames)
+
     def tx_ring(self, frames: int = 256, frame_bytes: int = 64, hdr_len: int = 12) -> TxRing:
         """A TX virtqueue in its own guest memory, full of ``frames`` frames (lab 05)."""
         label = self._label("tx-ring")
