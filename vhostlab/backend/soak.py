@@ -286,7 +286,7 @@ def check_replies(got: bytes, handled: list[Message]) -> tuple[int, int, bool]:
 
 
 # -- a small front-end for the fault cycles ---------------------------------------------
-class Frontend:
+class SoakFrontend:
     """QEMU's side over one connection: guest RAM in a memfd, rings, eventfds."""
 
     def __init__(self, path: str, ram: int = 128 << 20, features: int = 0):
@@ -392,7 +392,7 @@ class Frontend:
 def _child(path: str, migrate: bool) -> None:
     """A forked front-end, killed by the parent at some point of this."""
     try:
-        fe = Frontend(path)
+        fe = SoakFrontend(path)
         fe.post_rx(64)
         if migrate:
             fe.start_logging()
@@ -414,7 +414,7 @@ def fault_cycle(kind: str, path: str, rng: random.Random) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         return
-    fe = Frontend(path, features=int(Feature.VIRTIO_RING_F_EVENT_IDX)
+    fe = SoakFrontend(path, features=int(Feature.VIRTIO_RING_F_EVENT_IDX)
                   if rng.random() < 0.5 else 0)
     try:
         if kind == "truncate_ram":
@@ -450,7 +450,7 @@ def fault_cycle(kind: str, path: str, rng: random.Random) -> None:
         fe.close()
 
 
-def _guest_thread(fe: Frontend, rng: random.Random) -> None:
+def _guest_thread(fe: SoakFrontend, rng: random.Random) -> None:
     """A guest thread scribbles over descriptors and indices while the rings run."""
     stop = threading.Event()
     areas = [fe.memory.view(RING_GPA[i], 0x4000) for i in (0, 1)]
@@ -476,7 +476,7 @@ def _guest_thread(fe: Frontend, rng: random.Random) -> None:
     fe.drivers = []
 
 
-def _indirect_chains(fe: Frontend, rng: random.Random) -> None:
+def _indirect_chains(fe: SoakFrontend, rng: random.Random) -> None:
     entries = rng.choice((1024, 16384, 65536))
     tables = (0x4000000, 0x5000000)
     for t, writable in zip(tables, (False, True)):
@@ -507,7 +507,7 @@ def run(messages: int = 1_000_000, cycles: int = 200, seed: int = 1) -> dict:
     with tempfile.TemporaryDirectory(prefix="vhostlab-soak-") as workdir:
         srv = Served(workdir)
         try:
-            fe = Frontend(srv.socket_path)             # warm up: kernels compiled
+            fe = SoakFrontend(srv.socket_path)             # warm up: kernels compiled
             fe.post_rx(8)
             fe.transmit(8)
             fe.answers_need_reply()

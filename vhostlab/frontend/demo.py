@@ -46,7 +46,7 @@ def format_timeline(dev: VhostDev, start: int = 0, base_depth: int = 0) -> tuple
     return lines, len(dev.timeline)
 
 
-class _Narrator:
+class _BuiltinNarrator:
     def __init__(self, out: Callable[[str], None]):
         self.out = out
         self.pos: dict[int, int] = {}
@@ -62,7 +62,7 @@ class _Narrator:
                 self.out(line)
 
 
-def _narrate_start(m: BuiltinMigration, n: _Narrator) -> None:
+def _narrate_start(m: BuiltinMigration, n: _BuiltinNarrator) -> None:
     n.say("The seed: \"vhost backend needs to provide below ops\" (VhostOps, 35 of them) and")
     n.say("\"Live migration needs to use some of these ops.\" Here they run for real: two")
     if m.echo:
@@ -81,7 +81,7 @@ def _narrate_start(m: BuiltinMigration, n: _Narrator) -> None:
     n.show("destination", m.dst.dev)
 
 
-def _narrate_logging_and_rounds(m: BuiltinMigration, n: _Narrator) -> None:
+def _narrate_logging_and_rounds(m: BuiltinMigration, n: _BuiltinNarrator) -> None:
     for i, (why, seq) in enumerate(SEED_STEPS[:2], 1):
         n.say(f"\nSeed step {i}: \"{why}\"\n  Calling sequence: {seq}")
     n.say("  The device is already running, so QEMU sends SET_LOG_BASE from")
@@ -99,7 +99,7 @@ def _narrate_logging_and_rounds(m: BuiltinMigration, n: _Narrator) -> None:
               f"then {snap.rx_frames_after_copy} RX and {snap.tx_frames_after_copy} TX frames")
 
 
-def _narrate_stop_and_switch(m: BuiltinMigration, n: _Narrator) -> None:
+def _narrate_stop_and_switch(m: BuiltinMigration, n: _BuiltinNarrator) -> None:
     why, seq = SEED_STEPS[2]
     n.say(f"\nSeed step 3: \"{why}\"\n  Calling sequence: {seq}")
     n.say("  \"And when backend is stopped, vhost_log_put() is used to synchronize dirty page"
@@ -129,7 +129,7 @@ def run_demo(as_json: bool = False, break_logging: bool = False,
     ``backend="dpdk"``: the two back-ends are DPDK's (testpmd), see BuiltinMigration.
     """
     m = BuiltinMigration(break_logging=break_logging, backend=backend)
-    narrator = _Narrator(out if not as_json else (lambda text: None))
+    narrator = _BuiltinNarrator(out if not as_json else (lambda text: None))
     try:
         _narrate_start(m, narrator)
         _narrate_logging_and_rounds(m, narrator)

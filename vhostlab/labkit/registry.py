@@ -53,7 +53,7 @@ def choose_frontend() -> str:
 
 
 @dataclass
-class _Owned:
+class _OwnedThing:
     label: str
     stop: Callable[[], Any]
     alive: Callable[[], bool] | None
@@ -83,7 +83,7 @@ class Lab:
             alive: Callable[[], bool] | None = None) -> Any:
         """Register ``obj`` so that ``close()`` calls ``stop()``; returns ``obj``."""
         with self._lock:
-            self._owned.append(_Owned(label, stop, alive))
+            self._owned.append(_OwnedThing(label, stop, alive))
         return obj
 
     def _label(self, kind: str) -> str:

@@ -52,7 +52,7 @@ from .guest import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_RING_F_EVENT_IDX,
     QTestVirtioNetGuest,
-    RingState,
+    QTestRingSnapshot,
     UsedElem,
 )
 from .host import MESSAGE_OPS, VhostUserHost, ops_called, process_peak_rss, vring_bases
@@ -93,7 +93,7 @@ __all__ = [
     # control channels
     "QTest", "QTestServer", "QMP", "QmpEvent",
     # guest driver
-    "QTestVirtioNetGuest", "RingState", "UsedElem",
+    "QTestVirtioNetGuest", "QTestRingSnapshot", "UsedElem",
     "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
     "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
     "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",

@@ -41,7 +41,7 @@ SEED_LOG_PUT = ("And when backend is stopped, vhost_log_put() is used to synchro
                 "dirty page memory.")
 
 
-class _Narrator:
+class _QemuNarrator:
     """Turns progress events into the seed's story, one line at a time.
 
     It keeps every record it is handed, so that :meth:`finish` can check the
@@ -231,7 +231,7 @@ class _Narrator:
         return missing
 
 
-def _run(config: MigrationConfig, narrator: _Narrator):
+def _run(config: MigrationConfig, narrator: _QemuNarrator):
     events: queue.Queue = queue.Queue()
     migration = QemuMigration(config, on_progress=events.put).start()
     try:
@@ -285,7 +285,7 @@ def run_demo(as_json: bool = False, break_logging: bool = False,
     say(f"Two QEMU {info.version_string} (TCG, no guest OS: this process drives the guest's "
         "virtio-net over qtest), each with its own vhostlab back-end in this process."
         + (" The source back-end is told to skip dirty logging." if break_logging else ""))
-    result = _run(config, _Narrator(say, config, info.version))
+    result = _run(config, _QemuNarrator(say, config, info.version))
     summary = result.summary()
     if result.error is not None or result.status != "completed":
         why = result.error or f"migration status {result.status}"

@@ -47,7 +47,7 @@ from .virtio_pci import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                          VIRTIO_CONFIG_S_NEEDS_RESET, LegacyVirtioPci)
 
 __all__ = [
-    "QTestVirtioNetGuest", "RingState", "UsedElem", "GuestAllocator",
+    "QTestVirtioNetGuest", "QTestRingSnapshot", "UsedElem", "GuestAllocator",
     "RX_QUEUE", "TX_QUEUE", "DEFAULT_FEATURES", "SUPPORTED_FEATURES",
     "VIRTIO_NET_F_MTU", "VIRTIO_NET_F_MAC", "VIRTIO_NET_F_MRG_RXBUF", "VIRTIO_NET_F_STATUS",
     "VIRTIO_RING_F_EVENT_IDX", "VIRTIO_F_NOTIFY_ON_EMPTY", "VIRTIO_F_ANY_LAYOUT",
@@ -81,7 +81,7 @@ def _align(x: int, a: int) -> int:
 
 
 @dataclass
-class RingState:
+class QTestRingSnapshot:
     """A snapshot of one split ring, read from guest memory, plus the driver's view."""
 
     queue: int
@@ -487,7 +487,7 @@ class QTestVirtioNetGuest(LegacyVirtioPci):
         """Guest-physical addresses of ``queue``'s descriptor table, avail and used rings."""
         return self._queue(queue).gpas
 
-    def ring_state(self, queue: int) -> RingState:
+    def ring_state(self, queue: int) -> QTestRingSnapshot:
         """Read ``queue``'s whole ring from guest memory (one qtest read) and describe it."""
         with self._lock:
             q = self._queue(queue)
@@ -497,7 +497,7 @@ class QTestVirtioNetGuest(LegacyVirtioPci):
         a, u = g.avail - g.desc, g.used - g.desc
         avail_flags, avail_idx = struct.unpack_from("<HH", raw, a)
         used_flags, used_idx = struct.unpack_from("<HH", raw, u)
-        return RingState(
+        return QTestRingSnapshot(
             queue=queue, gpas=g, avail_flags=avail_flags, avail_idx=avail_idx,
             used_event=struct.unpack_from("<H", raw, a + 4 + 2 * n)[0],
             used_flags=used_flags, used_idx=used_idx,

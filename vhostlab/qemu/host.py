@@ -146,7 +146,7 @@ def process_peak_rss() -> int:
     return _vm_hwm(os.getpid())
 
 
-class _Owned:
+class _HostParts:
     """What a host owns, closed by a finalizer that holds no reference to the host."""
 
     def __init__(self) -> None:
@@ -191,7 +191,7 @@ class VhostUserHost:
         self.qemu_path, self.timeout = qemu, timeout
         self.wire = CaptureWire()
         self.guest: QTestVirtioNetGuest | None = None
-        self._own = _Owned()
+        self._own = _HostParts()
         self._finalizer = weakref.finalize(self, self._own.close)
 
     # -- pieces -----------------------------------------------------------------

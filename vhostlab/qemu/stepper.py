@@ -111,7 +111,7 @@ class _Host:
                 pass
 
 
-class _Owned:
+class _StepperParts:
     """Everything a stepper started; closed by a finalizer that holds no reference to it."""
 
     def __init__(self) -> None:
@@ -262,7 +262,7 @@ class QemuStepper:
         self.steps = STEPS
         self.results: list[StepResult] = []
         self._quiet = _Quiet()
-        self._own = _Owned()
+        self._own = _StepperParts()
         self._finalizer = weakref.finalize(self, self._own.close)
 
     # -- life cycle ---------------------------------------------------------------
