@@ -206,12 +206,12 @@ def bench_log_cost(frames: int = 300, log_sizes=(2 << 20, 64 << 20)) -> dict:
     kernels count the bits they set instead of the service scanning the log.
     """
     from .backend import BackendServer
-    from .backend.soak import Frontend
+    from .backend.soak import SoakFrontend
 
     out = {}
     for size in log_sizes:
         with BackendServer(wire="loopback") as srv:
-            fe = Frontend(srv.socket_path)
+            fe = SoakFrontend(srv.socket_path)
             log = fe.start_logging(size)
             try:
                 rx = fe.drivers[0]
