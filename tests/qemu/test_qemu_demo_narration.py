@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from vhostlab.backend.trace import MessageTrace
-from vhostlab.qemu.demo import _Narrator
+from vhostlab.qemu.demo import _QemuNarrator
 from vhostlab.qemu.migration import MigrationConfig, ProgressEvent
 from vhostlab.protocol import TO_BACKEND, TO_FRONTEND
 
@@ -39,7 +39,7 @@ DEST = [(TO_BACKEND, "SET_VRING_BASE", {"index": 0, "num": 7}),
 
 def _narrate(source, destination, version=(10, 0, 13)):
     lines: list[str] = []
-    n = _Narrator(lines.append, MigrationConfig(), version)
+    n = _QemuNarrator(lines.append, MigrationConfig(), version)
     n(ProgressEvent("messages", "source", _records(*source)))
     n(ProgressEvent("messages", "destination", _records(*destination)))
     return n, lines
