@@ -39,16 +39,10 @@ from vhostlab.protocol import (HEADER_SIZE, TO_BACKEND, TO_FRONTEND, ProtocolErr
 
 from .errors import TransportError
 from .trace import MessageTrace
+from .transport import close_fds as _close
 
 __all__ = ["VhostUserRelay"]
 
-
-def _close(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 _CHUNK = 1 << 16
 _MAX_FDS = 8

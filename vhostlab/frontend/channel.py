@@ -15,10 +15,10 @@ what it sends, ``TO_FRONTEND`` for the replies.
 from __future__ import annotations
 
 import array
-import os
 import socket
 
 from vhostlab.backend.trace import MessageTrace
+from vhostlab.backend.transport import close_fds as _close_all
 from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, FrontendConnection, Message, ProtocolError
 
 from .optable import VhostOpsError
@@ -173,10 +173,3 @@ def _take_fds(anc) -> list[int]:
             fds.extend(arr)
     return fds
 
-
-def _close_all(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
