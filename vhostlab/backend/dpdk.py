@@ -29,14 +29,13 @@ driver libraries.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 
+from .bench_dpdk import _die_with_parent, find_testpmd, stop
+from .bench_dpdk import forward_totals as _totals
 from .errors import BackendError
 
 __all__ = ["DpdkVhostBackend", "DpdkError", "find_testpmd", "dpdk_usable",
@@ -53,11 +52,6 @@ NB_MBUFS = 2048
 
 class DpdkError(BackendError):
     """testpmd could not be found, started, or went away; says what testpmd last printed."""
-
-
-def find_testpmd() -> str | None:
-    """The testpmd to run: VHOSTLAB_DPDK, else ``dpdk-testpmd`` on PATH."""
-    return os.environ.get("VHOSTLAB_DPDK") or shutil.which("dpdk-testpmd")
 
 
 def dpdk_usable(probe: bool = False) -> tuple[bool, str]:
@@ -100,11 +94,7 @@ def testpmd_vhost_cmd(testpmd: str, socket_path: str, prefix: str, forward: str 
 def _idle_and_die_with_parent() -> None:
     """preexec_fn: SCHED_IDLE for every thread testpmd starts, SIGKILL when we die."""
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    import ctypes
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    _die_with_parent()
 
 
 @dataclass(frozen=True)
@@ -190,15 +180,7 @@ class DpdkVhostBackend:
         """Stop testpmd (SIGINT, then SIGKILL), read its totals, remove the socket."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGINT)
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(5)
-                except ProcessLookupError:
-                    proc.wait(5)
+            stop(proc)                  # SIGINT (testpmd prints its totals), then SIGKILL
             self.totals = forward_totals(self.output())
         try:
             os.unlink(self.socket_path)
@@ -226,9 +208,5 @@ def forward_totals(output: str) -> ForwardTotals | None:
     """RX/TX packets from testpmd's final "Accumulated forward statistics", if printed."""
     if "Accumulated forward statistics" not in output:
         return None
-    block = output.rsplit("Accumulated forward statistics", 1)[-1]
-    values = []
-    for key in ("RX-packets", "TX-packets", "TX-dropped"):
-        m = re.search(rf"{key}:\s+(\d+)", block)
-        values.append(int(m.group(1)) if m else 0)
-    return ForwardTotals(*values)
+    t = _totals(output)
+    return ForwardTotals(t["RX-packets"] or 0, t["TX-packets"] or 0, t["TX-dropped"] or 0)
