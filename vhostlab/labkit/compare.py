@@ -93,18 +93,37 @@ class BackendComparison:
         """The rows where the back-ends answered differently."""
         return [r for r in ROWS if len({a.row(r) for a in self.answers}) > 1]
 
+    def shown(self) -> list[tuple[str, list[str]]]:
+        """The rows as a learner reads them: the feature bits both offer once,
+        then in each column only what that back-end offers and the other does not."""
+        if len(self.answers) < 2 or any(a.error for a in self.answers):
+            return [(r, [a.row(r) for a in self.answers]) for r in ROWS]
+        out = []
+        for name, attr, flags in (("features", "features", Feature),
+                                  ("protocol features", "protocol_features", ProtocolFeature)):
+            both = -1
+            for a in self.answers:
+                both &= getattr(a, attr)
+            out.append((f"{name} both offer",
+                        [", ".join(feature_names(both, flags))] * len(self.answers)))
+            out.append((f"{name} offered, only here",
+                        [", ".join(feature_names(getattr(a, attr) & ~both, flags)) or "none"
+                         for a in self.answers]))
+        out += [(r, [a.row(r) for a in self.answers]) for r in ROWS[2:]]
+        return out
+
     def __str__(self) -> str:
-        width = max(map(len, ROWS))
+        rows = self.shown()
+        width = max(len(r) for r, _ in rows)
         lines = [f"{'':{width}}  " + "  |  ".join(a.backend for a in self.answers)]
-        for r in ROWS:
-            lines.append(f"{r:{width}}  " + "  |  ".join(a.row(r) for a in self.answers))
+        lines += [f"{r:{width}}  " + "  |  ".join(cells) for r, cells in rows]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from vhostlab.viz._common import esc, table
-        rows = [[esc(r)] + [esc(a.row(r)) for a in self.answers] for r in ROWS]
-        return table(["asked", *(a.backend for a in self.answers)], rows,
-                     caption="The same calls, two back-ends")
+        from vhostlab.viz._common import esc, table, wrap
+        rows = [[esc(r)] + [esc(c) for c in cells] for r, cells in self.shown()]
+        return wrap(table(["asked", *(a.backend for a in self.answers)], rows),
+                    title="The same calls, two back-ends", view="compare-backends")
 
 
 def _drive(backend: str, socket_path: str, frames: int, workdir: str) -> BackendAnswers:
