@@ -14,6 +14,7 @@ Modules, bottom up:
     format     the ring seam: DeviceRing (what a back-end calls), RingState,
                RING_FORMATS / make_ring (a packed ring would be a sibling of virtqueue)
     driver     VirtqueueDriver: the guest side (both guests'), over a RingMemory
+    packed_driver  PackedVirtqueueDriver: the guest side of a packed ring
 
 Every numba kernel ``f`` has a plain-Python twin ``f_py`` with the same
 signature and the same results; tests hold them equal, the labs show the
@@ -45,6 +46,7 @@ from .layout import (INDIRECT_MAX_ENTRIES, MAX_HDR_LEN, VHOST_VRING_F_LOG, VRING
                      VRING_USED_ELEM_DTYPE, VRING_USED_F_NO_NOTIFY, VringLayout, VringViews,
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event,
                      vring_need_event_py, vring_size, vring_used_size, vring_views)
+from .packed_driver import PackedVirtqueueDriver
 from .format import RING_FORMATS, DeviceRing, RingState, make_ring, ring_format
 from .log import (VHOST_LOG_PAGE, vhost_log_write, vhost_log_write_count,
                   vhost_log_write_count_py, vhost_log_write_py)
@@ -55,7 +57,7 @@ from .virtqueue import Virtqueue
 __all__ = [
     *_layout.__all__,
     # device side, driver side, frames
-    "Virtqueue", "VirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
+    "Virtqueue", "VirtqueueDriver", "PackedVirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
     "GuestDriverError", "FrameArena", "MAX_FRAME_SIZE",
     "DeviceRing", "RingState", "RING_FORMATS", "make_ring", "ring_format",
     # kernels and twins

@@ -44,8 +44,8 @@ from .layout import (VIRTQUEUE_MAX_SIZE, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEX
                      vring_avail_size, vring_desc_size, vring_layout, vring_need_event_py,
                      vring_used_size, vring_views)
 
-__all__ = ["VirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
-           "GuestDriverError"]
+__all__ = ["VirtqueueDriver", "RingDriver", "UsedElem", "RingMemory", "MappedRingMemory",
+           "GuestDriverError", "write_runs"]
 
 _DESC = struct.Struct("<QIHH")
 
@@ -156,7 +156,123 @@ def _link(entries: Sequence[tuple[int, int, int]], ids: Sequence[int]) -> dict[i
     return out
 
 
-class VirtqueueDriver:
+def write_runs(ram: RingMemory, base: int, size: int, items: dict[int, bytes]) -> None:
+    """Write ``items`` (index -> bytes) at ``base + size * index``, one write
+    per run of consecutive indices (a qtest command each)."""
+    run: list[int] = []
+    for i in sorted(items) + [None]:
+        if run and (i is None or i != run[-1] + 1):
+            ram.write(base + size * run[0], b"".join(items[j] for j in run))
+            run = []
+        if i is not None:
+            run.append(i)
+
+
+class RingDriver:
+    """What every ring format's driver keeps alike: the guest memory it reaches
+    (:meth:`bind`), the free list ``_free`` (the next id handed out last), the
+    chains in flight ``_chains`` (id -> descriptors), and the checks on a
+    request. A format defines ``num_free``, ``add_buffers``, ``publish``,
+    ``kick_needed``, ``pop_used``, ``pending_used``, ``reset`` and ``_views``.
+    """
+
+    num: int
+    queue: int | None
+    _free: list[int]
+    _chains: dict[int, list[int]]
+
+    @staticmethod
+    def _name(queue: int | None) -> str:
+        return "virtqueue" if queue is None else f"queue {queue}"
+
+    def bind(self, memory) -> None:
+        """Reach the ring through ``memory`` from now on (a migration's destination
+        RAM); the driver's bookkeeping stays as it is."""
+        self.ram = ring_memory(memory)
+        self.memory = getattr(self.ram, "memory", memory)
+        self.views = self._views() if hasattr(self.ram, "view") else None
+
+    def _views(self):
+        raise NotImplementedError
+
+    @property
+    def num_free(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def free(self) -> list[int]:
+        """The free ids, the next one handed out last (a copy)."""
+        return list(self._free)
+
+    def next_free(self, n: int, *, what: str = "") -> list[int]:
+        """The ids the next ``n`` one-descriptor chains will get, in order (none is taken).
+
+        For guests whose buffer slot is tied to the id: write the buffers
+        first, then add them. ``what`` starts the error message when fewer
+        are free."""
+        if n > self.num_free:
+            self._no_room(n, what)
+        return self._free[::-1][:n]
+
+    @property
+    def chains(self) -> dict[int, list[int]]:
+        """Chains in flight: id -> its descriptors (a copy)."""
+        return {h: list(ids) for h, ids in self._chains.items()}
+
+    @property
+    def in_flight(self) -> int:
+        """Chains added and not yet returned."""
+        return len(self._chains)
+
+    def _no_room(self, needed: int, what: str) -> None:
+        raise GuestDriverError(
+            f"{self._name(self.queue)}: {what}needs {needed} descriptors, "
+            f"{self.num_free} free of {self.num}",
+            hint="reap used buffers first")
+
+    def _check_chains(self, chains, indirect) -> None:
+        """Every chain has a segment, and the ring has room for them all."""
+        if any(not segs for segs in chains):
+            raise GuestDriverError(f"{self._name(self.queue)}: a chain needs at least "
+                                   "one segment")
+        needed = len(chains) if indirect is not None else sum(len(s) for s in chains)
+        if needed > self.num_free:
+            self._no_room(needed, "")
+
+    def add_buffer(self, segments: Sequence[tuple[int, int, bool]], *,
+                   indirect: int | None = None) -> int:
+        """Add one chain of ``(gpa, len, device_writable)`` segments.
+
+        With ``indirect`` (the GPA of 16 * len(segments) bytes of guest memory
+        for the table) the chain goes in an indirect table and takes one ring
+        descriptor. Returns its id; the device sees it after ``publish``.
+        """
+        return self.add_buffers([segments], indirect=None if indirect is None else [indirect])[0]
+
+    def pop_used(self) -> list[tuple[int, int, list[int] | None]]:
+        raise NotImplementedError
+
+    def get_used(self) -> list[UsedElem]:
+        """Collect the chains the device returned: ``[(id, len), ...]``.
+
+        Raises GuestDriverError on an id that is not in flight.
+        """
+        out = []
+        for head, length, ids in self.pop_used():
+            if ids is None:
+                raise GuestDriverError(
+                    f"{self._name(self.queue)}: the device returned head {head}, "
+                    "which is not in flight")
+            out.append(UsedElem(head, length))
+        return out
+
+    def close(self) -> None:
+        """Drop the views of guest memory (they keep it mapped, see
+        GuestMemory.close). The driver is unusable afterwards."""
+        self.views = self.ram = None
+
+
+class VirtqueueDriver(RingDriver):
     """Driver (guest) side of one split virtqueue over guest memory.
 
     ``memory`` is a GuestMemory or any :class:`RingMemory`. ``desc``,
@@ -187,17 +303,8 @@ class VirtqueueDriver:
         self.bind(memory)
         self.reset(clear=clear)
 
-    @staticmethod
-    def _name(queue: int | None) -> str:
-        return "virtqueue" if queue is None else f"queue {queue}"
-
-    def bind(self, memory) -> None:
-        """Reach the ring through ``memory`` from now on (a migration's destination
-        RAM); the driver's bookkeeping stays as it is."""
-        self.ram = ring_memory(memory)
-        self.memory = getattr(self.ram, "memory", memory)
-        self.views = (vring_views(self.ram, self.num, self.desc_gpa, self.avail_gpa,
-                                  self.used_gpa) if hasattr(self.ram, "view") else None)
+    def _views(self):
+        return vring_views(self.ram, self.num, self.desc_gpa, self.avail_gpa, self.used_gpa)
 
     def reset(self, start: int = 0, *, clear: bool = True) -> None:
         """Free every descriptor and (with ``clear``) zero the ring. With
@@ -226,59 +333,13 @@ class VirtqueueDriver:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def free(self) -> list[int]:
-        """The free descriptor ids, the next one handed out last (a copy)."""
-        return list(self._free)
-
-    def next_free(self, n: int, *, what: str = "") -> list[int]:
-        """The ids the next ``n`` descriptors will get, in order (none is taken).
-
-        For guests whose buffer slot is tied to the descriptor id: write the
-        buffers first, then add them. ``what`` starts the error message when
-        fewer are free."""
-        if n > len(self._free):
-            self._no_room(n, what)
-        return self._free[::-1][:n]
-
-    @property
-    def chains(self) -> dict[int, list[int]]:
-        """Chains in flight: head -> its descriptor ids (a copy)."""
-        return {h: list(ids) for h, ids in self._chains.items()}
-
-    @property
-    def in_flight(self) -> int:
-        """Chains added and not yet returned."""
-        return len(self._chains)
-
-    def _no_room(self, needed: int, what: str) -> None:
-        raise GuestDriverError(
-            f"{self._name(self.queue)}: {what}needs {needed} descriptors, "
-            f"{len(self._free)} free of {self.num}",
-            hint="reap used buffers first")
-
     # -- adding and publishing ---------------------------------------------------
-    def add_buffer(self, segments: Sequence[tuple[int, int, bool]], *,
-                   indirect: int | None = None) -> int:
-        """Add one chain of ``(gpa, len, device_writable)`` segments.
-
-        With ``indirect`` (the GPA of 16 * len(segments) bytes of guest memory
-        for the table) the chain goes in an indirect table and takes one ring
-        descriptor. Returns the head; the device sees it after :meth:`publish`.
-        """
-        return self.add_buffers([segments], indirect=None if indirect is None else [indirect])[0]
-
     def add_buffers(self, chains: Sequence[Sequence[tuple[int, int, bool]]], *,
                     indirect: Sequence[int] | None = None) -> list[int]:
         """Add several chains (see :meth:`add_buffer`; ``indirect``: one table GPA
         per chain); returns their heads. Consecutive descriptors and avail
         entries go to guest memory in one write per run (one qtest command)."""
-        if any(not segs for segs in chains):
-            raise GuestDriverError(f"{self._name(self.queue)}: a chain needs at least "
-                                   "one segment")
-        needed = len(chains) if indirect is not None else sum(len(s) for s in chains)
-        if needed > len(self._free):
-            self._no_room(needed, "")
+        self._check_chains(chains, indirect)
         descs: dict[int, bytes] = {}
         heads = []
         for k, segs in enumerate(chains):
@@ -292,24 +353,13 @@ class VirtqueueDriver:
             descs.update(_link(entries, ids))
             self._chains[ids[0]] = ids
             heads.append(ids[0])
-        self._write_runs(self.desc_gpa, 16, descs)
+        write_runs(self.ram, self.desc_gpa, 16, descs)
         slots = {}
         for head in heads:
             slots[self.avail_idx % self.num] = struct.pack("<H", head)
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self._write_runs(self.avail_gpa + 4, 2, slots)
+        write_runs(self.ram, self.avail_gpa + 4, 2, slots)
         return heads
-
-    def _write_runs(self, base: int, size: int, items: dict[int, bytes]) -> None:
-        """Write ``items`` (index -> bytes) at ``base + size * index``, one write
-        per run of consecutive indices (a qtest command each)."""
-        run: list[int] = []
-        for i in sorted(items) + [None]:
-            if run and (i is None or i != run[-1] + 1):
-                self.ram.write(base + size * run[0], b"".join(items[j] for j in run))
-                run = []
-            if i is not None:
-                run.append(i)
 
     def publish(self) -> None:
         """Make added chains visible: avail->idx with a release store, after
@@ -377,20 +427,6 @@ class VirtqueueDriver:
             self._used_event = self.last_used_idx
         return out
 
-    def get_used(self) -> list[UsedElem]:
-        """Collect the chains the device returned: ``[(head, len), ...]``.
-
-        Raises GuestDriverError on a head that is not in flight.
-        """
-        out = []
-        for head, length, ids in self.pop_used():
-            if ids is None:
-                raise GuestDriverError(
-                    f"{self._name(self.queue)}: the device returned head {head}, "
-                    "which is not in flight")
-            out.append(UsedElem(head, length))
-        return out
-
     # -- state ----------------------------------------------------------------------
     def export_state(self) -> dict:
         """The driver's bookkeeping, which a real guest keeps in its RAM (a
@@ -406,8 +442,3 @@ class VirtqueueDriver:
         self.avail_idx, self._published = state["avail_idx"], state["published"]
         self._kicked, self.last_used_idx = state["kicked"], state["last_used_idx"]
         self._used_event = state["used_event"]
-
-    def close(self) -> None:
-        """Drop the views of guest memory (they keep it mapped, see
-        GuestMemory.close). The driver is unusable afterwards."""
-        self.views = self.ram = None
