@@ -1,4 +1,4 @@
-"""The built-in guest: memfd RAM in QEMU's regions and a virtio-net driver over split rings.
+"""The built-in guest: memfd RAM in QEMU's regions and a virtio-net driver over split or packed rings.
 
 It plays two parts that QEMU keeps apart:
 
@@ -6,10 +6,14 @@ It plays two parts that QEMU keeps apart:
   that posts RX buffers, transmits frames, kicks through an eventfd and reads
   used entries; one queue pair, RX = queue 0, TX = queue 1, one descriptor
   per buffer; the rings are run by the ring layer's
-  :class:`~vhostlab.ring.driver.VirtqueueDriver`, straight in the mapping;
+  :class:`~vhostlab.ring.driver.VirtqueueDriver`, or with ``ring="packed"``
+  its :class:`~vhostlab.ring.packed_driver.PackedVirtqueueDriver`, straight
+  in the mapping;
 * QEMU's **VirtIODevice** for :class:`~vhostlab.frontend.vhost_dev.VhostDev`:
   where each queue lives (GPAs), its size, its ``last_avail_idx`` (the
-  device-side number GET_VRING_BASE returns and SET_VRING_BASE restores), the
+  device-side number GET_VRING_BASE returns and SET_VRING_BASE restores; for
+  a packed ring with both wrap counters and the used index, encoded as QEMU's
+  virtio_queue_packed_get_last_avail_idx does), the
   host notifier (kick) and guest notifier (call) eventfds, and the guest's RAM.
 
 Every write the guest makes to its RAM goes through :meth:`BuiltinVirtioNetGuest.write`
@@ -20,7 +24,8 @@ through QEMU). Writes made by the back-end are not seen here: that is exactly
 what the vhost dirty log is for.
 
 Layout (guest-physical): the RX ring at 0x200000, the TX ring at 0x210000
-(legacy layout: used ring at the next 4 KiB), RX buffers from 0x400000 and TX
+(split: legacy layout, used ring at the next 4 KiB; packed: the descriptor
+ring, then the driver and device event areas), RX buffers from 0x400000 and TX
 buffers from 0x600000, ``BUF_SIZE`` bytes each.
 """
 from __future__ import annotations
@@ -33,11 +38,14 @@ import numpy as np
 
 from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
 from vhostlab.protocol import Feature
-from vhostlab.ring.driver import GuestDriverError, MappedRingMemory, VirtqueueDriver
+from vhostlab.ring.driver import GuestDriverError, MappedRingMemory, RingDriver, VirtqueueDriver
 from vhostlab.ring.layout import vring_avail_size, vring_layout, vring_used_size
+from vhostlab.ring.packed_driver import PackedVirtqueueDriver, packed_vring_layout
+from vhostlab.ring.packed_layout import (VRING_PACKED_EVENT_SIZE, packed_vring_base,
+                                         parse_packed_vring_base)
 
 __all__ = ["BuiltinVirtioNetGuest", "GuestQueue", "GuestDriverError", "RX_QUEUE", "TX_QUEUE",
-           "BUF_SIZE", "DRIVER_FEATURES"]
+           "BUF_SIZE", "DRIVER_FEATURES", "RINGS"]
 
 RX_QUEUE, TX_QUEUE = 0, 1
 BUF_SIZE = 2048
@@ -49,20 +57,27 @@ MIN_RAM = 0x800000
 # buffers) is not needed.
 DRIVER_FEATURES = int(Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_NET_F_MAC
                       | Feature.VIRTIO_NET_F_STATUS)
+RINGS = ("split", "packed")     # the ring formats this driver runs (VIRTIO_F_RING_PACKED)
 
 
 @dataclass
 class GuestQueue:
     """One virtqueue: the driver's side (:attr:`driver`, the ring layer's
-    VirtqueueDriver) and the device state QEMU keeps for it."""
+    VirtqueueDriver or PackedVirtqueueDriver) and the device state QEMU keeps
+    for it. For a packed ring ``avail`` and ``used`` are the driver and
+    device event areas (SET_VRING_ADDR carries them there)."""
 
     index: int
     num: int
     desc: int
     avail: int
     used: int
-    driver: VirtqueueDriver
+    driver: RingDriver
+    packed: bool = False
     last_avail_idx: int = 0                      # device state (VirtQueue.last_avail_idx)
+    last_avail_wrap_counter: int = 1             # packed only, as QEMU's VirtQueue keeps
+    used_idx: int = 0
+    used_wrap_counter: int = 1
     kick_fd: int = -1                            # host notifier
     call_fd: int = -1                            # guest notifier
     kicks: int = 0
@@ -75,16 +90,44 @@ class GuestQueue:
     inflight = property(lambda q: q.driver.chains, doc="Chains in flight: head -> descriptor ids.")
 
     def slot(self, head: int) -> int:
-        """GPA of the buffer that goes with descriptor ``head``."""
+        """GPA of the buffer that goes with descriptor (packed: buffer id) ``head``."""
         return BUF_GPA[self.index] + head * BUF_SIZE
+
+    @property
+    def ring_size(self) -> int:
+        """Bytes from the descriptor table to the end of the used ring (packed:
+        of the device event area)."""
+        return self.used + (VRING_PACKED_EVENT_SIZE if self.packed
+                            else vring_used_size(self.num)) - self.desc
+
+    def vring_base(self) -> int:
+        """The number SET_VRING_BASE sends: last_avail_idx, or for a packed ring
+        the four parts in 32 bits (QEMU's virtio_queue_packed_get_last_avail_idx)."""
+        if not self.packed:
+            return self.last_avail_idx
+        return packed_vring_base(self.last_avail_idx, self.last_avail_wrap_counter,
+                                 self.used_idx, self.used_wrap_counter)
+
+    def set_vring_base(self, num: int) -> None:
+        """Keep what GET_VRING_BASE returned (QEMU's virtio_queue_set_last_avail_idx)."""
+        if not self.packed:
+            self.last_avail_idx = num
+            return
+        base = parse_packed_vring_base(num)
+        self.last_avail_idx, self.last_avail_wrap_counter = base[0], base[1]
+        self.used_idx, self.used_wrap_counter = base[2], base[3]
 
 
 class BuiltinVirtioNetGuest:
     """The built-in guest: ``ram_size`` bytes of memfd RAM (QEMU pc layout) and
-    a virtio-net driver, reaching its rings directly in the mapping."""
+    a virtio-net driver, reaching its rings directly in the mapping. ``ring``
+    is "split" or "packed" (the driver then accepts VIRTIO_F_RING_PACKED)."""
 
     def __init__(self, ram_size: int = 16 << 20, queue_size: int = 256,
-                 memory: GuestMemory | None = None):
+                 memory: GuestMemory | None = None, ring: str = "split"):
+        if ring not in RINGS:
+            raise GuestDriverError(f"not a ring format this driver runs, expected one of "
+                                   f"{RINGS}", field="ring", value=ring)
         if ram_size < MIN_RAM:
             raise GuestDriverError("below the size the layout needs", field="ram_size",
                                    value=ram_size, limit=MIN_RAM)
@@ -99,15 +142,24 @@ class BuiltinVirtioNetGuest:
         self.guest_dirty = np.zeros(self.npages, dtype=bool)
         self.guest_features = 0
         self.hdr_len = 12
+        self.ring = ring
         self.queues = []
+        packed = ring == "packed"
         ram = MappedRingMemory(self.memory, on_write=self.touch)
         for q in (RX_QUEUE, TX_QUEUE):
-            lay = vring_layout(RING_GPA[q], queue_size)
-            # Fresh memfd RAM is zero: nothing to clear (and no page to mark).
-            # Descriptors from the top of the table first, so the labs show them last.
-            driver = VirtqueueDriver(ram, queue_size, lay.desc, lay.avail, lay.used,
-                                     queue=q, top_first=True, clear=False)
-            self.queues.append(GuestQueue(q, queue_size, lay.desc, lay.avail, lay.used, driver))
+            # Fresh memfd RAM is zero: nothing to clear (and no page to mark); a
+            # zero packed ring is one whose wrap counters start at 1.
+            # Ids from the top first, so the labs show them last.
+            if packed:
+                lay = packed_vring_layout(RING_GPA[q], queue_size)
+                driver = PackedVirtqueueDriver(ram, queue_size, lay.desc, lay.avail, lay.used,
+                                               queue=q, top_first=True, clear=False)
+            else:
+                lay = vring_layout(RING_GPA[q], queue_size)
+                driver = VirtqueueDriver(ram, queue_size, lay.desc, lay.avail, lay.used,
+                                         queue=q, top_first=True, clear=False)
+            self.queues.append(GuestQueue(q, queue_size, lay.desc, lay.avail, lay.used, driver,
+                                          packed))
         self._new_notifiers()
 
     def _top_page(self) -> int:
@@ -147,9 +199,24 @@ class BuiltinVirtioNetGuest:
 
     # -- device set-up (what the driver negotiates) -------------------------------
     def negotiate(self, offered: int) -> int:
-        """Accept DRIVER_FEATURES & ``offered``; the header is 12 bytes with
-        VERSION_1 or MRG_RXBUF, else 10 (virtio 5.1.6)."""
-        self.guest_features = offered & DRIVER_FEATURES
+        """Accept DRIVER_FEATURES & ``offered`` (and VIRTIO_F_RING_PACKED when the
+        rings are packed); the header is 12 bytes with VERSION_1 or MRG_RXBUF,
+        else 10 (virtio 5.1.6).
+
+        Raises GuestDriverError when the rings are packed and the device does
+        not offer VIRTIO_F_RING_PACKED (the driver cannot fall back: its rings
+        are laid out already)."""
+        accepted = DRIVER_FEATURES
+        if self.ring == "packed":
+            packed = int(Feature.VIRTIO_F_RING_PACKED)
+            if not offered & packed:
+                raise GuestDriverError(
+                    "the device does not offer VIRTIO_F_RING_PACKED (bit 34), so this "
+                    "guest's packed rings cannot run", field="offered features",
+                    value=hex(offered), hint="use ring='split', or a back-end that offers "
+                    "packed rings (DPDK's vhost back-end does)")
+            accepted |= packed
+        self.guest_features = offered & accepted
         modern = Feature.VIRTIO_F_VERSION_1 | Feature.VIRTIO_NET_F_MRG_RXBUF
         self.hdr_len = 12 if self.guest_features & modern else 10
         return self.guest_features
@@ -171,16 +238,18 @@ class BuiltinVirtioNetGuest:
         return 16 * self.queues[idx].num
 
     def virtio_queue_get_avail_size(self, idx: int) -> int:
-        return vring_avail_size(self.queues[idx].num)
+        q = self.queues[idx]
+        return VRING_PACKED_EVENT_SIZE if q.packed else vring_avail_size(q.num)
 
     def virtio_queue_get_used_size(self, idx: int) -> int:
-        return vring_used_size(self.queues[idx].num)
+        q = self.queues[idx]
+        return VRING_PACKED_EVENT_SIZE if q.packed else vring_used_size(q.num)
 
     def virtio_queue_get_last_avail_idx(self, idx: int) -> int:
-        return self.queues[idx].last_avail_idx
+        return self.queues[idx].vring_base()
 
     def virtio_queue_set_last_avail_idx(self, idx: int, value: int) -> None:
-        self.queues[idx].last_avail_idx = value
+        self.queues[idx].set_vring_base(value)
 
     def host_notifier_fd(self, idx: int) -> int:
         return self.queues[idx].kick_fd
@@ -226,8 +295,14 @@ class BuiltinVirtioNetGuest:
         return len(chains)
 
     def used_idx(self, idx: int) -> int:
-        """The device's used->idx as the guest reads it now (acquire)."""
+        """The device's used->idx as the guest reads it now (acquire); a packed
+        ring has none (GuestDriverError: use :meth:`pending_used`)."""
         return self.queues[idx].driver.used_idx()
+
+    def pending_used(self, idx: int) -> int:
+        """Used entries the device returned on queue ``idx`` and the guest has
+        not read yet (either ring format)."""
+        return self.queues[idx].driver.pending_used()
 
     def reap(self, idx: int) -> list[tuple[int, int, int]]:
         """Used entries the device returned since the last call: (id, len, buffer gpa).

@@ -55,22 +55,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import os
-import tempfile
-
 from vhostlab.backend import BackendServer, CaptureWire, is_rarp
-from vhostlab.backend.dpdk import DpdkVhostBackend
-from vhostlab.backend.relay import VhostUserRelay
 from vhostlab.dirtylog import DirtyRound, GuestBand
 from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
-from vhostlab.ring.layout import vring_layout
+from vhostlab.protocol import Feature
+from vhostlab.ring.packed_layout import parse_packed_vring_base
 from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
 from .channel import VhostUserChannel
+from .dpdk_side import DpdkSide
 from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_name
-from .guest import (BUF_GPA, BUF_SIZE, RING_GPA, RX_QUEUE, TX_QUEUE, BuiltinVirtioNetGuest,
-                    GuestDriverError)
+from .guest import (BUF_GPA, BUF_SIZE, RING_GPA, RINGS, RX_QUEUE, TX_QUEUE,
+                    BuiltinVirtioNetGuest, GuestDriverError)
 from .vhost_dev import VhostDev
+from .ramcopy import compare_pages, copy_pages, ram_pages
 from .vhost_ops import VhostOps
 
 __all__ = ["BuiltinMigration", "BuiltinRound",
@@ -84,39 +82,6 @@ def _ignore_log(words: np.ndarray) -> np.ndarray:
     """A log sync that clears the log and reports no page dirty."""
     words[:] = 0
     return np.zeros(0, np.int64)
-
-
-class DpdkSide:
-    """A DPDK back-end behind a recording relay, shaped like the parts of a
-    ``BackendServer`` the migration uses: ``start``, ``socket_path`` (the
-    relay's), ``trace``, ``stop``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.workdir = tempfile.mkdtemp(prefix="vhostlab-dpdk-")
-        os.chmod(self.workdir, 0o700)
-        self.dpdk: DpdkVhostBackend | None = None
-        self.relay: VhostUserRelay | None = None
-        self.socket_path = os.path.join(self.workdir, "relay.sock")
-
-    @property
-    def trace(self):
-        return self.relay.trace if self.relay else None
-
-    def start(self) -> "DpdkSide":
-        self.dpdk = DpdkVhostBackend(os.path.join(self.workdir, "dpdk.sock"))
-        self.relay = VhostUserRelay(self.socket_path, self.dpdk.socket_path).start()
-        return self
-
-    def stop(self) -> None:
-        for part in (self.relay, self.dpdk):
-            if part is not None:
-                part.close()
-        self.relay = self.dpdk = None
-        try:
-            os.rmdir(self.workdir)
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -152,7 +117,7 @@ def builtin_bands(guest: BuiltinVirtioNetGuest) -> tuple[GuestBand, ...]:
     """Where the built-in guest keeps its rings and buffers (guest.py's fixed layout)."""
     bands = []
     for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
-        size = vring_layout(RING_GPA[q], guest.queues[q].num).size
+        size = guest.queues[q].ring_size
         bands.append(GuestBand(f"{kind} ring", RING_GPA[q] // TARGET_PAGE_SIZE,
                                -(-size // TARGET_PAGE_SIZE)))
     for q, kind in ((RX_QUEUE, "RX"), (TX_QUEUE, "TX")):
@@ -163,49 +128,6 @@ def builtin_bands(guest: BuiltinVirtioNetGuest) -> tuple[GuestBand, ...]:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 3)
-
-
-def ram_pages(memory: GuestMemory) -> np.ndarray:
-    """Every page number inside a RAM region (the gaps of the pc layout are not RAM)."""
-    parts = [np.arange(r.guest_phys_addr // TARGET_PAGE_SIZE,
-                       (r.guest_phys_addr + r.memory_size) // TARGET_PAGE_SIZE,
-                       dtype=np.int64) for r in memory.regions]
-    return np.unique(np.concatenate(parts))
-
-
-def _runs(memory: GuestMemory, pages: np.ndarray):
-    """(gpa, length) of maximal runs of ``pages`` that stay inside one region."""
-    pages = np.unique(np.asarray(pages, dtype=np.int64))
-    for r in memory.regions:
-        first = r.guest_phys_addr // TARGET_PAGE_SIZE
-        end = (r.guest_phys_addr + r.memory_size) // TARGET_PAGE_SIZE
-        mine = pages[(pages >= first) & (pages < end)]
-        if not mine.size:
-            continue
-        breaks = np.flatnonzero(np.diff(mine) != 1) + 1
-        for run in np.split(mine, breaks):
-            yield int(run[0]) * TARGET_PAGE_SIZE, int(run.size) * TARGET_PAGE_SIZE
-
-
-def copy_pages(src: GuestMemory, dst: GuestMemory, pages: np.ndarray) -> int:
-    """Copy the given pages of guest RAM from ``src`` to ``dst``; returns pages copied."""
-    copied = 0
-    for gpa, length in _runs(src, pages):
-        dst.view(gpa, length)[:] = src.view(gpa, length)
-        copied += length // TARGET_PAGE_SIZE
-    return copied
-
-
-def compare_pages(a: GuestMemory, b: GuestMemory, pages: np.ndarray) -> np.ndarray:
-    """Page numbers among ``pages`` whose contents differ between ``a`` and ``b``."""
-    bad = []
-    for gpa, length in _runs(a, pages):
-        va = a.view(gpa, length).reshape(-1, TARGET_PAGE_SIZE)
-        vb = b.view(gpa, length).reshape(-1, TARGET_PAGE_SIZE)
-        diff = np.flatnonzero((va != vb).any(axis=1))
-        bad.append(diff + gpa // TARGET_PAGE_SIZE)
-        del va, vb
-    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
 def _reserve(ram_size: int) -> int:
@@ -249,6 +171,8 @@ class BuiltinMigration:
     ``backend``: "vhostlab" (in-process back-ends) or "dpdk" (two testpmd
     processes; ``backend_handlers`` do not apply, and ``break_logging``
     makes the source front-end ignore DPDK's log, as DPDK cannot skip it).
+    ``ring``: "split" or "packed" (the guest's rings; packed needs a back-end
+    that offers VIRTIO_F_RING_PACKED, see :meth:`backend_offers_packed`).
     """
 
     ram_size: int = 16 << 20
@@ -262,6 +186,7 @@ class BuiltinMigration:
     skip_final_sync: bool = False
     log_used_ring: bool = True
     backend: str = "vhostlab"
+    ring: str = "split"
     snapshots: list = field(default_factory=list)
     dirty_rounds: list = field(default_factory=list)    # DirtyRound per sync, for the views
     ops_called: list = field(default_factory=list)
@@ -277,6 +202,8 @@ class BuiltinMigration:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.ring not in RINGS:
+            raise ValueError(f"ring={self.ring!r}: expected one of {RINGS}")
         self.echo = self.backend == "dpdk"       # frames come back, no wire
         if self.echo and self.backend_handlers:
             raise ValueError("backend_handlers replace vhostlab's own handlers; DPDK's "
@@ -299,6 +226,7 @@ class BuiltinMigration:
         self._lengths = np.random.default_rng(2020)
         self._pending_log = np.zeros(0, np.int64)   # pages from the final sync in vhost_log_put
         self._t_begin = self._t_stop = None         # time.monotonic() at migrate, at the stop
+        self.vring_bases: dict[int, int] = {}       # what the source's GET_VRING_BASE returned
 
     def _side(self, name: str) -> _Side:
         if self.echo:
@@ -345,7 +273,7 @@ class BuiltinMigration:
         dev = self._connect(self.src)
         dev.vhost_dev_init()
         self.guest = BuiltinVirtioNetGuest(self.ram_size, self.queue_size, GuestMemory.allocate(
-            self.ram_size, reserve=_reserve(self.ram_size)))
+            self.ram_size, reserve=_reserve(self.ram_size)), ring=self.ring)
         self.src.memory = self.guest.memory
         self.guest.negotiate(dev.features)
         dev.vhost_net_start(self.guest)
@@ -425,13 +353,13 @@ class BuiltinMigration:
     def _echo_traffic(self, side: _Side, n: int) -> tuple[int, int]:
         """``n`` TX frames to DPDK; wait until as many are back in RX buffers (the
         guest reads them later, so some live in pages copied before they came)."""
-        before = self.guest.used_idx(RX_QUEUE)
+        before = self.guest.pending_used(RX_QUEUE)
         sent = self._guest("transmit", self.guest.transmit,
                            [self._next(TX) for _ in range(n)], default=0)
         deadline = time.monotonic() + self.wait_timeout
         back = 0
         while time.monotonic() < deadline:
-            back = (self.guest.used_idx(RX_QUEUE) - before) & 0xFFFF
+            back = self.guest.pending_used(RX_QUEUE) - before
             if back >= sent:
                 break
             self.guest.wait_call(RX_QUEUE, 0.05)
@@ -464,6 +392,7 @@ class BuiltinMigration:
         if self.skip_final_sync:
             dev.log_sync = lambda log64: ()            # vhost_log_put's sync finds nothing
         bases = dev.vhost_dev_stop(self.guest)
+        self.vring_bases = dict(bases)
         dev.dirty_sink = None
         self._pending_log = (np.concatenate(sink).astype(np.int64) if sink
                              else np.zeros(0, np.int64))
@@ -565,6 +494,8 @@ class BuiltinMigration:
         return {
             "frontend": "builtin",
             "backend": self.backend,
+            "ring": self.ring,
+            "vring_base": self.vring_base_summary(),
             "migration": {"status": self.status, "rounds": len(self.snapshots),
                           "pages_copied": sum(s.pages_copied for s in self.snapshots),
                           "pages_mismatched": (int(self.pages_mismatched.size)
@@ -582,6 +513,32 @@ class BuiltinMigration:
             "integrity": "ok" if self.integrity_ok else "corrupted",
             "ops_called": list(self.ops_called),
         }
+
+    def vring_base_summary(self) -> list[dict]:
+        """GET_VRING_BASE's ``num`` per queue at the source's stop; for packed
+        rings with its parts (bits 0-14 last_avail_idx, 15 its wrap counter,
+        16-30 last_used_idx, 31 its wrap counter)."""
+        out = []
+        for index, num in sorted(self.vring_bases.items()):
+            entry = {"queue": index, "num": num}
+            if self.ring == "packed":
+                entry.update(parse_packed_vring_base(num)._asdict())
+            out.append(entry)
+        return out
+
+    def backend_offers_packed(self) -> bool:
+        """Does this migration's back-end offer VIRTIO_F_RING_PACKED? Asks a
+        back-end of the same kind (started and stopped here) in GET_FEATURES."""
+        side = self._side("probe")
+        try:
+            side.server.start()
+            ops = VhostOps(VhostUserChannel.connect(side.server.socket_path))
+            try:
+                return bool(ops.vhost_get_features() & Feature.VIRTIO_F_RING_PACKED)
+            finally:
+                ops.vhost_backend_cleanup()
+        finally:
+            side.server.stop()
 
     def close(self) -> None:
         """Close devices, guest RAM and back-ends; idempotent."""

@@ -254,11 +254,26 @@ class VhostDev:
 
     @vhost_fn
     def vhost_virtqueue_set_addr(self, vq: VhostVirtqueue, idx: int, enable_log: bool) -> None:
-        """SET_VRING_ADDR: user addresses of the ring, log_guest_addr = used ring GPA."""
+        """SET_VRING_ADDR: user addresses of the ring (packed: descriptor ring,
+        driver area, device area), and log_guest_addr (:meth:`log_guest_addr`)."""
         self.vhost_ops.vhost_set_vring_addr(
             idx, desc_user_addr=vq.desc, used_user_addr=vq.used, avail_user_addr=vq.avail,
-            log_guest_addr=vq.used_phys,
+            log_guest_addr=self.log_guest_addr(vq),
             flags=VHOST_VRING_F_LOG if enable_log and self.log_used_ring else 0)
+
+    def log_guest_addr(self, vq: VhostVirtqueue) -> int:
+        """The GPA the back-end logs its ring writes against: the used ring's.
+
+        A packed ring's device writes go to the descriptor ring, and DPDK logs
+        them at log_guest_addr + the descriptor's offset (vhost_log_cache_used_vring),
+        so for packed rings this is the descriptor ring's GPA. QEMU sends
+        ``used_phys`` for both formats, which for a packed ring is the device
+        event area: DPDK then marks the pages after the descriptors it wrote,
+        and a migration loses them (with the built-in guest: 64 of 80 frames).
+        """
+        if self.acked_features & Feature.VIRTIO_F_RING_PACKED:
+            return vq.desc_phys
+        return vq.used_phys
 
     # -- stop ----------------------------------------------------------------
     @vhost_fn
