@@ -11,6 +11,10 @@ migrations themselves live with their front-ends:
   7.2 sent (:mod:`vhostlab.protocol.recorded`), decoded by the protocol layer
   and narrated here.
 
+``--ring packed`` runs the guest's virtqueues packed (VIRTIO_F_RING_PACKED):
+only the built-in front-end can, as QEMU's legacy virtio-net-pci (the labs'
+QEMU device) cannot negotiate packed rings.
+
 Exit codes: 0 when the integrity check passed, 3 when frames were lost or
 corrupted (``--break-logging`` must produce that), 2 for a set-up failure.
 """
@@ -25,13 +29,28 @@ from vhostlab.protocol import format_message
 from vhostlab.protocol.recorded import QEMU_7_2_PHASES, QEMU_7_2_SEQUENCE, RecordedMessage
 
 EXIT_OK, EXIT_SETUP, EXIT_CORRUPTED = 0, 2, 3
+PACKED_FRONTENDS = ("builtin",)     # who can negotiate VIRTIO_F_RING_PACKED
 
 
-def choose(frontend: str) -> str:
-    """Resolve ``auto`` the way the labs do: real QEMU when present, else built-in."""
+def choose(frontend: str, ring: str = "split") -> str:
+    """Resolve ``auto`` the way the labs do: real QEMU when present, else built-in
+    (always built-in for packed rings, which the labs' QEMU device cannot run)."""
     if frontend != "auto":
         return frontend
+    if ring == "packed":
+        return "builtin"
     return doctor.choose_frontend(doctor.qemu_info())
+
+
+def ring_refusal(frontend: str, ring: str) -> str | None:
+    """Why ``frontend`` cannot run ``ring`` rings, or None when it can."""
+    if ring == "split" or frontend in PACKED_FRONTENDS:
+        return None
+    if frontend == "qemu":
+        return ("--ring packed: QEMU's legacy virtio-net-pci (disable-modern=on, the labs' "
+                "device) cannot negotiate packed rings (VIRTIO_F_RING_PACKED needs a modern "
+                "device); use --frontend builtin")
+    return f"--ring packed: the {frontend} front-end has no rings; use --frontend builtin"
 
 
 def _runner(frontend: str):
@@ -80,6 +99,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", choices=("vhostlab", "dpdk"), default="vhostlab",
                         help="whose back-ends serve the two hosts: this kit's, or DPDK's "
                              "vhost back-end (dpdk-testpmd)")
+    parser.add_argument("--ring", choices=("split", "packed"), default="split",
+                        help="the guest's virtqueues: split, or packed (VIRTIO_F_RING_PACKED; "
+                             "built-in front-end only)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON summary on stdout (narration goes to stderr)")
     parser.add_argument("--break-logging", action="store_true",
@@ -87,12 +109,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    frontend = choose(args.frontend)
+    ring = getattr(args, "ring", "split")
+    frontend = choose(args.frontend, ring)
     say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     say(f"front-end: {frontend}" + (" (chosen automatically)" if args.frontend == "auto" else "")
-        + f", back-end: {args.backend}")
+        + f", back-end: {args.backend}" + (f", rings: {ring}" if ring != "split" else ""))
     kwargs = {} if args.backend == "vhostlab" else {"backend": args.backend}
-    if kwargs and frontend == "recorded":
+    if ring != "split":
+        kwargs["ring"] = ring
+    refusal = ring_refusal(frontend, ring)
+    if refusal:
+        summary, code = {"frontend": frontend, "backend": args.backend, "error": refusal}, EXIT_SETUP
+        say(refusal)
+    elif args.backend != "vhostlab" and frontend == "recorded":
         summary, code = {"frontend": frontend, "backend": args.backend,
                          "error": "a recording has no back-end"}, EXIT_SETUP
         say("recorded: --backend needs a live back-end (use --frontend builtin or qemu)")
@@ -100,6 +129,7 @@ def run(args) -> int:
         summary, code = _runner(frontend)(as_json=args.json, break_logging=args.break_logging,
                                           out=say, **kwargs)
     summary.setdefault("backend", args.backend)
+    summary.setdefault("ring", ring)
     if args.json:
         print(json.dumps(summary))
     return code

@@ -3,20 +3,23 @@
 The narration quotes the seed's calling sequences as they happen and prints,
 under each vhost.c function the built-in front-end enters, the vhost-user
 messages it sent ("->") and the replies it got ("<-"), decoded by the
-protocol layer from the bytes that crossed the socket.
+protocol layer from the bytes that crossed the socket. With packed rings it
+decodes GET_VRING_BASE's ``num``: the positions with their wrap counters.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from vhostlab.protocol import format_record
+from vhostlab.ring.packed_layout import parse_packed_vring_base
 
+from .guest import GuestDriverError
 from .migration import BuiltinMigration
 from .vhost_dev import VhostDev
 
-__all__ = ["run_demo", "format_timeline", "SEED_STEPS"]
+__all__ = ["run_demo", "format_timeline", "format_vring_base", "SEED_STEPS"]
 
-EXIT_OK, EXIT_CORRUPTED = 0, 3
+EXIT_OK, EXIT_SETUP, EXIT_CORRUPTED = 0, 2, 3
 
 # The seed document's own words for the three steps (section 2, "Live migration").
 SEED_STEPS = (
@@ -46,6 +49,18 @@ def format_timeline(dev: VhostDev, start: int = 0, base_depth: int = 0) -> tuple
     return lines, len(dev.timeline)
 
 
+def format_vring_base(num: int, packed: bool) -> str:
+    """GET_VRING_BASE's ``num`` as a learner should read it: for a split ring
+    last_avail_idx; for a packed ring its four parts (packed_layout)."""
+    if not packed:
+        return f"num={num}: last_avail_idx={num}"
+    text = f"num={num:#x}: {parse_packed_vring_base(num)}"
+    if not num >> 16:
+        # DPDK 22.11 (vhost_user_get_vring_base) fills only bits 0-15
+        text += " (bits 16-31 empty: the back-end resumes used where avail is)"
+    return text
+
+
 class _BuiltinNarrator:
     def __init__(self, out: Callable[[str], None]):
         self.out = out
@@ -71,6 +86,10 @@ def _narrate_start(m: BuiltinMigration, n: _BuiltinNarrator) -> None:
     else:
         n.say("vhost-user-net back-ends, each on its own unix socket, and this kit's Python")
     n.say("front-end in QEMU's place, with memfd guest RAM and eventfds.\n")
+    if m.ring == "packed":
+        n.say("The guest's virtqueues are packed (VIRTIO_F_RING_PACKED): one descriptor ring")
+        n.say("per queue, whose AVAIL/USED flags and wrap counters replace the split ring's")
+        n.say("avail and used indices. So GET_VRING_BASE must carry the wrap counters too.\n")
     m.start_backends()
     m.start_source()
     n.say("Source QEMU starts the device (vhost_dev_init, then vhost_net_start at DRIVER_OK):")
@@ -106,7 +125,11 @@ def _narrate_stop_and_switch(m: BuiltinMigration, n: _BuiltinNarrator) -> None:
           " memory.\"")
     bases = m.stop_source()
     n.show("source", m.src.dev)
-    n.say(f"  the back-end stopped at last_avail_idx {bases} (queue: index)")
+    if m.ring == "packed":
+        for index, num in sorted(bases.items()):
+            n.say(f"  queue {index}: GET_VRING_BASE {format_vring_base(num, True)}")
+    else:
+        n.say(f"  the back-end stopped at last_avail_idx {bases} (queue: index)")
     snap = m.final_round()
     n.say(f"  stop-and-copy round {snap.round}: {snap.pages_copied} pages (guest "
           f"{snap.pages_dirtied_by_guest}, vhost log {snap.pages_from_vhost_log}); RAM pages "
@@ -120,21 +143,30 @@ def _narrate_stop_and_switch(m: BuiltinMigration, n: _BuiltinNarrator) -> None:
 
 
 def run_demo(as_json: bool = False, break_logging: bool = False,
-             out: Callable[[str], None] = print, backend: str = "vhostlab") -> tuple[dict, int]:
+             out: Callable[[str], None] = print, backend: str = "vhostlab",
+             ring: str = "split") -> tuple[dict, int]:
     """Run the built-in migration, narrating through ``out``; return (summary, exit code).
 
     Exit code 0 when every frame arrived intact and the RAMs matched, 3 when
     not (``break_logging`` must produce 3: the back-ends skip dirty logging).
     With ``as_json`` the narration is shorter (the caller prints the summary).
     ``backend="dpdk"``: the two back-ends are DPDK's (testpmd), see BuiltinMigration.
+    ``ring="packed"``: packed virtqueues; exit code 2 when the back-end does
+    not offer them.
     """
-    m = BuiltinMigration(break_logging=break_logging, backend=backend)
+    m = BuiltinMigration(break_logging=break_logging, backend=backend, ring=ring)
     narrator = _BuiltinNarrator(out if not as_json else (lambda text: None))
     try:
         _narrate_start(m, narrator)
         _narrate_logging_and_rounds(m, narrator)
         _narrate_stop_and_switch(m, narrator)
         summary = m.summary()
+    except GuestDriverError as exc:
+        if m.guest is not None and m.guest.guest_features:
+            raise               # not the negotiation: a driver fault to see whole
+        out(f"{backend} back-end: {exc}")
+        return {"frontend": "builtin", "backend": backend, "ring": ring,
+                "error": str(exc)}, EXIT_SETUP
     finally:
         m.close()
     code = EXIT_OK if summary["integrity"] == "ok" else EXIT_CORRUPTED
