@@ -48,8 +48,8 @@ def ring_refusal(frontend: str, ring: str) -> str | None:
         return None
     if frontend == "qemu":
         return ("--ring packed: QEMU's legacy virtio-net-pci (disable-modern=on, the labs' "
-                "device) cannot negotiate packed rings (VIRTIO_F_RING_PACKED needs a modern "
-                "device); use --frontend builtin")
+                "device) cannot negotiate packed rings: its 32-bit legacy feature register "
+                "cannot carry VIRTIO_F_RING_PACKED (bit 34); use --frontend builtin")
     return f"--ring packed: the {frontend} front-end has no rings; use --frontend builtin"
 
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tests.datapath.test_datapath_driver import Recording
+from test_datapath_driver import Recording
 from vhostlab.memory import GuestMemory
 from vhostlab.ring import GuestDriverError, UsedElem
 from vhostlab.ring.layout import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
