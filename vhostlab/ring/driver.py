@@ -181,6 +181,14 @@ class RingDriver:
     _free: list[int]
     _chains: dict[int, list[int]]
 
+    def _init(self, memory, num: int, queue: int | None, event_idx: bool, top_first: bool,
+              clear: bool) -> None:
+        """The constructors' common part, once the ring's GPAs are set."""
+        self.num, self.queue = num, queue
+        self.event_idx, self.top_first = event_idx, top_first
+        self.bind(memory)
+        self.reset(clear=clear)
+
     @staticmethod
     def _name(queue: int | None) -> str:
         return "virtqueue" if queue is None else f"queue {queue}"
@@ -239,6 +247,22 @@ class RingDriver:
         if needed > self.num_free:
             self._no_room(needed, "")
 
+    def _ring_entries(self, segs: Sequence[tuple[int, int, bool]],
+                      table_gpa: int | None) -> list[tuple[int, int, int]]:
+        """(addr, len, flags) of one chain's ring descriptors; with ``table_gpa``
+        its segments go in an indirect table written there, and the ring gets
+        one INDIRECT descriptor."""
+        entries = [(gpa, length, VRING_DESC_F_WRITE if writable else 0)
+                   for gpa, length, writable in segs]
+        if table_gpa is None:
+            return entries
+        table = self._indirect_table(entries)
+        self.ram.write(table_gpa, table)
+        return [(table_gpa, len(table), VRING_DESC_F_INDIRECT)]
+
+    def _indirect_table(self, entries: Sequence[tuple[int, int, int]]) -> bytes:
+        raise NotImplementedError
+
     def add_buffer(self, segments: Sequence[tuple[int, int, bool]], *,
                    indirect: int | None = None) -> int:
         """Add one chain of ``(gpa, len, device_writable)`` segments.
@@ -296,12 +320,12 @@ class VirtqueueDriver(RingDriver):
         if avail is None or used is None:
             layout = vring_layout(desc, num, align)
             avail, used = layout.avail, layout.used
-        self.num, self.queue = num, queue
         self.desc_gpa, self.avail_gpa, self.used_gpa = desc, avail, used
-        self.event_idx = event_idx
-        self.top_first = top_first
-        self.bind(memory)
-        self.reset(clear=clear)
+        self._init(memory, num, queue, event_idx, top_first, clear)
+
+    def _indirect_table(self, entries: Sequence[tuple[int, int, int]]) -> bytes:
+        """A split indirect table: the entries chained 0, 1, ... with NEXT (2.7.5.3)."""
+        return b"".join(_link(entries, range(len(entries))).values())
 
     def _views(self):
         return vring_views(self.ram, self.num, self.desc_gpa, self.avail_gpa, self.used_gpa)
@@ -343,12 +367,7 @@ class VirtqueueDriver(RingDriver):
         descs: dict[int, bytes] = {}
         heads = []
         for k, segs in enumerate(chains):
-            entries = [(gpa, length, VRING_DESC_F_WRITE if writable else 0)
-                       for gpa, length, writable in segs]
-            if indirect is not None:
-                table = b"".join(_link(entries, range(len(entries))).values())
-                self.ram.write(indirect[k], table)
-                entries = [(indirect[k], len(table), VRING_DESC_F_INDIRECT)]
+            entries = self._ring_entries(segs, None if indirect is None else indirect[k])
             ids = [self._free.pop() for _ in entries]
             descs.update(_link(entries, ids))
             self._chains[ids[0]] = ids

@@ -46,7 +46,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from .driver import _DESC, GuestDriverError, RingDriver, write_runs
-from .layout import (VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+from .layout import (VRING_DESC_F_NEXT,
                      VringLayout, vring_need_event_py)
 from .packed_layout import (VRING_PACKED_DESC_DTYPE, VRING_PACKED_DESC_F_AVAIL,
                             VRING_PACKED_DESC_F_USED, VRING_PACKED_DESC_SIZE,
@@ -113,12 +113,12 @@ class PackedVirtqueueDriver(RingDriver):
         if driver is None or device is None:
             layout = packed_vring_layout(desc, num)
             driver, device = layout.avail, layout.used
-        self.num, self.queue = num, queue
         self.desc_gpa, self.driver_gpa, self.device_gpa = desc, driver, device
-        self.event_idx = event_idx
-        self.top_first = top_first
-        self.bind(memory)
-        self.reset(clear=clear)
+        self._init(memory, num, queue, event_idx, top_first, clear)
+
+    def _indirect_table(self, entries: Sequence[tuple[int, int, int]]) -> bytes:
+        """A packed indirect table (2.8.19): the entries in order, no NEXT, ids unused."""
+        return b"".join(_DESC.pack(gpa, length, 0, flags) for gpa, length, flags in entries)
 
     def _views(self) -> PackedVringViews:
         return packed_vring_views(self.ram, self.num, self.desc_gpa, self.driver_gpa,
@@ -171,13 +171,7 @@ class PackedVirtqueueDriver(RingDriver):
         descs: dict[int, bytes] = {}
         ids = []
         for k, segs in enumerate(chains):
-            entries = [(gpa, length, VRING_DESC_F_WRITE if writable else 0)
-                       for gpa, length, writable in segs]
-            if indirect is not None:
-                # 2.8.19: a table of packed descriptors, in order, no NEXT, ids ignored
-                table = b"".join(_DESC.pack(gpa, length, 0, flags) for gpa, length, flags in entries)
-                self.ram.write(indirect[k], table)
-                entries = [(indirect[k], len(table), VRING_DESC_F_INDIRECT)]
+            entries = self._ring_entries(segs, None if indirect is None else indirect[k])
             buf_id = self._free.pop()
             slots = []
             for i, (gpa, length, flags) in enumerate(entries):
