@@ -46,6 +46,11 @@ come back exactly once, intact, read from guest memory, and the ones DPDK
 wrote into RX buffers after a copy round reach the guest only if DPDK
 logged those writes and the pages were copied again. A SEND_RARP makes DPDK
 send the guest a RARP too; it is counted, not checked.
+
+With ``ring="packed"`` the guest's rings are packed: the device writes its
+used descriptors back into the descriptor ring, so that is what the vhost log
+must cover (VhostDev.log_guest_addr), and GET_VRING_BASE / SET_VRING_BASE
+carry the wrap counters (``vring_base`` in the summary decodes them).
 """
 from __future__ import annotations
 

@@ -276,7 +276,9 @@ class VhostOps:
         """Where a ring lives: SET_VRING_ADDR (struct vhost_vring_addr).
 
         desc/used/avail are front-end virtual addresses (the userspace_addr
-        space of SET_MEM_TABLE); log_guest_addr is the used ring's GPA. With
+        space of SET_MEM_TABLE; for a packed ring: descriptor ring, driver area as
+        avail, device area as used); log_guest_addr is the used ring's GPA (packed:
+        see VhostDev.log_guest_addr). With
         ``flags`` VHOST_VRING_F_LOG the back-end logs its used-ring writes, and
         QEMU waits for the back-end to confirm (REPLY_ACK, else GET_FEATURES).
         vhost-kernel: VHOST_SET_VRING_ADDR. Called by vhost_virtqueue_set_addr()
@@ -325,7 +327,8 @@ class VhostOps:
         vhost_dev_stop() (vhost_dev_stop() -> vhost_virtqueue_stop() ->
         vhost_get_vring_base()), and QEMU stores the number with
         virtio_queue_set_last_avail_idx() so it travels to the destination.
-        vhost-kernel: VHOST_GET_VRING_BASE. Returns last_avail_idx.
+        vhost-kernel: VHOST_GET_VRING_BASE. Returns last_avail_idx (packed rings: with
+        the wrap counters, ``ring.packed_layout.parse_packed_vring_base``).
         """
         reply = self._send(Request.GET_VRING_BASE, VringState(index, 0))
         if reply is None or not isinstance(reply.payload, VringState):

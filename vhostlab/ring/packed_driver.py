@@ -46,8 +46,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from .driver import _DESC, GuestDriverError, RingDriver, write_runs
-from .layout import (VRING_DESC_F_NEXT,
-                     VringLayout, vring_need_event_py)
+from .layout import VRING_DESC_F_NEXT, VringLayout, vring_need_event_py
 from .packed_layout import (VRING_PACKED_DESC_DTYPE, VRING_PACKED_DESC_F_AVAIL,
                             VRING_PACKED_DESC_F_USED, VRING_PACKED_DESC_SIZE,
                             VRING_PACKED_EVENT_DTYPE, VRING_PACKED_EVENT_FLAG_DESC,
