@@ -38,7 +38,7 @@ def test_packed_frames_come_back_byte_for_byte_over_several_laps(requires_dpdk, 
                                                                  queue_size):
     sock = str(tmp_path / "dpdk.sock")
     guest = BuiltinVirtioNetGuest(ring="packed", queue_size=queue_size)
-    n, batch = 40, 8                               # 2.5 laps of a 16-entry ring
+    n, batch = 56, 8                               # 3.5 laps of a 16-entry ring
     try:
         with DpdkVhostBackend(sock, testpmd=requires_dpdk) as dpdk:
             dev = VhostDev(VhostOps.connect(sock))
