@@ -39,6 +39,8 @@ from .trace import freeze
 
 __all__ = ["ObservedDevice", "ObservedVring"]
 
+QUEUES_SHOWN = 2        # RX and TX of one queue pair, listed even before they are configured
+
 
 @dataclass
 class ObservedVring:
@@ -144,6 +146,17 @@ class ObservedDevice:
                 old.close()
 
     # -- reading ------------------------------------------------------------------
+    def ring_at(self, index: int) -> tuple[int, dict, int] | None:
+        """(num, GPAs of desc/avail/used, last SET_VRING_BASE) of ring ``index``, or
+        None while it is not mapped."""
+        ring = self.vrings.get(index)
+        if ring is None or ring.addr is None or not ring.num or self.memory is None:
+            return None
+        gpas = dict(zip(("desc", "avail", "used"), map(self._gpa, ring.addr[:3])))
+        if None in gpas.values():
+            return None
+        return ring.num, gpas, ring.base
+
     def _gpa(self, uva: int) -> int | None:
         try:
             return self.memory.uva_to_gpa(uva)
@@ -196,7 +209,10 @@ class ObservedDevice:
         with self._lock:
             memory = () if self.memory is None or self.memory.closed else tuple(
                 RegionSnapshot(*map(int, r)) for r in self.memory.regions)
-            vrings = tuple(self._vring_snapshot(r) for _, r in sorted(self.vrings.items()))
+            # Every ring of the device, configured or not, as vhostlab's back-end lists them.
+            count = max([QUEUES_SHOWN - 1, *self.vrings]) + 1
+            vrings = tuple(self._vring_snapshot(self.vrings.get(i) or ObservedVring(i))
+                           for i in range(count))
             log = self._log_snapshot()
             logging = bool(self.features & Feature.VHOST_F_LOG_ALL) and log is not None
             out = {"pages_logged": len(self.seen_logged), "errors": tuple(self.errors)}

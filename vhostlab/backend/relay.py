@@ -225,11 +225,11 @@ class VhostUserRelay:
                 raw = self.rewrite(direction, msg) or raw
                 msg = self._parse(raw, len(msg_fds)) or msg
             try:
+                if msg is not None and self.observer is not None:
+                    self.observer(direction, msg, msg_fds)    # before the receiver acts
                 sent = socket.send_fds(dst, [raw], msg_fds) if msg_fds else dst.send(raw)
                 if sent < len(raw):
                     dst.sendall(raw[sent:])
-                if msg is not None and self.observer is not None:
-                    self.observer(direction, msg, msg_fds)
             except OSError:
                 return False
             finally:

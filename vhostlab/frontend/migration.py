@@ -55,18 +55,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-import os
-import tempfile
 
 from vhostlab.backend import BackendServer, CaptureWire, is_rarp
-from vhostlab.backend.dpdk import DpdkVhostBackend
-from vhostlab.backend.relay import VhostUserRelay
 from vhostlab.dirtylog import DirtyRound, GuestBand
 from vhostlab.memory import TARGET_PAGE_SIZE, GuestMemory
 from vhostlab.ring.layout import vring_layout
 from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
 from .channel import VhostUserChannel
+from .dpdk_side import BACKENDS, DpdkSide, _ignore_log
 from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_name
 from .guest import (BUF_GPA, BUF_SIZE, RING_GPA, RX_QUEUE, TX_QUEUE, BuiltinVirtioNetGuest,
                     GuestDriverError)
@@ -77,48 +74,6 @@ __all__ = ["BuiltinMigration", "BuiltinRound",
            "copy_pages", "compare_pages", "ram_pages", "builtin_bands"]
 
 WAIT_TIMEOUT = 10.0
-BACKENDS = ("vhostlab", "dpdk")
-
-
-def _ignore_log(words: np.ndarray) -> np.ndarray:
-    """A log sync that clears the log and reports no page dirty."""
-    words[:] = 0
-    return np.zeros(0, np.int64)
-
-
-class DpdkSide:
-    """A DPDK back-end behind a recording relay, shaped like the parts of a
-    ``BackendServer`` the migration uses: ``start``, ``socket_path`` (the
-    relay's), ``trace``, ``stop``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.workdir = tempfile.mkdtemp(prefix="vhostlab-dpdk-")
-        os.chmod(self.workdir, 0o700)
-        self.dpdk: DpdkVhostBackend | None = None
-        self.relay: VhostUserRelay | None = None
-        self.socket_path = os.path.join(self.workdir, "relay.sock")
-
-    @property
-    def trace(self):
-        return self.relay.trace if self.relay else None
-
-    def start(self) -> "DpdkSide":
-        self.dpdk = DpdkVhostBackend(os.path.join(self.workdir, "dpdk.sock"))
-        self.relay = VhostUserRelay(self.socket_path, self.dpdk.socket_path).start()
-        return self
-
-    def stop(self) -> None:
-        for part in (self.relay, self.dpdk):
-            if part is not None:
-                part.close()
-        self.relay = self.dpdk = None
-        try:
-            os.rmdir(self.workdir)
-        except OSError:
-            pass
-
-
 @dataclass(frozen=True)
 class BuiltinRound:
     """One round of RAM copy, for the labs to draw.
@@ -286,9 +241,9 @@ class BuiltinMigration:
             # what it logged instead (every sync reads and clears, and reports
             # nothing), which loses the same pages.
             self.log_sync = _ignore_log
+        self.switchover = SwitchoverRecorder()   # rings at GET_VRING_BASE / SET_VRING_BASE
         self.src = self._side("source")
         self.dst = self._side("destination")
-        self.switchover = SwitchoverRecorder()   # rings at GET_VRING_BASE / SET_VRING_BASE
         if not self.echo:
             self.switchover.install(self.src.server, "source")
             self.switchover.install(self.dst.server, "destination")
@@ -302,7 +257,7 @@ class BuiltinMigration:
 
     def _side(self, name: str) -> _Side:
         if self.echo:
-            return _Side(name, DpdkSide(name), None)
+            return _Side(name, DpdkSide(name, self.switchover), None)
         wire = CaptureWire()
         server = BackendServer(None, wire=wire, break_logging=self.break_logging,
                                handlers=self.backend_handlers)

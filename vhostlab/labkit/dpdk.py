@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -48,7 +49,9 @@ from .base import wait_until
 
 __all__ = ["DpdkLabBackend", "PeerWire"]
 
-PEER_RAM = 16 << 20         # the wire's guest: RX buffers and a TX ring, nothing more
+PEER_RAM = 16 << 20
+_FAILURE = re.compile(r"fail|invalid|error|refus|too (big|large|many)|not supported",
+                      re.IGNORECASE)         # the wire's guest: RX buffers and a TX ring, nothing more
 
 
 class PeerWire:
@@ -152,7 +155,8 @@ class DpdkLabBackend:
         records = self.relay.trace.records()
         errors = tuple(f"{r.request}: {r.error}" for r in records if r.error)
         snap = self.device.snapshot(records if trace else (),
-                                    {"errors": tuple(self.device.errors) + errors,
+                                    {"errors": tuple(self.device.errors) + errors
+                                     + self.dpdk_errors(),
                                      "injected": self._sent_to_guest})
         # Frames each ring returned: its used->idx, read in guest memory.
         used = {v.index: v.used_idx or 0 for v in snap.vrings}
@@ -167,6 +171,25 @@ class DpdkLabBackend:
     def output(self) -> str:
         """What testpmd printed so far (its own log of the vhost-user messages)."""
         return self.dpdk.output() if self.dpdk else ""
+
+    def dpdk_errors(self) -> tuple[str, ...]:
+        """DPDK's own words for each refusal on the lab's port, from testpmd's log:
+        one entry per run of consecutive failure lines ("invalid virtqueue size
+        100; processing VHOST_USER_SET_VRING_NUM failed; ...")."""
+        port = f"({self.dpdk.socket_path}) " if self.dpdk else None
+        runs, run = [], []
+        for line in self.output().splitlines():
+            if not port or port not in line:
+                continue
+            text = line.split(port, 1)[1].strip().rstrip(".")
+            if _FAILURE.search(text):
+                run.append(text)
+            elif run:
+                runs.append("DPDK: " + "; ".join(run))
+                run = []
+        if run:
+            runs.append("DPDK: " + "; ".join(run))
+        return tuple(runs)
 
     def stop(self) -> None:
         """Stop the relay, the wire's front-end and guest, and testpmd; raises the
