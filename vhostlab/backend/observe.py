@@ -134,7 +134,7 @@ class ObservedDevice:
         try:
             memory = GuestMemory.from_table(regions)
         except GuestMemoryError as exc:
-            self.errors.append(f"SET_MEM_TABLE: the observer could not map it: {exc}")
+            self.errors.append(f"relay observer: SET_MEM_TABLE: could not map it: {exc}")
             memory = None
         self._replace(memory=memory)
 
