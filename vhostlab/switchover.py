@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from vhostlab.memory import TARGET_PAGE_SIZE
-from vhostlab.protocol import Request
+from vhostlab.protocol import TO_BACKEND, Request
 from vhostlab.ring.layout import (VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, VringCopy,
                                   vring_views)
 
@@ -69,29 +69,35 @@ class VringAtSwitchover(VringCopy):
         return "RX" if self.index % 2 == 0 else "TX"
 
 
+def copy_ring(memory, index: int, num: int, gpas: dict, last_avail_idx: int, side: str,
+              moment: str, log=None) -> VringAtSwitchover:
+    """Copy ring ``index`` (``num`` entries at ``gpas``) out of guest ``memory``."""
+    v = vring_views(memory, num, gpas["desc"], gpas["avail"], gpas["used"])
+    last = last_avail_idx & 0xFFFF
+    avail_idx = int(v.avail_idx[0])
+    ring = v.avail_ring.copy()
+    pending = (avail_idx - last) & 0xFFFF
+    in_flight = tuple(int(ring[(last + i) % num]) for i in range(min(pending, num)))
+    bitmap = log.snapshot().tobytes() if log is not None and not log.closed else None
+    out = VringAtSwitchover(
+        side=side, moment=moment, index=index, num=num,
+        desc=np.array(v.desc, dtype=VRING_DESC_DTYPE), avail_flags=int(v.avail_flags[0]),
+        avail_idx=avail_idx, avail_ring=ring, used_flags=int(v.used_flags[0]),
+        used_idx=int(v.used_idx[0]), used_ring=np.array(v.used_ring, VRING_USED_ELEM_DTYPE),
+        last_avail_idx=last, in_flight=in_flight, gpas={k: int(g) for k, g in gpas.items()},
+        log_bitmap=bitmap if side == "source" else None)
+    del v
+    return out
+
+
 def _copy_ring(dev, vring, side: str, moment: str) -> VringAtSwitchover | None:
     """Copy ``vring`` out of the device's guest memory (None if it is not mapped)."""
     vq = vring.ring
     if vq is None or dev.memory is None or dev.memory.closed or not vring.num:
         return None
-    v = vring_views(dev.memory, vring.num, vq.desc, vq.avail, vq.used)
-    num, last = vring.num, vring.last_avail_idx & 0xFFFF
-    avail_idx = int(v.avail_idx[0])
-    ring = v.avail_ring.copy()
-    pending = (avail_idx - last) & 0xFFFF
-    in_flight = tuple(int(ring[(last + i) % num]) for i in range(min(pending, num)))
-    log = dev.log
-    bitmap = log.snapshot().tobytes() if log is not None and not log.closed else None
-    out = VringAtSwitchover(
-        side=side, moment=moment, index=vring.index, num=num,
-        desc=np.array(v.desc, dtype=VRING_DESC_DTYPE), avail_flags=int(v.avail_flags[0]),
-        avail_idx=avail_idx, avail_ring=ring, used_flags=int(v.used_flags[0]),
-        used_idx=int(v.used_idx[0]), used_ring=np.array(v.used_ring, VRING_USED_ELEM_DTYPE),
-        last_avail_idx=last, in_flight=in_flight,
-        gpas={"desc": int(vq.desc), "avail": int(vq.avail), "used": int(vq.used)},
-        log_bitmap=bitmap if side == "source" else None)
-    del v
-    return out
+    return copy_ring(dev.memory, vring.index, vring.num,
+                     {"desc": vq.desc, "avail": vq.avail, "used": vq.used},
+                     vring.last_avail_idx, side, moment, dev.log)
 
 
 class SwitchoverRecorder:
@@ -131,6 +137,32 @@ class SwitchoverRecorder:
             return inner(dev, msg, fds)
 
         server.handlers[request] = handler
+
+    def observer(self, device, side: str) -> Callable:
+        """A relay's observer for a back-end we cannot wrap (DPDK's): ``device``
+        (an ``ObservedDevice``) keeps what the front-end told the back-end; the
+        ring is copied on the source as GET_VRING_BASE's answer passes (the
+        ring has stopped; the answer is its last_avail_idx), on the
+        destination as SET_VRING_KICK passes, before the back-end has it."""
+        def observe(direction: str, msg, fds) -> None:
+            device(direction, msg, fds)
+            wanted = (Request.GET_VRING_BASE if side == "source" else Request.SET_VRING_KICK)
+            if msg.request != wanted or (direction == TO_BACKEND) != (side != "source"):
+                return
+            index = getattr(msg.payload, "vring_index", getattr(msg.payload, "index", None))
+            ring = device.ring_at(index) if isinstance(index, int) else None
+            if ring is None:
+                return
+            num, gpas, base = ring
+            last = msg.payload.num if side == "source" else base
+            moment = "at GET_VRING_BASE's answer" if side == "source" else "after SET_VRING_BASE"
+            try:
+                snap = copy_ring(device.memory, index, num, gpas, last, side, moment, device.log)
+            except Exception:      # a picture must never break the migration
+                return
+            with self._lock:
+                self.rings.append(snap)
+        return observe
 
     def taken(self, side: str) -> list[VringAtSwitchover]:
         """The last copy of each ring on ``side``, by ring index."""

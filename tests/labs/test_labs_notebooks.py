@@ -100,8 +100,9 @@ def test_reference_notebook_calls_or_explains_all_35_ops():
     assert "ref.covered()" in code
 
 
-def _execute(name: str, frontend: str, monkeypatch) -> float:
+def _execute(name: str, frontend: str, monkeypatch, backend: str = "vhostlab") -> float:
     monkeypatch.setenv("VHOSTLAB_FRONTEND", frontend)
+    monkeypatch.setenv("VHOSTLAB_BACKEND", backend)
     nb = _read(name)
     client = NotebookClient(nb, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(LABS)}})
@@ -109,13 +110,16 @@ def _execute(name: str, frontend: str, monkeypatch) -> float:
     try:
         client.execute()
     except CellExecutionError as exc:
-        pytest.fail(f"{name} with VHOSTLAB_FRONTEND={frontend}:\n{exc}", pytrace=False)
+        pytest.fail(f"{name} with VHOSTLAB_FRONTEND={frontend} VHOSTLAB_BACKEND={backend}:"
+                    f"\n{exc}", pytrace=False)
     elapsed = time.monotonic() - start
-    print(f"\n{name} [{frontend}] ran in {elapsed:.1f} s")
+    print(f"\n{name} [{frontend}, {backend}] ran in {elapsed:.1f} s")
     first = next(c for c in nb.cells if c.cell_type == "code").outputs
     shown = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in first)
     who = "a real QEMU" if frontend == "qemu" else "the built-in Python front-end"
     assert who in shown, f"{name}: the lab did not say it runs on {who}: {shown!r}"
+    whose = "the back-end is DPDK's" if backend == "dpdk" else "the back-end is vhostlab's"
+    assert whose in shown, f"{name}: the lab did not say {whose!r}: {shown!r}"
     return elapsed
 
 
@@ -129,6 +133,26 @@ def test_runs_top_to_bottom_builtin(name, monkeypatch):
 def test_runs_top_to_bottom_qemu(name, requires_qemu, monkeypatch):
     monkeypatch.setenv("VHOSTLAB_QEMU", requires_qemu)
     _execute(name, "qemu", monkeypatch)
+
+
+# The labs that run on DPDK's vhost back-end too (VHOSTLAB_BACKEND=dpdk): the
+# VhostOps one at a time, the rings, the dirty log and the migration.
+ON_DPDK = ["02_handshake.ipynb", "03_memory_table.ipynb", "04_virtqueues.ipynb",
+           "06_dirty_logging.ipynb", "07_live_migration.ipynb"]
+
+
+@pytest.mark.parametrize("name", ON_DPDK)
+def test_runs_top_to_bottom_on_dpdk_builtin(name, requires_dpdk, monkeypatch):
+    monkeypatch.setenv("VHOSTLAB_DPDK", requires_dpdk)
+    _execute(name, "builtin", monkeypatch, backend="dpdk")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name", ON_DPDK)
+def test_runs_top_to_bottom_on_dpdk_qemu(name, requires_qemu, requires_dpdk, monkeypatch):
+    monkeypatch.setenv("VHOSTLAB_QEMU", requires_qemu)
+    monkeypatch.setenv("VHOSTLAB_DPDK", requires_dpdk)
+    _execute(name, "qemu", monkeypatch, backend="dpdk")
 
 
 # Labs whose predictions learners write down (issue 13).

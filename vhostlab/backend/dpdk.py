@@ -82,12 +82,19 @@ def _lcores() -> list[str]:
 
 
 def testpmd_vhost_cmd(testpmd: str, socket_path: str, prefix: str, forward: str = "io",
-                      queues: int = 1) -> list[str]:
-    """The testpmd command line for a vhost-user back-end listening at ``socket_path``."""
+                      queues: int = 1, peer_socket: str | None = None) -> list[str]:
+    """The testpmd command line for a vhost-user back-end listening at ``socket_path``.
+
+    With ``peer_socket`` a second vhost port listens there and the two are
+    paired (``--port-topology=paired``): what one port's guest transmits goes
+    to the other's, as between two ports of a switch."""
+    vdevs = ["--vdev", f"net_vhost0,iface={socket_path},queues={queues}"]
+    if peer_socket is not None:
+        vdevs += ["--vdev", f"net_vhost1,iface={peer_socket},queues={queues}"]
+    topology = "loop" if peer_socket is None else "paired"
     return [testpmd, *_lcores(), "--no-huge", "-m", str(MEMORY_MB), "--no-pci",
-            "--single-file-segments", f"--file-prefix={prefix}",
-            "--vdev", f"net_vhost0,iface={socket_path},queues={queues}",
-            "--", f"--forward-mode={forward}", "--port-topology=loop", "--nb-cores=1",
+            "--single-file-segments", f"--file-prefix={prefix}", *vdevs,
+            "--", f"--forward-mode={forward}", f"--port-topology={topology}", "--nb-cores=1",
             f"--total-num-mbufs={NB_MBUFS}", "--stats-period", "1"]
 
 
@@ -109,21 +116,23 @@ class ForwardTotals:
 class DpdkVhostBackend:
     """One testpmd process serving a vhost-user socket (server side).
 
-    ``forward``: one of FORWARD_MODES. The process lives in its own session,
+    ``forward``: one of FORWARD_MODES. ``peer_socket``: a second vhost port,
+    paired with the first (see :func:`testpmd_vhost_cmd`). The process lives in its own session,
     dies with this one (PR_SET_PDEATHSIG), and is stopped by :meth:`close`
     (SIGINT, so it prints its totals; SIGKILL if it does not stop), which the
     context manager calls even when the block fails.
     """
 
     def __init__(self, socket_path: str, *, forward: str = "io",
-                 testpmd: str | None = None, log_path: str | None = None) -> None:
+                 testpmd: str | None = None, log_path: str | None = None,
+                 peer_socket: str | None = None) -> None:
         if forward not in FORWARD_MODES:
             raise DpdkError("unknown testpmd forwarding mode", what="DpdkVhostBackend",
                             field="forward", value=forward, limit=", ".join(FORWARD_MODES))
         self.testpmd = testpmd or find_testpmd()
         if not self.testpmd:
             raise DpdkError(dpdk_usable()[1], what="DpdkVhostBackend")
-        self.socket_path, self.forward = socket_path, forward
+        self.socket_path, self.forward, self.peer_socket = socket_path, forward, peer_socket
         self._own_log = log_path is None
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="vhostlab-testpmd-", suffix=".log")
@@ -139,13 +148,15 @@ class DpdkVhostBackend:
 
     def _start(self) -> None:
         prefix = f"vhostlab{os.getpid()}-{abs(hash(self.socket_path)) % 100000}"
-        cmd = testpmd_vhost_cmd(self.testpmd, self.socket_path, prefix, self.forward)
+        cmd = testpmd_vhost_cmd(self.testpmd, self.socket_path, prefix, self.forward,
+                                peer_socket=self.peer_socket)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          preexec_fn=_idle_and_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.socket_path):
+        sockets = [p for p in (self.socket_path, self.peer_socket) if p]
+        while not all(os.path.exists(p) for p in sockets):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 why = ("exited" if self.proc.poll() is not None
                        else f"did not listen within {START_TIMEOUT:g} s")
@@ -182,10 +193,12 @@ class DpdkVhostBackend:
         if proc is not None:
             stop(proc)                  # SIGINT (testpmd prints its totals), then SIGKILL
             self.totals = forward_totals(self.output())
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
+        for path in (self.socket_path, self.peer_socket):
+            try:
+                if path:
+                    os.unlink(path)
+            except OSError:
+                pass
         if self._own_log:
             try:
                 os.unlink(self.log_path)

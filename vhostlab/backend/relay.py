@@ -26,6 +26,14 @@ while nothing is sent. One front-end at a time; when either side hangs up,
 the other is hung up too and the relay waits for the next front-end.
 Messages are passed on whole: a partial one waits in the relay until its
 last byte arrives.
+
+Two hooks, both optional. ``observer(direction, message, fds)`` sees each
+parsed message with its fds before the relay closes its copies (it dups what
+it keeps); ``observe.ObservedDevice`` builds a device picture from them.
+``rewrite(direction, message)`` may return other bytes to send instead: a
+front-end and a back-end that disagree, made on purpose (the labs' negative
+control strips VHOST_F_LOG_ALL from SET_FEATURES, so a back-end that logs
+correctly is never asked to). The trace records what was sent on.
 """
 from __future__ import annotations
 
@@ -33,15 +41,16 @@ import os
 import select
 import socket
 import threading
+from typing import Callable
 
-from vhostlab.protocol import (HEADER_SIZE, TO_BACKEND, TO_FRONTEND, ProtocolError,
-                               parse_message, peek_header)
+from vhostlab.protocol import (HEADER_SIZE, TO_BACKEND, TO_FRONTEND, Feature, Message,
+                               ProtocolError, Request, parse_message, peek_header)
 
 from .errors import TransportError
 from .trace import MessageTrace
 from .transport import close_fds as _close
 
-__all__ = ["VhostUserRelay"]
+__all__ = ["VhostUserRelay", "strip_log_all"]
 
 
 _CHUNK = 1 << 16
@@ -95,6 +104,16 @@ class _Framer:
         return data, fds
 
 
+def strip_log_all(direction: str, msg: Message) -> bytes | None:
+    """A ``rewrite``: SET_FEATURES reaches the back-end without VHOST_F_LOG_ALL,
+    so it never logs, however well it would (need_reply is kept)."""
+    if (direction == TO_BACKEND and msg.request == Request.SET_FEATURES
+            and msg.payload.value & Feature.VHOST_F_LOG_ALL):
+        return Message.make(Request.SET_FEATURES, msg.payload.value & ~Feature.VHOST_F_LOG_ALL,
+                            need_reply=msg.need_reply).to_bytes()
+    return None
+
+
 class VhostUserRelay:
     """Listen at ``listen_path``; relay each front-end to ``backend_path``.
 
@@ -103,10 +122,14 @@ class VhostUserRelay:
     """
 
     def __init__(self, listen_path: str, backend_path: str,
-                 trace: MessageTrace | None = None) -> None:
+                 trace: MessageTrace | None = None,
+                 observer: Callable[[str, Message, list[int]], None] | None = None,
+                 rewrite: Callable[[str, Message], bytes | None] | None = None) -> None:
         self.listen_path, self.backend_path = listen_path, backend_path
         self.trace = trace if trace is not None else MessageTrace()
+        self.observer, self.rewrite = observer, rewrite
         self.connections = 0
+        self.connected = False
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(listen_path)
         self._listener.listen(1)
@@ -149,9 +172,11 @@ class VhostUserRelay:
                                   error=f"the back-end at {self.backend_path} refused: {err}")
                 front.close()
                 continue
+            self.connected = True
             try:
                 self._pump(front, back)
             finally:
+                self.connected = False
                 front.close()
                 back.close()
 
@@ -170,6 +195,10 @@ class VhostUserRelay:
                         return
                     if not data:
                         _close(fds)
+                        if src is back:     # a back-end's refusal: worth a record
+                            self.trace.record(TO_FRONTEND, "hang-up", {}, b"",
+                                              connection=self.connections,
+                                              error="the back-end closed the connection")
                         return                  # one side hung up: so does the other
                     direction = TO_BACKEND if src is front else TO_FRONTEND
                     if not self._relay(framers[src], peer[src], direction, data, fds):
@@ -191,7 +220,13 @@ class VhostUserRelay:
                               connection=self.connections, error=str(err))
             messages = [(raw, raw_fds)]
         for raw, msg_fds in messages:
+            msg = self._parse(raw, len(msg_fds))
+            if msg is not None and self.rewrite is not None:
+                raw = self.rewrite(direction, msg) or raw
+                msg = self._parse(raw, len(msg_fds)) or msg
             try:
+                if msg is not None and self.observer is not None:
+                    self.observer(direction, msg, msg_fds)    # before the receiver acts
                 sent = socket.send_fds(dst, [raw], msg_fds) if msg_fds else dst.send(raw)
                 if sent < len(raw):
                     dst.sendall(raw[sent:])
@@ -199,15 +234,23 @@ class VhostUserRelay:
                 return False
             finally:
                 _close(msg_fds)
-            self._record(direction, raw, len(msg_fds))
+            self._record(direction, raw, len(msg_fds), msg)
         return True
 
-    def _record(self, direction: str, raw: bytes, nfds: int) -> None:
+    @staticmethod
+    def _parse(raw: bytes, nfds: int) -> Message | None:
         try:
-            msg = parse_message(raw, [-1] * nfds, check_fd_count=False)
-        except ProtocolError as err:
-            self.trace.record(direction, str(err.request or "?"), {}, raw, nfds,
-                              connection=self.connections, error=str(err))
+            return parse_message(raw, [-1] * nfds, check_fd_count=False)
+        except ProtocolError:
+            return None
+
+    def _record(self, direction: str, raw: bytes, nfds: int, msg: Message | None) -> None:
+        if msg is None:
+            try:
+                parse_message(raw, [-1] * nfds, check_fd_count=False)
+            except ProtocolError as err:
+                self.trace.record(direction, str(err.request or "?"), {}, raw, nfds,
+                                  connection=self.connections, error=str(err))
             return
         self.trace.record(direction, msg.request.name, msg.fields(), raw, nfds,
                           connection=self.connections)

@@ -68,25 +68,18 @@ from vhostlab.ring.packed_layout import parse_packed_vring_base
 from vhostlab.switchover import SwitchoverRecorder, frames_in_pages
 
 from .channel import VhostUserChannel
-from .dpdk_side import DpdkSide
+from .dpdk_side import BACKENDS, DpdkSide, _ignore_log
 from .frames import GUEST_MAC, RX, TX, FrameLedger, frame_name
 from .guest import (BUF_GPA, BUF_SIZE, RING_GPA, RINGS, RX_QUEUE, TX_QUEUE,
                     BuiltinVirtioNetGuest, GuestDriverError)
-from .vhost_dev import VhostDev
 from .ramcopy import compare_pages, copy_pages, ram_pages
+from .vhost_dev import VhostDev
 from .vhost_ops import VhostOps
 
 __all__ = ["BuiltinMigration", "BuiltinRound",
            "copy_pages", "compare_pages", "ram_pages", "builtin_bands"]
 
 WAIT_TIMEOUT = 10.0
-BACKENDS = ("vhostlab", "dpdk")
-
-
-def _ignore_log(words: np.ndarray) -> np.ndarray:
-    """A log sync that clears the log and reports no page dirty."""
-    words[:] = 0
-    return np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -218,9 +211,9 @@ class BuiltinMigration:
             # what it logged instead (every sync reads and clears, and reports
             # nothing), which loses the same pages.
             self.log_sync = _ignore_log
+        self.switchover = SwitchoverRecorder()   # rings at GET_VRING_BASE / SET_VRING_BASE
         self.src = self._side("source")
         self.dst = self._side("destination")
-        self.switchover = SwitchoverRecorder()   # rings at GET_VRING_BASE / SET_VRING_BASE
         if not self.echo:
             self.switchover.install(self.src.server, "source")
             self.switchover.install(self.dst.server, "destination")
@@ -235,7 +228,7 @@ class BuiltinMigration:
 
     def _side(self, name: str) -> _Side:
         if self.echo:
-            return _Side(name, DpdkSide(name), None)
+            return _Side(name, DpdkSide(name, self.switchover), None)
         wire = CaptureWire()
         server = BackendServer(None, wire=wire, break_logging=self.break_logging,
                                handlers=self.backend_handlers)

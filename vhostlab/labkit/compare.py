@@ -27,11 +27,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from vhostlab.frontend.dpdk_side import BACKENDS
 from vhostlab.protocol import TO_BACKEND, Feature, ProtocolFeature, feature_names
 
 __all__ = ["BackendAnswers", "BackendComparison", "compare_backends", "BACKENDS"]
 
-BACKENDS = ("vhostlab", "dpdk")
 
 
 @dataclass

@@ -54,8 +54,10 @@ class Frontend(Protocol):
     def logging_stop(self, device: LabDevice) -> None:
         """Make the front-end run ``vhost_log_global_stop`` on ``device``."""
 
-    def new_migration(self, break_logging: bool, skip_final_sync: bool) -> Any:
-        """A live migration not yet started (``run()`` runs it; see LabMigration)."""
+    def new_migration(self, break_logging: bool, skip_final_sync: bool,
+                      backend: str = "vhostlab") -> Any:
+        """A live migration not yet started (``run()`` runs it; see LabMigration),
+        between two back-ends of kind ``backend`` ("vhostlab" or "dpdk")."""
 
     def migration_summary(self, result: Any) -> dict:
         """The JSON summary of what the migration's ``run()`` returned."""
@@ -117,7 +119,11 @@ class QemuFrontend:
         wait_until(lambda: qmp.query_migrate().get("status")
                    in ("cancelled", "completed", "failed"), 10.0, 0.05)
 
-    def new_migration(self, break_logging: bool, skip_final_sync: bool) -> Any:
+    def new_migration(self, break_logging: bool, skip_final_sync: bool,
+                      backend: str = "vhostlab") -> Any:
+        if backend != "vhostlab":
+            raise LabSetupError(f"a real QEMU migrating between {backend} back-ends is not "
+                                "available yet; use VHOSTLAB_FRONTEND=builtin")
         from vhostlab.qemu.migration import MigrationConfig, QemuMigration
         config = MigrationConfig(ram_size=RAM_SIZE, break_logging=break_logging,
                                  rx_at_stop=RX_AT_STOP, skip_final_sync=skip_final_sync)
@@ -191,10 +197,11 @@ class BuiltinFrontend:
     def logging_stop(self, device: LabDevice) -> None:
         device.vhost_dev.vhost_log_global_stop()
 
-    def new_migration(self, break_logging: bool, skip_final_sync: bool) -> Any:
+    def new_migration(self, break_logging: bool, skip_final_sync: bool,
+                      backend: str = "vhostlab") -> Any:
         from vhostlab.frontend import BuiltinMigration
         return BuiltinMigration(ram_size=RAM_SIZE, break_logging=break_logging,
-                                skip_final_sync=skip_final_sync)
+                                skip_final_sync=skip_final_sync, backend=backend)
 
     def migration_summary(self, result: Any) -> dict:
         return result

@@ -1,7 +1,8 @@
 """The labs' registry: which front-end a lab uses, what it started, and cleaning up after.
 
 ``open_lab(name)`` makes a :class:`Lab`: the front-end chosen (doctor's rule,
-or VHOSTLAB_FRONTEND), a private 0700 directory, and a list of everything
+or VHOSTLAB_FRONTEND), the back-end (vhostlab's own, or DPDK's with
+VHOSTLAB_BACKEND=dpdk), a private 0700 directory, and a list of everything
 started through it. ``lab.close()`` stops that list newest first; it also
 runs at ``atexit``, and opening a lab closes the ones opened before it.
 """
@@ -17,16 +18,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vhostlab import doctor
+from vhostlab.frontend.dpdk_side import BACKENDS
 
 from .base import RAM_SIZE, LabSetupError, child_processes, wait_until
 from .device import LabDevice, LabMigration
 from .fixtures import OpReference, TxRing
 from .frontends import Frontend, frontend_named
 
-__all__ = ["FRONTENDS", "Lab", "choose_frontend", "open_lab"]
+__all__ = ["FRONTENDS", "BACKENDS", "Lab", "choose_frontend", "choose_backend", "open_lab"]
 
 #: The values VHOSTLAB_FRONTEND may take.
 FRONTENDS = ("auto", "qemu", "builtin")
+#: The values VHOSTLAB_BACKEND may take (whose vhost-user back-end the lab drives):
+#: BACKENDS, from vhostlab.frontend.dpdk_side.
 #: Process-wide helper threads that rightly outlive a lab: the QEMU launcher
 #: forks every QEMU from one sleeping thread, so that PR_SET_PDEATHSIG ties
 #: each QEMU to this process (the kernel ties that signal to the forking thread).
@@ -52,6 +56,24 @@ def choose_frontend() -> str:
     return doctor.choose_frontend(qemu)
 
 
+def choose_backend(backend: str | None = None) -> str:
+    """``"vhostlab"`` (the default) or ``"dpdk"``: whose back-end the lab's cells drive.
+
+    ``backend`` (from ``open_lab``) wins over VHOSTLAB_BACKEND. Raises
+    LabSetupError for an unknown name, or for ``dpdk`` where testpmd is missing.
+    """
+    chosen = backend or os.environ.get("VHOSTLAB_BACKEND") or "vhostlab"
+    if chosen not in BACKENDS:
+        raise LabSetupError(f"backend={chosen!r}: expected one of {', '.join(BACKENDS)} "
+                            "(VHOSTLAB_BACKEND or open_lab(..., backend=...))")
+    if chosen == "dpdk":
+        from vhostlab.backend.dpdk import dpdk_usable
+        usable, why = dpdk_usable()
+        if not usable:
+            raise LabSetupError(f"backend 'dpdk': {why} (or unset VHOSTLAB_BACKEND)")
+    return chosen
+
+
 @dataclass
 class _OwnedThing:
     label: str
@@ -65,13 +87,15 @@ class Lab:
 
     ``name``: the notebook; ``frontend``: ``"qemu"`` or ``"builtin"``;
     ``qemu``: doctor's QEMU info or None; ``workdir``: a private 0700
-    directory for sockets, removed by ``close()``.
+    directory for sockets, removed by ``close()``; ``backend``:
+    ``"vhostlab"`` or ``"dpdk"`` (what ``start_backend`` starts).
     """
 
     name: str
     frontend: str
     qemu: dict | None
     workdir: str
+    backend: str = "vhostlab"
     _threads_before: set = field(default_factory=set)
     _owned: list = field(default_factory=list)
     _closed: bool = False
@@ -137,11 +161,21 @@ class Lab:
 
     # -- what the cells start ----------------------------------------------------
     def start_backend(self, *, break_logging: bool = False, queue_pairs: int = 1):
-        """Start a vhost-user-net back-end (``BackendServer``) in a thread of this kernel.
+        """Start a vhost-user-net back-end: the lab's (see ``backend``).
 
-        The frames the guest transmits are kept on its wire
-        (``backend.wire.captured``). ``break_logging``: skip dirty logging.
+        ``vhostlab``: a ``BackendServer`` in a thread of this kernel; ``dpdk``:
+        testpmd's vhost port behind a recording relay
+        (``vhostlab.labkit.dpdk.DpdkLabBackend``). Either way the frames the
+        guest transmits are kept on its wire (``backend.wire.captured``) and
+        ``backend.inject(frames)`` sends frames to the guest.
+        ``break_logging``: the back-end does not log (vhostlab's skips it;
+        DPDK is never asked to: the relay drops VHOST_F_LOG_ALL).
         """
+        if self.backend == "dpdk":
+            from .dpdk import DpdkLabBackend
+            label = self._label("dpdk")
+            dpdk = DpdkLabBackend(self.path(f"{label}.sock"), break_logging=break_logging)
+            return self.own(dpdk, dpdk.stop, label, alive=lambda: dpdk.running)
         from vhostlab.backend import BackendServer
         from vhostlab.frontend import CaptureWire
         label = self._label("backend")
@@ -193,7 +227,7 @@ class Lab:
                   skip_final_sync: bool = False) -> LabMigration:
         """A live migration by the lab's front-end (call ``start()``); see LabMigration."""
         label = self._label("migration")
-        mig = LabMigration(self._frontend(), break_logging, skip_final_sync)
+        mig = LabMigration(self._frontend(), break_logging, skip_final_sync, self.backend)
         return self.own(mig, mig.close, label, alive=mig.running)
 
     def new_log(self, memory):
@@ -243,7 +277,9 @@ class Lab:
         forced = os.environ.get("VHOSTLAB_FRONTEND") or "auto"
         who = self._frontend().who(self.qemu)
         why = "chosen automatically" if forced == "auto" else f"forced by VHOSTLAB_FRONTEND={forced}"
-        return f"Lab {self.name}: QEMU's part is played by {who}, {why}."
+        backend = ("the back-end is DPDK's (dpdk-testpmd's vhost port, behind a recording relay)"
+                   if self.backend == "dpdk" else "the back-end is vhostlab's")
+        return f"Lab {self.name}: QEMU's part is played by {who}, {why}; {backend}."
 
     def _repr_html_(self) -> str:
         return f"<p><b>vhostlab</b>: {html.escape(self.describe())}</p>"
@@ -264,19 +300,23 @@ def _is_kernel_thread(t: threading.Thread) -> bool:
 _OPEN: dict[str, Lab] = {}
 
 
-def open_lab(name: str) -> Lab:
-    """Start a notebook's lab: choose the front-end, make a private 0700 directory.
+def open_lab(name: str, backend: str | None = None) -> Lab:
+    """Start a notebook's lab: choose the front-end and the back-end, make a
+    private 0700 directory.
 
-    Opening a lab closes every lab opened before it in this process, so the
-    first cell can be run again safely. Raises LabSetupError (see
-    :func:`choose_frontend`).
+    ``backend``: ``"vhostlab"`` or ``"dpdk"`` (default: VHOSTLAB_BACKEND, else
+    vhostlab). Opening a lab closes every lab opened before it in this
+    process, so the first cell can be run again safely. Raises LabSetupError
+    (see :func:`choose_frontend`, :func:`choose_backend`).
     """
     for old in list(_OPEN.values()):
         old.close()
     _OPEN.clear()
     frontend = choose_frontend()
+    chosen_backend = choose_backend(backend)
     workdir = tempfile.mkdtemp(prefix=f"vhostlab-{name}-")   # mode 0700
     lab = Lab(name=name, frontend=frontend, qemu=doctor.qemu_info(), workdir=workdir,
+              backend=chosen_backend,
               _threads_before={t.ident for t in threading.enumerate()})
     _OPEN[name] = lab
     return lab

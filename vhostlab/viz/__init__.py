@@ -52,6 +52,7 @@ from .opstable import VhostOpsTableView
 from .png import decode_png, figure_png, rgb_png
 from .timeline import MigrationTimelineView, round_numbers
 from .trace import TraceView, trace_records
+from .packed import PackedRingSnapshot, PackedVirtqueueView, packed_ring_copy
 from .virtqueue import RingSnapshot, VirtqueueView, descriptor_states, ring_snapshot
 from .widgets import LiveView, RoundSlider, Stepper, WidgetView, progress, watch_migration
 
@@ -69,7 +70,7 @@ __all__ = [
     "Stepper",
     "TraceView",
     "VhostOpsTableView",
-    "VirtqueueView",
+    "VirtqueueView", "PackedVirtqueueView", "PackedRingSnapshot", "packed_ring_copy",
     "WidgetView",
     "bitmap_rgb",
     "decode_png",
