@@ -135,3 +135,13 @@ def test_demo_packed_on_vhostlab_back_ends_runs_or_says_why_not():
         assert out.returncode == 2
         assert "does not offer VIRTIO_F_RING_PACKED" in out.stdout
         assert '"ring": "packed"' in out.stdout
+
+
+def test_narration_decodes_get_vring_base_with_its_wrap_counters():
+    from vhostlab.frontend.demo import format_vring_base
+    assert format_vring_base(64, packed=False) == "num=64: last_avail_idx=64"
+    line = format_vring_base(0x8010, packed=True)
+    assert line.startswith("num=0x8010: last_avail_idx=16 wrap=1, last_used_idx=0 wrap=0")
+    assert "bits 16-31 empty" in line               # DPDK's 16-bit answer, said so
+    assert format_vring_base(0x00058010, packed=True) == (
+        "num=0x58010: last_avail_idx=16 wrap=1, last_used_idx=5 wrap=0")
