@@ -27,6 +27,9 @@ with traffic and integrity checks (:mod:`.migration`, its data in
     m.progress()                                   # rounds, events, phase
     result = m.wait(60)
     result.summary()["integrity"]                  # "ok"
+
+``MigrationConfig(backend="dpdk")`` migrates between two DPDK back-ends
+instead, each a testpmd behind a recording relay (:mod:`.dpdk_side`).
 """
 from .errors import (
     GuestDriverError,
@@ -84,6 +87,7 @@ from .qmp import QMP, QmpEvent
 from .qtest import QTest, QTestServer
 from .traffic import FROM_GUEST, TO_GUEST, CaptureWire, FrameLedger, GuestDirtier, frame_tag
 from .verify import VerifyReport, check_handoff, verify_destination
+from .dpdk_side import DpdkHost, QemuDpdkMigration, RelayObserver
 
 __all__ = [
     # launcher
@@ -103,6 +107,8 @@ __all__ = [
     "MigrationConfig", "QemuMigration", "MigrationResult", "MigrationProgress",
     "ProgressEvent", "PrecopyRound", "MigrationFailedError", "migrate",
     "VerifyReport", "verify_destination", "check_handoff",
+    # QEMU with DPDK back-ends
+    "DpdkHost", "QemuDpdkMigration", "RelayObserver",
     # errors
     "QemuError", "QemuNotFoundError", "QemuStartError", "QemuExitedError",
     "QTestError", "QTestConnectionError", "QmpError", "QmpCommandError",

@@ -2,6 +2,8 @@
 
 Two QEMUs, each with its own vhostlab back-end (in this process), migrate a
 guest whose virtio-net driver runs over qtest, with frames flowing both ways.
+With ``--backend dpdk`` each QEMU has its own DPDK back-end (testpmd) behind a
+recording relay, and the messages quoted are the relay's (.dpdk_side).
 The narration follows the seed document's section 2 as it happens and quotes
 the messages exactly as the source back-end received them (its trace,
 decoded by the protocol layer). "->" is QEMU to back-end, "<-" the reply.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import time
+from dataclasses import replace
 from typing import Callable
 
 from vhostlab.frontend.demo import SEED_STEPS  # the seed's own words, one copy
@@ -61,6 +64,8 @@ class _QemuNarrator:
         self.narrated: set[tuple[str, int]] = set()    # (who, seq) of the lines printed
         self.active_rounds = 0
         self.stop_explained = False
+        self.logged = ("the relay saw DPDK's marks on" if config.backend == "dpdk"
+                       else "the back-end had logged")
 
     def seed_step(self, n: int, note: str = "") -> None:
         if self.step >= n:
@@ -170,7 +175,7 @@ class _QemuNarrator:
         self.active_rounds += 1
         self.out(f"  dirty sync {s.dirty_sync_count} at {s.time:.2f} s: "
                  f"{s.transferred / MiB:.1f} MiB sent, {s.remaining / MiB:.2f} MiB to go; "
-                 f"the back-end had logged {s.pages_logged} pages "
+                 f"{self.logged} {s.pages_logged} pages "
                  f"({s.rx_frames} RX / {s.tx_frames} TX frames, guest wrote "
                  f"{s.guest_bytes_written / MiB:.1f} MiB)")
 
@@ -253,7 +258,7 @@ def _run(config: MigrationConfig, narrator: _QemuNarrator):
 
 def _failure_summary(config: MigrationConfig, error: str) -> dict:
     zero = {"sent": 0, "delivered": 0, "lost": 0, "corrupted": 0, "duplicated": 0}
-    return {"frontend": "qemu", "qemu_version": None,
+    return {"frontend": "qemu", "backend": config.backend, "qemu_version": None,
             "migration": {"status": "failed", "rounds": 0, "error": error},
             "vhost_log": {"pages_logged": 0, "syncs": 0}, "frames": dict(zero),
             "frames_by_direction": {"to_guest": dict(zero), "from_guest": dict(zero)},
@@ -264,27 +269,43 @@ def _failure_summary(config: MigrationConfig, error: str) -> dict:
 
 def run_demo(as_json: bool = False, break_logging: bool = False,
              out: Callable[[str], None] = print,
-             config: MigrationConfig | None = None) -> tuple[dict, int]:
+             config: MigrationConfig | None = None,
+             backend: str | None = None) -> tuple[dict, int]:
     """Migrate between two real QEMUs, narrating through ``out``; return (summary, exit code).
 
     Exit code 0 when every frame survived the migration intact, 3 when not
     (``break_logging`` must produce 3: the source back-end skips dirty
-    logging), 2 when QEMU is missing or the migration could not be done.
-    With ``as_json`` only the closing lines are narrated (the caller prints
-    the summary).
+    logging; with DPDK the relay hides VHOST_F_LOG_ALL from it), 2 when QEMU
+    (or DPDK) is missing or the migration could not be done. ``backend``:
+    "vhostlab" or "dpdk" (default: the config's). With ``as_json`` only the
+    closing lines are narrated (the caller prints the summary).
     """
     config = config or MigrationConfig(break_logging=break_logging)
-    if config.break_logging != break_logging:
-        config = MigrationConfig(**{**config.__dict__, "break_logging": break_logging})
+    config = replace(config, break_logging=break_logging,
+                     backend=backend or config.backend)
     try:
         info = require_qemu(config.qemu)
+        if config.backend == "dpdk":
+            from vhostlab.backend.dpdk import dpdk_usable
+            usable, why = dpdk_usable()
+            if not usable:
+                raise QemuError(f"DPDK: {why}")
     except QemuError as exc:
         out(f"cannot run the QEMU demo: {exc}")
         return _failure_summary(config, str(exc)), EXIT_SETUP
     say = (lambda text: None) if as_json else out
-    say(f"Two QEMU {info.version_string} (TCG, no guest OS: this process drives the guest's "
-        "virtio-net over qtest), each with its own vhostlab back-end in this process."
-        + (" The source back-end is told to skip dirty logging." if break_logging else ""))
+    if config.backend == "dpdk":
+        say(f"Two QEMU {info.version_string} (TCG, no guest OS: this process drives the "
+            "guest's virtio-net over qtest), each with its own DPDK vhost back-end "
+            "(dpdk-testpmd, net_vhost0, sending every frame back to the guest) behind a "
+            "relay in this process that records every message."
+            + (" The source relay removes VHOST_F_LOG_ALL from SET_FEATURES, so DPDK never "
+               "logs." if break_logging else ""))
+    else:
+        say(f"Two QEMU {info.version_string} (TCG, no guest OS: this process drives the "
+            "guest's virtio-net over qtest), each with its own vhostlab back-end in this "
+            "process." + (" The source back-end is told to skip dirty logging."
+                          if break_logging else ""))
     result = _run(config, _QemuNarrator(say, config, info.version))
     summary = result.summary()
     if result.error is not None or result.status != "completed":
@@ -299,15 +320,24 @@ def _report(summary: dict, out: Callable[[str], None]) -> None:
     log = summary["vhost_log"]
     res = summary["resources"]
     out("")
+    dpdk = summary.get("backend") == "dpdk"
+    marked = ("pages seen marked in the shared log (read through the relay)" if dpdk
+              else "pages marked by the back-end")
+    broken = (" (VHOST_F_LOG_ALL hidden from DPDK)" if dpdk else " (told to skip dirty logging)")
     out(f"migration {summary['migration']['status']}: dirty-sync-count "
         f"{summary['dirty_sync_count']}, total {summary['total_time_ms']} ms, downtime "
-        f"{summary['downtime_ms']} ms; vhost log: {log['pages_logged']} pages marked by the "
-        "back-end" + (" (told to skip dirty logging)" if summary["break_logging"] else ""))
+        f"{summary['downtime_ms']} ms; vhost log: {log['pages_logged']} {marked}"
+        + (broken if summary["break_logging"] else ""))
     for name, d in summary["frames_by_direction"].items():
         out(f"frames {name.replace('_', ' ')}: sent {d['sent']}, delivered {d['delivered']}, "
             f"lost {d['lost']}, corrupted {d['corrupted']}, duplicated {d['duplicated']}")
     out(f"peak memory: QEMUs {sum(res['qemu_peak_rss_bytes'].values()) / MiB:.0f} MiB + "
         f"this process {res['python_peak_rss_bytes'] / MiB:.0f} MiB")
+    for side, t in summary.get("dpdk_totals", {}).items():
+        out(f"testpmd ({side}): {t['rx_packets']} frames taken from the guest, "
+            f"{t['tx_packets']} written back, {t['tx_dropped']} dropped")
+    for what, why in summary.get("unavailable", {}).items():
+        out(f"not available with DPDK: {what}: {why}")
     for note in summary["notes"]:
         out(f"note: {note}")
     out(f"integrity: {summary['integrity']}")

@@ -263,9 +263,20 @@ class VhostUserHost:
         """The back-end's counters (frames, bytes, pages logged, messages, errors)."""
         return dict(self.server.snapshot(trace=False).counters)
 
-    def trace(self) -> tuple[TraceRecord, ...]:
-        """Every message the back-end saw and sent (its bounded trace)."""
-        return self.server.trace.records()
+    def trace(self, since: int = 0) -> tuple[TraceRecord, ...]:
+        """Every message the back-end saw and sent (its bounded trace), after seq ``since``."""
+        return self.server.trace.records(since=since)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether there is a back-end whose trace :meth:`trace` reads."""
+        return self._own.server is not None
+
+    def wait_started(self, timeout: float) -> bool:
+        """Wait until the back-end runs every ring (RESUME can come before the
+        destination's vhost_dev_start has finished); False if it did not in time."""
+        return self.server.wait_for(lambda s: bool(s.vrings) and all(v.started for v in s.vrings),
+                                    timeout)
 
     def qemu_peak_rss(self) -> int:
         """QEMU's peak resident set in bytes (remembered after it stopped)."""

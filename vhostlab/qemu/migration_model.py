@@ -18,8 +18,12 @@ from .rounds import PrecopyRound
 from .traffic import FROM_GUEST, TO_GUEST
 from .verify import VerifyReport
 
-__all__ = ["MigrationConfig", "ProgressEvent", "MigrationProgress", "MigrationResult",
+__all__ = ["BACKENDS", "MigrationConfig", "ProgressEvent", "MigrationProgress", "MigrationResult",
            "MigrationFailedError"]
+
+
+#: Whose back-ends serve the two hosts.
+BACKENDS = ("vhostlab", "dpdk")
 
 
 class MigrationFailedError(QemuError):
@@ -43,6 +47,10 @@ class MigrationConfig:
     ``source_handlers``: request -> handler entries the source back-end uses
     instead of its own (``BackendServer(handlers=...)``), e.g. an exercise's
     SET_LOG_BASE.
+    ``backend``: "vhostlab" (the kit's back-ends, in this process) or "dpdk"
+    (DPDK's, each a testpmd behind a recording relay: :mod:`.dpdk_side`;
+    ``rx_at_stop``, ``skip_final_sync`` and ``source_handlers`` act inside
+    the kit's back-end and are refused there).
     """
 
     ram_size: int = DEFAULT_RAM_SIZE
@@ -64,6 +72,17 @@ class MigrationConfig:
     qemu: str | None = None
     destination_uri: str | None = None
     source_handlers: Mapping | None = None
+    backend: str = "vhostlab"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        inside = [name for name, on in (("rx_at_stop", self.rx_at_stop),
+                                        ("skip_final_sync", self.skip_final_sync),
+                                        ("source_handlers", self.source_handlers)) if on]
+        if self.backend == "dpdk" and inside:
+            raise ValueError(f"{', '.join(inside)} act inside vhostlab's back-end; "
+                             "DPDK's cannot take them (backend='dpdk')")
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,17 @@ class MigrationResult:
     wall_time: float = 0.0
     error: str | None = None
     notes: list = field(default_factory=list)
+    # With DPDK: what the kit cannot read from a back-end it did not write
+    # (name -> why), and testpmd's own totals per side, read as it stopped.
+    unavailable: dict = field(default_factory=dict)
+    dpdk_totals: dict = field(default_factory=dict)
+
+    @property
+    def _checked(self) -> tuple[dict, ...]:
+        # With DPDK every frame is a guest TX frame that testpmd sends back.
+        if self.config.backend == "dpdk":
+            return (self.from_guest,)
+        return (self.to_guest, self.from_guest)
 
     @property
     def dirty_sync_count(self) -> int:
@@ -119,7 +149,7 @@ class MigrationResult:
     def integrity_ok(self) -> bool:
         """Completed, nothing lost, corrupted or duplicated, ring positions handed over."""
         ok_frames = all(d.get("sent", 0) and not (d["lost"] or d["corrupted"] or d["duplicated"])
-                        for d in (self.to_guest, self.from_guest))
+                        for d in self._checked)
         return (self.status == "completed" and self.error is None and ok_frames
                 and self.verify is not None and self.verify.ok)
 
@@ -139,6 +169,7 @@ class MigrationResult:
         completed = self.status == "completed"
         return {
             "frontend": "qemu",
+            "backend": self.config.backend,
             "qemu_version": self.qemu_version,
             "migration": {"status": self.status, "rounds": len(self.rounds),
                           "max_bandwidth": self.config.max_bandwidth,
@@ -166,4 +197,6 @@ class MigrationResult:
             "notes": list(self.notes),
             "resources": dict(self.resources),
             "wall_time_s": round(self.wall_time, 3),
+            **({"unavailable": dict(self.unavailable), "dpdk_totals": dict(self.dpdk_totals)}
+               if self.config.backend == "dpdk" else {}),
         }

@@ -266,14 +266,21 @@ def qemu_bands(guest) -> tuple[GuestBand, ...]:
                  for what, gpa, size in guest.allocator.allocations)
 
 
+def _read_ram(side, gpa: int, n: int) -> bytes:
+    read = getattr(side, "read_ram", None)
+    if read is not None:
+        return read(gpa, n)
+    with side.lock:
+        return side.device.memory.read(gpa, n)
+
+
 def mismatched_pages(src_server, dst_server, first_page: int, end_page: int) -> np.ndarray:
     """Pages in [first_page, end_page) whose bytes differ between the two back-ends'
-    mappings of guest RAM (source and destination)."""
+    mappings of guest RAM (source and destination): each a BackendServer, or
+    anything with ``read_ram(gpa, n)`` (a relay's mapping of DPDK's memory table)."""
     gpa, n = first_page * TARGET_PAGE_SIZE, (end_page - first_page) * TARGET_PAGE_SIZE
-    with src_server.lock:
-        a = np.frombuffer(src_server.device.memory.read(gpa, n), np.uint8)
-    with dst_server.lock:
-        b = np.frombuffer(dst_server.device.memory.read(gpa, n), np.uint8)
+    a = np.frombuffer(_read_ram(src_server, gpa, n), np.uint8)
+    b = np.frombuffer(_read_ram(dst_server, gpa, n), np.uint8)
     differ = (a.reshape(-1, TARGET_PAGE_SIZE) != b.reshape(-1, TARGET_PAGE_SIZE)).any(axis=1)
     return np.flatnonzero(differ) + first_page
 
