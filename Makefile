@@ -8,6 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 dpdk dpdk-dev chromium
+# The local JupyterHub check's proxy, from the npm registry, into .hub/ (not global).
+CHP := configurable-http-proxy@5.3.0
+HUB_PROXY := .hub/node_modules/.bin/configurable-http-proxy
 
 # Other QEMU releases, each from its Debian release, for `make test-qemu-releases`:
 # bullseye 5.2 and trixie 10.0 around the installed bookworm 7.2 (Binder's
@@ -16,7 +19,7 @@ QEMU_RELEASES := bullseye trixie
 
 .PHONY: install system-packages demo test test-qemu-releases lab bench soak doctor clean
 
-install: system-packages $(STAMP)
+install: system-packages $(STAMP) $(HUB_PROXY)
 
 # QEMU and DPDK are the real peers the tests and labs drive; Debian's chromium
 # is the browser the browser test drives (playwright, no browser download).
@@ -36,9 +39,17 @@ system-packages:
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,nbgrader]'
+	$(BIN)/python -m pip install -q -e '.[test,nbgrader,hub]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
+
+# Needs Node.js and npm (Debian: apt-get install nodejs npm); without them the hub test skips.
+$(HUB_PROXY):
+	@if command -v npm >/dev/null 2>&1; then \
+	    npm install --prefix .hub --no-audit --no-fund --loglevel=error $(CHP); \
+	else \
+	    echo "npm is missing: the JupyterHub test skips (apt-get install nodejs npm)"; \
+	fi
 
 demo: install
 	$(BIN)/vhostlab demo
@@ -72,5 +83,5 @@ doctor: install
 	$(BIN)/vhostlab doctor
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .hub
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
