@@ -81,7 +81,6 @@ UNAVAILABLE = {
     "pages_logged_by_backend": "DPDK keeps no count of its log marks; pages_logged is the "
                                "pages the relay saw marked in the shared log (a lower bound)",
     "rx_at_stop": "frames written as the rings stop need the kit's back-end (StopWindow)",
-    "skip_final_sync": "discarding marks as the rings stop needs the kit's back-end",
 }
 
 
@@ -102,8 +101,10 @@ class RelayObserver:
     there (the relay must go on).
     """
 
-    def __init__(self, drop_log_all: bool = False) -> None:
+    def __init__(self, drop_log_all: bool = False, discard_at_stop: bool = False) -> None:
         self.drop_log_all = drop_log_all
+        self.discard_at_stop = discard_at_stop
+        self.discarded: set[int] = set()
         self.log: DirtyLog | None = None
         self.memory: GuestMemory | None = None
         self.log_at_stop: bytes | None = None
@@ -125,6 +126,11 @@ class RelayObserver:
             if request == Request.GET_VRING_BASE:
                 with self._lock:
                     if self.log is not None:
+                        # skip_final_sync, emulated as StopWindow does on the kit's
+                        # back-end: DPDK's ring has stopped, QEMU has not got the reply
+                        # yet; its marks are taken out of the log and thrown away.
+                        if self.discard_at_stop:
+                            self.discarded.update(int(p) for p in self.log.sync())
                         self.log_at_stop = self.log.snapshot().tobytes()
         elif request == Request.SET_LOG_BASE and fds:
             area = msg.payload
@@ -181,8 +187,8 @@ class _ObservedDpdkSide(DpdkSide):
     """A DpdkSide whose relay reports to a :class:`RelayObserver` (and lets it
     rewrite); testpmd's totals stay in ``totals`` after :meth:`stop`."""
 
-    def __init__(self, name: str, watch: RelayObserver) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, watch: RelayObserver, switchover=None) -> None:
+        super().__init__(name, switchover)
         self.watch = watch
         self.read_ram = watch.read_ram
         self.totals = None
@@ -191,12 +197,21 @@ class _ObservedDpdkSide(DpdkSide):
         try:
             self.dpdk = DpdkVhostBackend(os.path.join(self.workdir, "dpdk.sock"))
             self.relay = VhostUserRelay(self.socket_path, self.dpdk.socket_path, self.trace,
-                                        observer=self.watch,
+                                        observer=self._observe,
                                         rewrite=self.watch.rewrite).start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _observe(self, direction: str, msg: Message, fds: list) -> None:
+        """The switch-over pictures (DpdkSide's observer), then the RelayObserver;
+        a picture that fails never stops the traffic."""
+        try:
+            self.observer(direction, msg, fds)
+        except Exception as exc:
+            self.watch.errors.append(f"{msg.request.name}: switch-over picture: {exc}")
+        self.watch(direction, msg, fds)
 
     def stop(self) -> None:
         dpdk = self.dpdk
@@ -216,9 +231,12 @@ class DpdkHost(VhostUserHost):
     the relay hides VHOST_F_LOG_ALL from DPDK.
     """
 
-    def __init__(self, name: str, **kwargs) -> None:
+    def __init__(self, name: str, *, switchover=None, discard_at_stop: bool = False,
+                 **kwargs) -> None:
         super().__init__(name, **kwargs)
-        self.observer = RelayObserver(drop_log_all=self.break_logging)
+        self.observer = RelayObserver(drop_log_all=self.break_logging,
+                                      discard_at_stop=discard_at_stop)
+        self.switchover = switchover
         self.totals = None
 
     @property
@@ -229,7 +247,8 @@ class DpdkHost(VhostUserHost):
         ok, why = dpdk_usable()
         if not ok:
             raise DpdkNotUsableError(why)
-        self._own.server = _ObservedDpdkSide(self.name, self.observer).start()
+        self._own.server = _ObservedDpdkSide(self.name, self.observer,
+                                             self.switchover).start()
         return self._own.server
 
     def counters(self) -> dict:
@@ -272,10 +291,12 @@ class QemuDpdkMigration(QemuMigration):
                                     "relay) and two QEMUs")
         self.result.unavailable = dict(UNAVAILABLE)
         self.src = DpdkHost("source", ram_size=c.ram_size, break_logging=c.break_logging,
-                            qemu=c.qemu).start()
+                            qemu=c.qemu, switchover=self.switchover,
+                            discard_at_stop=c.skip_final_sync).start()
+        self.stop_window.discarded = self.src.observer.discarded   # the same set
         self.result.qemu_version = self.src.qemu.info.version_string
         self.dst = DpdkHost("destination", ram_size=c.ram_size, incoming=True,
-                            qemu=c.qemu).start()
+                            qemu=c.qemu, switchover=self.switchover).start()
         guest = self.src.init_guest()
         guest.qtest.on_write = self.guest_writes.record
         self.dirtier = GuestDirtier(guest, c.working_set, c.dirty_rate)

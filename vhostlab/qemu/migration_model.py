@@ -78,7 +78,6 @@ class MigrationConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
         inside = [name for name, on in (("rx_at_stop", self.rx_at_stop),
-                                        ("skip_final_sync", self.skip_final_sync),
                                         ("source_handlers", self.source_handlers)) if on]
         if self.backend == "dpdk" and inside:
             raise ValueError(f"{', '.join(inside)} act inside vhostlab's back-end; "
