@@ -48,9 +48,11 @@ def _eal(prefix: str, main_lcore: int, vdev: str) -> list[str]:
 
 
 def virtio_user_cmd(testpmd: str, sock: str, prefix: str, forward: str = "txonly",
-                    extra: tuple[str, ...] = ()) -> list[str]:
-    """testpmd with a virtio-user port connecting to a back-end listening at `sock`."""
-    return [testpmd, *_eal(prefix, 1, f"net_virtio_user0,path={sock},queues=1"), "--",
+                    extra: tuple[str, ...] = (), packed: bool = False) -> list[str]:
+    """testpmd with a virtio-user port connecting to a back-end listening at `sock`
+    (with ``packed``: packed virtqueues, virtio-user's ``packed_vq=1``)."""
+    vdev = f"net_virtio_user0,path={sock},queues=1" + (",packed_vq=1" if packed else "")
+    return [testpmd, *_eal(prefix, 1, vdev), "--",
             f"--forward-mode={forward}", "--nb-cores=1", "--total-num-mbufs=16384",
             "--stats-period", "1", *extra]
 

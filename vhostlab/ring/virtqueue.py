@@ -64,6 +64,7 @@ class Virtqueue:
     """The device-side state and operations of one split virtqueue."""
 
     # What a ring format brings (packed_virtqueue.PackedVirtqueue brings its own).
+    ring_format = "split"
     state_dtype = VRING_STATE_DTYPE
     _kernels = _IMPLS
     _map_ring = staticmethod(map_ring_py)
