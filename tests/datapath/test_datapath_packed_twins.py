@@ -4,16 +4,12 @@ valid and hostile: same status, same frame count, same arena, same guest memory
 counters included), same dirty-log bits."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from test_datapath_support import memfd_with
-from test_datapath_twins import REGION_A, REGION_B, TABLES, addresses, lengths
-from vhostlab.memory import GuestMemory, GuestMemoryRegion
+from test_datapath_twins import (REGION_A, REGION_B, TABLES, _outcome, addresses, lengths,
+                                 memory)  # noqa: F401 (memory: a fixture)
 from vhostlab.ring import (vring_packed_rx_burst, vring_packed_rx_burst_py,
                            vring_packed_tx_burst, vring_packed_tx_burst_py)
 from vhostlab.ring.packed_layout import VRING_PACKED_STATE_DTYPE
@@ -24,18 +20,6 @@ BUFFERS = 0x3000
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
-
-
-@pytest.fixture(scope="module")
-def memory():
-    fds = [memfd_with(REGION_A[1]), memfd_with(REGION_B[1])]
-    mem = GuestMemory.from_table([
-        (GuestMemoryRegion(REGION_A[0], REGION_A[1], 0x7F00_0000_0000, 0), fds[0]),
-        (GuestMemoryRegion(REGION_B[0], REGION_B[1], 0x7F10_0000_0000, 0), fds[1])])
-    for fd in fds:
-        os.close(fd)
-    yield mem
-    mem.close()
 
 
 def _avail(wrap: int) -> int:
@@ -172,14 +156,6 @@ def _prepare(memory, s):
         return (host, table, state, log, arena, offsets, lengths_, len(frames), s["hdr_len"],
                 s["mrg"])
     return (host, table, state, log, arena, offsets, lengths_, s["hdr_len"], s["max_frames"])
-
-
-def _outcome(memory, args, result):
-    state, log, arena, offsets, lengths_ = args[2], args[3], args[4], args[5], args[6]
-    return {"result": tuple(int(x) for x in result), "state": state.copy(),
-            "log": log.copy(), "arena": arena.copy(), "offsets": offsets.copy(),
-            "lengths": lengths_.copy(),
-            "memory": memory.read(REGION_A[0], REGION_A[1]) + memory.read(*REGION_B)}
 
 
 def _run_both(memory, s, kernel, twin):
