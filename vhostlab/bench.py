@@ -4,7 +4,9 @@ In-process microbenchmarks: a ring of 256 descriptors in memfd-backed guest
 memory, recycled by bumping avail->idx before each burst, with the kernels
 called directly (no wrapper), for TX and RX, 64- and 1500-byte frames, bursts
 of 32 and 256, dirty logging off and on (the log then covers all memory and
-VHOST_VRING_F_LOG is set). Rates are per second of this thread's CPU time,
+VHOST_VRING_F_LOG is set). The same cases run on a packed ring (``ring``:
+"packed"), recycled by making the burst's descriptors available again in the
+device's lap (that cost, like the bump's, is measured alone and subtracted). Rates are per second of this thread's CPU time,
 best of five runs, so that other processes sharing the machine do not count.
 Two start-up numbers come from fresh processes: ``compile_s``, the first call
 of every kernel with an empty numba cache, and ``warm_start_s``, import plus
@@ -87,6 +89,59 @@ class _Setup:
         self.memory.close()
 
 
+class _PackedSetup(_Setup):
+    """The same case on a packed ring: one single-descriptor chain per slot
+    (id = slot), the driver and device areas after the descriptor ring."""
+
+    def __init__(self, name: str, frame_bytes: int, burst: int, log: bool) -> None:
+        from .dirtylog import DirtyLog
+        from .memory import GuestMemory
+        from .ring import FrameArena, PackedVirtqueue
+        from .ring.packed_layout import VRING_PACKED_DESC_DTYPE, packed_avail_flags
+
+        self.memory = GuestMemory.allocate(_RAM, layout="flat")
+        tx = name == "tx"
+        slots = np.arange(_NUM)
+        self.fresh = []                 # the ring made available, in lap 0 and lap 1
+        for wrap in (0, 1):
+            ring = np.zeros(_NUM, VRING_PACKED_DESC_DTYPE)
+            ring["addr"] = _BUF_GPA + slots * _BUF_SIZE
+            ring["len"] = _HDR + frame_bytes if tx else _BUF_SIZE
+            ring["id"] = slots
+            ring["flags"] = packed_avail_flags(wrap) | (0 if tx else 2)    # WRITE for RX
+            self.fresh.append(ring)
+        for i in range(_NUM if tx else 0):
+            self.memory.write(_BUF_GPA + i * _BUF_SIZE, bytes(_HDR) + bytes([i & 0xFF])
+                              * frame_bytes)
+        self.descs = self.memory.view(_RING_GPA, 16 * _NUM).view(VRING_PACKED_DESC_DTYPE)
+        self.descs[:] = self.fresh[1]
+        self.vq = PackedVirtqueue(1 if tx else 0, name)
+        self.vq.set_num(_NUM)
+        driver, device = _RING_GPA + 0x2000, _RING_GPA + 0x2004
+        self.vq.set_addr(_RING_GPA, driver, device, device, 1 if log else 0,
+                         memory=self.memory)
+        self.log = DirtyLog.allocate(self.memory) if log else None
+        self.arena = FrameArena(max(1 << 16, burst * (frame_bytes + _HDR)), _NUM)
+        if not tx:
+            self.arena.extend([bytes([k & 0xFF]) * frame_bytes for k in range(burst)])
+        self.burst, self.tx, self.frame_bytes = burst, tx, frame_bytes
+        self.views = None
+
+    def bump(self) -> None:
+        """The guest makes the next ``burst`` slots available again, in the
+        device's lap (the burst divides the ring: no slot range wraps)."""
+        s = self.vq.state[0]
+        pos, wrap = int(s["last_avail_idx"]), int(s["avail_wrap_counter"])
+        self.descs[pos:pos + self.burst] = self.fresh[wrap][pos:pos + self.burst]
+
+    def close(self) -> None:
+        self.descs = self.fresh = None
+        super().close()
+
+
+_SETUPS = {"split": _Setup, "packed": _PackedSetup}
+
+
 def _cpu_seconds(step, count: int) -> float:
     """CPU time this thread spends running ``step()`` ``count`` times."""
     start = time.thread_time_ns()
@@ -122,26 +177,27 @@ def _time_kernel(kernel, setup: _Setup, seconds: float, rounds: int = 5) -> floa
 
 def bench_kernels(quick: bool = False) -> list[dict]:
     """Run every case; returns the ``results`` rows."""
-    from .ring import vring_rx_burst, vring_rx_burst_py, vring_tx_burst, vring_tx_burst_py
+    from .ring import RING_FORMATS
 
-    kernels = {("tx", "numba"): vring_tx_burst, ("tx", "python"): vring_tx_burst_py,
-               ("rx", "numba"): vring_rx_burst, ("rx", "python"): vring_rx_burst_py}
     budget = {"numba": 0.05 if quick else 0.4, "python": 0.02 if quick else 0.15}
     results = []
-    for name in ("tx", "rx"):
-        for frame_bytes in (64, 1500):
-            for burst in (32, 256):
-                for log in (False, True):
-                    for impl in ("numba", "python"):
-                        setup = _Setup(name, frame_bytes, burst, log)
-                        try:
-                            rate = _time_kernel(kernels[name, impl], setup, budget[impl])
-                        finally:
-                            setup.close()
-                        results.append({
-                            "name": name, "impl": impl, "frame_bytes": frame_bytes,
-                            "burst": burst, "log": log, "desc_per_s": round(rate),
-                            "gbit_per_s": round(rate * frame_bytes * 8 / 1e9, 3)})
+    for ring in ("split", "packed"):
+        impls = RING_FORMATS[ring]._kernels
+        for k, name in enumerate(("tx", "rx")):
+            for frame_bytes in (64, 1500):
+                for burst in (32, 256):
+                    for log in (False, True):
+                        for impl in ("numba", "python"):
+                            setup = _SETUPS[ring](name, frame_bytes, burst, log)
+                            try:
+                                rate = _time_kernel(impls[impl][k], setup, budget[impl])
+                            finally:
+                                setup.close()
+                            results.append({
+                                "name": name, "impl": impl, "frame_bytes": frame_bytes,
+                                "burst": burst, "log": log, "ring": ring,
+                                "desc_per_s": round(rate),
+                                "gbit_per_s": round(rate * frame_bytes * 8 / 1e9, 3)})
     return results
 
 
@@ -242,6 +298,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", choices=("none", "dpdk"), default="none",
                         help="dpdk: DPDK's virtio-user transmits into this back-end and into "
                              "DPDK's own vhost back-end, and the two rates are compared")
+    parser.add_argument("--ring", choices=("split", "packed"), default="split",
+                        help="with --peer dpdk: the virtqueue format virtio-user drives "
+                             "(packed: packed_vq=1); the kernel benchmarks run both")
 
 
 def _table(report: dict) -> str:
@@ -252,18 +311,26 @@ def _table(report: dict) -> str:
                      f"{report['warm_start_s']:.2f} s CPU "
                      f"({report['warm_start_wall_s']:.2f} s wall)")
     lines.append(f"{'name':4} {'impl':6} {'frame':>5} {'burst':>5} {'log':>3} "
-                 f"{'Mdesc/s':>8} {'Gbit/s':>7}")
+                 f"{'Mdesc/s':>8} {'Gbit/s':>7} ring")
     for r in report["results"]:
         lines.append(f"{r['name']:4} {r['impl']:6} {r['frame_bytes']:5} {r['burst']:5} "
                      f"{'on' if r['log'] else 'off':>3} {r['desc_per_s'] / 1e6:8.2f} "
-                     f"{r['gbit_per_s']:7.2f}")
+                     f"{r['gbit_per_s']:7.2f} {r['ring']}")
     rate = {(r["name"], r["impl"], r["frame_bytes"], r["burst"], r["log"]): r["desc_per_s"]
-            for r in report["results"]}
+            for r in report["results"] if r["ring"] == "split"}
+    packed = {(r["name"], r["frame_bytes"], r["burst"]): r["desc_per_s"]
+              for r in report["results"]
+              if r["ring"] == "packed" and r["impl"] == "numba" and not r["log"]}
     numba = rate.get(("tx", "numba", 64, 256, False))
     if numba:
         lines.append(f"tx 64 B burst 256: numba / python = "
                      f"{numba / rate[('tx', 'python', 64, 256, False)]:.1f}x, logging "
                      f"costs {100 * (1 - rate[('tx', 'numba', 64, 256, True)] / numba):.1f}%")
+    for name in ("tx", "rx"):
+        split = rate.get((name, "numba", 64, 256, False))
+        if split and packed.get((name, 64, 256)):
+            lines.append(f"{name} 64 B burst 256: numba packed / split = "
+                         f"{packed[name, 64, 256] / split:.2f}")
     cost = report.get("kicked_frame_ms_by_log_size")
     if cost:
         lines.append("a kicked frame while logging (loopback, wall ms): " + ", ".join(
@@ -275,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark as parsed by :func:`add_arguments`; returns 0."""
     if getattr(args, "peer", "none") == "dpdk":
         from vhostlab.backend.bench_dpdk import run as run_dpdk
-        return run_dpdk(as_json=args.json)
+        return run_dpdk(as_json=args.json, packed=getattr(args, "ring", "split") == "packed")
     startup = dict.fromkeys(("compile_s", "warm_start_s", "compile_wall_s",
                              "warm_start_wall_s"))
     if not args.no_startup:

@@ -118,8 +118,8 @@ def test_features_not_offered_are_refused(make_server):
     srv = make_server()
     with ScriptedFrontend(srv.socket_path) as fe:
         offered, _ = fe.negotiate()
-        assert not offered & Feature.VIRTIO_F_RING_PACKED
-        reply = fe.send(Request.SET_FEATURES, offered | Feature.VIRTIO_F_RING_PACKED,
+        assert not offered & Feature.VIRTIO_F_ACCESS_PLATFORM
+        reply = fe.send(Request.SET_FEATURES, offered | Feature.VIRTIO_F_ACCESS_PLATFORM,
                         need_reply=True)
         assert reply.payload.value != 0 and srv.snapshot().features == 0
 

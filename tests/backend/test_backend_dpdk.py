@@ -28,10 +28,11 @@ def testpmd_io(requires_dpdk, tmp_path):
     """Start testpmd (virtio-user, io forwarding, loop topology) on a back-end socket."""
     procs = []
 
-    def start(sock: str) -> tuple:
+    def start(sock: str, packed: bool = False, forward: str = "io") -> tuple:
         log = str(tmp_path / f"testpmd{len(procs)}.log")
         cmd = bench_dpdk.virtio_user_cmd(requires_dpdk, sock, f"vhostlabt{os.getpid()}",
-                                         forward="io", extra=("--port-topology=loop",))
+                                         forward=forward, extra=("--port-topology=loop",),
+                                         packed=packed)
         proc = bench_dpdk.start(cmd, log)
         procs.append(proc)
         return proc, log

@@ -15,10 +15,12 @@ def test_bench_json_report_covers_every_case(capsys):
     assert set(report) == {"compile_s", "warm_start_s", "compile_wall_s",
                            "warm_start_wall_s", "results", "kicked_frame_ms_by_log_size"}
     assert report["compile_s"] is None and report["warm_start_s"] is None
-    cases = {(r["name"], r["impl"], r["frame_bytes"], r["burst"], r["log"])
-             for r in report["results"]}
-    assert cases == {(n, i, f, b, g) for n in ("tx", "rx") for i in ("numba", "python")
-                     for f in (64, 1500) for b in (32, 256) for g in (False, True)}
+    cases = [(r["ring"], r["name"], r["impl"], r["frame_bytes"], r["burst"], r["log"])
+             for r in report["results"]]
+    assert sorted(cases) == sorted(
+        (ring, n, i, f, b, g) for ring in ("split", "packed") for n in ("tx", "rx")
+        for i in ("numba", "python") for f in (64, 1500) for b in (32, 256)
+        for g in (False, True))
     for r in report["results"]:
         assert r["desc_per_s"] > 0
         assert abs(r["gbit_per_s"] - r["desc_per_s"] * r["frame_bytes"] * 8 / 1e9) < 0.01
@@ -32,6 +34,8 @@ def test_bench_table_and_cli_hooks(capsys):
     out = capsys.readouterr().out
     assert "tx   numba     64   256 off" in out
     assert "numba / python" in out and "logging costs" in out
+    assert "tx   numba     64   256 off" in out.split("packed / split")[0]
+    assert "tx 64 B burst 256: numba packed / split = " in out
 
 
 def test_startup_probe_runs_in_a_fresh_process():

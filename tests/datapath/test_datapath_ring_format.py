@@ -17,8 +17,8 @@ def test_the_split_ring_is_a_device_ring():
 
 def test_an_unknown_format_is_refused_with_the_known_ones():
     with pytest.raises(RingConfigError) as info:
-        make_ring("packed", 3)
-    assert info.value.field == "format" and info.value.value == "packed"
+        make_ring("ring-of-bells", 3)
+    assert info.value.field == "format" and info.value.value == "ring-of-bells"
     assert info.value.limit == sorted(RING_FORMATS)
 
 

@@ -48,9 +48,11 @@ def _eal(prefix: str, main_lcore: int, vdev: str) -> list[str]:
 
 
 def virtio_user_cmd(testpmd: str, sock: str, prefix: str, forward: str = "txonly",
-                    extra: tuple[str, ...] = ()) -> list[str]:
-    """testpmd with a virtio-user port connecting to a back-end listening at `sock`."""
-    return [testpmd, *_eal(prefix, 1, f"net_virtio_user0,path={sock},queues=1"), "--",
+                    extra: tuple[str, ...] = (), packed: bool = False) -> list[str]:
+    """testpmd with a virtio-user port connecting to a back-end listening at `sock`
+    (with ``packed``: packed virtqueues, virtio-user's ``packed_vq=1``)."""
+    vdev = f"net_virtio_user0,path={sock},queues=1" + (",packed_vq=1" if packed else "")
+    return [testpmd, *_eal(prefix, 1, vdev), "--",
             f"--forward-mode={forward}", "--nb-cores=1", "--total-num-mbufs=16384",
             "--stats-period", "1", *extra]
 
@@ -130,7 +132,8 @@ def _traffic(log_path: str, proc: subprocess.Popen, duration: float,
 
 
 def _send(testpmd: str, workdir: str, sock: str, receiver: subprocess.Popen, name: str,
-          finish: Callable[[], object], kill: int, duration: float) -> str:
+          finish: Callable[[], object], kill: int, duration: float,
+          packed: bool = False) -> str:
     """Once `receiver` listens on `sock`, let virtio-user send into it for
     `duration` seconds, stop the sender, then `finish()` the receiver (both
     get `kill` if anything is still running). Returns the sender's log."""
@@ -138,7 +141,8 @@ def _send(testpmd: str, workdir: str, sock: str, receiver: subprocess.Popen, nam
     tx = None
     try:
         _wait_for(sock, receiver)
-        tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}{name[0]}"), log_path)
+        tx = start(virtio_user_cmd(testpmd, sock, f"vhostlab{os.getpid()}{name[0]}",
+                                   packed=packed), log_path)
         _traffic(log_path, tx, duration)
         stop(tx)
         finish()
@@ -149,13 +153,14 @@ def _send(testpmd: str, workdir: str, sock: str, receiver: subprocess.Popen, nam
     return _read(log_path)
 
 
-def measure_ours(testpmd: str, workdir: str, duration: float = DURATION) -> dict:
+def measure_ours(testpmd: str, workdir: str, duration: float = DURATION,
+                 packed: bool = False) -> dict:
     """virtio-user -> this back-end (`vhostlab serve --mode poll`)."""
     sock = os.path.join(workdir, "ours.sock")
     serve = start([sys.executable, "-m", "vhostlab.backend.serve", "--socket", sock,
                    "--mode", "poll", "--wire", "sink", "--once"], os.path.join(workdir, "serve"))
     text = _send(testpmd, workdir, sock, serve, "ours", lambda: serve.wait(30),
-                 signal.SIGTERM, duration)
+                 signal.SIGTERM, duration, packed)
     summary_line = _read(os.path.join(workdir, "serve")).strip().splitlines()
     summary = next((json.loads(line) for line in reversed(summary_line)
                     if line.startswith("{")), {})
@@ -163,33 +168,38 @@ def measure_ours(testpmd: str, workdir: str, duration: float = DURATION) -> dict
             "backend_frames": summary.get("guest_tx_frames")}
 
 
-def measure_dpdk(testpmd: str, workdir: str, duration: float = DURATION) -> dict:
+def measure_dpdk(testpmd: str, workdir: str, duration: float = DURATION,
+                 packed: bool = False) -> dict:
     """virtio-user -> DPDK's vhost PMD (testpmd rxonly)."""
     sock = os.path.join(workdir, "dpdk.sock")
     rx = start(vhost_cmd(testpmd, sock, f"vhostlab{os.getpid()}v"), os.path.join(workdir, "rx"))
-    text = _send(testpmd, workdir, sock, rx, "dpdk", lambda: stop(rx), signal.SIGKILL, duration)
+    text = _send(testpmd, workdir, sock, rx, "dpdk", lambda: stop(rx), signal.SIGKILL, duration,
+                 packed)
     received = forward_totals(_read(os.path.join(workdir, "rx")))
     return {"pps": steady_rate(pps_samples(text)), "sender": forward_totals(text),
             "backend_frames": received["RX-packets"]}
 
 
-def run(as_json: bool = False) -> int:
-    """Measure both back-ends and print the rates and their ratio; 0 on success."""
+def run(as_json: bool = False, packed: bool = False) -> int:
+    """Measure both back-ends and print the rates and their ratio; 0 on success.
+    With ``packed``, virtio-user drives packed virtqueues (``packed_vq=1``)."""
     testpmd = find_testpmd()
     if testpmd is None:
         print("dpdk-testpmd not found (apt-get install dpdk dpdk-dev)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="vhostlab-bench-") as workdir:
-        ours = measure_ours(testpmd, workdir)
-        dpdk = measure_dpdk(testpmd, workdir)
+        ours = measure_ours(testpmd, workdir, packed=packed)
+        dpdk = measure_dpdk(testpmd, workdir, packed=packed)
     ratio = ours["pps"] / dpdk["pps"] if dpdk["pps"] else 0.0
-    result = {"frame_bytes": 64, "duration_s": DURATION, "vhostlab_pps": ours["pps"],
+    result = {"frame_bytes": 64, "ring": "packed" if packed else "split",
+              "duration_s": DURATION, "vhostlab_pps": ours["pps"],
               "dpdk_vhost_pps": dpdk["pps"], "ratio": ratio, "target_ratio": TARGET_RATIO,
               "vhostlab": ours, "dpdk_vhost": dpdk}
     if as_json:
         print(json.dumps(result))
     else:
-        print(f"virtio-user (testpmd txonly, 64-byte frames) into:\n"
+        print(f"virtio-user (testpmd txonly, 64-byte frames, "
+              f"{'packed' if packed else 'split'} rings) into:\n"
               f"  vhostlab back-end (poll mode)  {ours['pps'] / 1e6:8.2f} Mpps\n"
               f"  DPDK vhost PMD                 {dpdk['pps'] / 1e6:8.2f} Mpps\n"
               f"  ratio                          {ratio:8.3f}   (target >= {TARGET_RATIO})")
@@ -197,4 +207,4 @@ def run(as_json: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run("--json" in sys.argv[1:]))
+    sys.exit(run("--json" in sys.argv[1:], "--packed" in sys.argv[1:]))

@@ -141,6 +141,13 @@ class Vring:
         ring = self.ring
         return int(ring.last_avail_idx) if ring is not None else self.base
 
+    @property
+    def vring_base(self) -> int:
+        """What GET_VRING_BASE answers: the ring's base in its format's encoding
+        (a packed ring's carries the wrap counters), or what SET_VRING_BASE said."""
+        ring = self.ring
+        return int(ring.get_base()) if ring is not None else self.base
+
     def __repr__(self) -> str:
         kind = "rx" if self.is_rx else "tx"
         return (f"<Vring {self.index} ({kind}) num={self.num} last_avail_idx="
@@ -173,7 +180,10 @@ class VhostUserNetDevice:
             raise ValueError(f"queue_pairs={queue_pairs}: must be 1..{MAX_QUEUE_PAIRS}")
         self.queue_pairs = queue_pairs
         self.break_logging = break_logging
-        self.ring_format = ring_format                    # vhostlab.ring.RING_FORMATS
+        # vhostlab.ring.RING_FORMATS: "packed" once SET_FEATURES acks
+        # VIRTIO_F_RING_PACKED (rings.apply_features), else this one.
+        self.unpacked_ring_format = ring_format
+        self.ring_format = ring_format
         self.offered_features = self._offer(ring_features, queue_pairs)
         self.offered_protocol_features = int(OFFERED_PROTOCOL_FEATURES)
         self.counters = Counters()
@@ -194,6 +204,7 @@ class VhostUserNetDevice:
         """The state a fresh front-end connection finds."""
         self.owner = False
         self.features = 0
+        self.ring_format = self.unpacked_ring_format
         self.protocol_features = 0
         self.memory = None
         self.memory_faults_seen = 0        # SIGBUS faults already reported (check_shrunk)
@@ -214,6 +225,7 @@ class VhostUserNetDevice:
             vring.state = RingState.BROKEN if broken else RingState.STOPPED
             vring.base = 0
         self.features = 0
+        self.ring_format = self.unpacked_ring_format
         self.status = 0
         self.net.reset()
 
@@ -291,7 +303,7 @@ class VhostUserNetDevice:
         a stale EVENT_IDX decision cannot leave the driver waiting.
         """
         if vring.ring is not None:
-            vring.base = vring.last_avail_idx
+            vring.base = vring.vring_base
             vring.ring.stop()
         vring.stop()
         self.replace_kick_fd(vring, -1)

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from vhostlab.backend import rings
-from vhostlab.backend.device import (VIRTQUEUE_MAX_SIZE, VhostUserNetDevice, Vring,
-                                     set_nonblocking)
+from vhostlab.backend.device import VhostUserNetDevice, Vring, set_nonblocking
 from vhostlab.backend.errors import RequestError
 from vhostlab.backend.net_device import NET_CONFIG, NET_CONFIG_MAC
 from vhostlab.backend.transport import close_fds, describe_fd, is_eventfd
@@ -324,9 +323,9 @@ def set_vring_num(dev, msg, fds):
     state = _payload(msg, VringState)
     vring = _vring(dev, msg, state.index)
     _refuse_stopped_only(msg, vring)
-    # virtio spec 2.7: "Queue Size value is always a power of 2", at most 32768.
-    if not 0 < state.num <= VIRTQUEUE_MAX_SIZE or state.num & (state.num - 1):
-        raise _refuse(msg, "num", state.num, f"a power of 2 <= {VIRTQUEUE_MAX_SIZE}")
+    # virtio spec 2.7: "Queue Size value is always a power of 2", at most 32768;
+    # 2.8 (packed): any size up to 32768. The ring format says which.
+    rings.check_num(dev, msg, vring, state.num)
     vring.num, vring.ring = state.num, None
     vring.configure_afresh()
     return None
@@ -344,8 +343,9 @@ def set_vring_base(dev, msg, fds):
     state = _payload(msg, VringState)
     vring = _vring(dev, msg, state.index)
     _refuse_stopped_only(msg, vring)
-    if state.num > 0xFFFF:
-        raise _refuse(msg, "num", state.num, 0xFFFF, "a split ring index is 16 bits")
+    # A split ring's base is a 16-bit index; a packed ring's carries both
+    # positions and wrap counters in 32 bits (the ring format checks).
+    rings.check_base(dev, msg, vring, state.num)
     rings.set_base(dev, vring, state.num)
     return None
 
@@ -353,10 +353,11 @@ def set_vring_base(dev, msg, fds):
 def get_vring_base(dev, msg, fds):
     state = _payload(msg, VringState)
     vring = _vring(dev, msg, state.index)
-    # "stop ring upon receiving VHOST_USER_GET_VRING_BASE"
-    last_avail_idx = vring.last_avail_idx
+    # "stop ring upon receiving VHOST_USER_GET_VRING_BASE"; a packed ring's
+    # base carries its wrap counters (vhostlab.ring.packed_layout).
+    base = vring.vring_base
     dev.stop_vring(vring)
-    return VringState(vring.index, last_avail_idx)
+    return VringState(vring.index, base)
 
 
 def set_vring_kick(dev, msg, fds):

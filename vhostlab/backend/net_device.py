@@ -58,7 +58,7 @@ NET_CONFIG_MAC = (0, 6)                         # the only field a driver may wr
 
 # What the ring layer implements, so the device may offer it.
 RING_FEATURES = int(Feature.VIRTIO_RING_F_EVENT_IDX | Feature.VIRTIO_RING_F_INDIRECT_DESC
-                    | Feature.VIRTIO_NET_F_MRG_RXBUF)
+                    | Feature.VIRTIO_NET_F_MRG_RXBUF | Feature.VIRTIO_F_RING_PACKED)
 TX_BURST = 256                     # chains per TX burst
 TX_ARENA_BYTES = 1 << 20           # holds a 64 KiB GSO frame many times over
 # One service's weight, as Linux's vhost-net (drivers/vhost/net.c): after this many
@@ -180,7 +180,8 @@ class NetDevice:
         """Signal the call eventfd if the burst decided the driver wants an interrupt
         (or, when this device has an override, if the override decided so)."""
         hooks = self.overrides
-        if hooks is not None and hooks.should_signal is not None:
+        if hooks is not None and hooks.should_signal is not None \
+                and _overrides.applies(vring.ring):
             need = _overrides.decide_call(self.dev, vring, hooks)
         else:
             need = vring.ring.take_call()
@@ -300,7 +301,8 @@ class NetDevice:
         logged0 = vq.logged
         mrg = dev.has_feature(Feature.VIRTIO_NET_F_MRG_RXBUF)
         hooks = self.overrides
-        placed = hooks is not None and hooks.place_frame is not None and mrg
+        placed = hooks is not None and hooks.place_frame is not None and mrg \
+            and _overrides.applies(vq)
         frames = nbytes = 0
         more = False
         while backlog:

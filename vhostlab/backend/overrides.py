@@ -31,7 +31,7 @@ from vhostlab.ring.errors import RING_OK
 from vhostlab.ring.layout import VRING_AVAIL_F_NO_INTERRUPT, vring_need_event_py
 from vhostlab.ring.rx import rx_fill_chain_py
 
-__all__ = ["RingOverrides", "SignalView", "decide_call", "reference_should_signal",
+__all__ = ["RingOverrides", "SignalView", "applies", "decide_call", "reference_should_signal",
            "reference_place_frame", "rx_burst_placed"]
 
 _U16 = struct.Struct("<H")
@@ -99,6 +99,12 @@ class RingOverrides:
         with self.lock:
             return (sum(1 for _, got, _ in self.decisions if got),
                     sum(1 for _, _, want in self.decisions if want))
+
+
+def applies(vq) -> bool:
+    """Overrides read and write split rings (avail flags, used_event, the used
+    ring); a packed ring keeps the kernels' own decisions."""
+    return vq.ring_format == "split"
 
 
 def _ring_memory(dev, vq):

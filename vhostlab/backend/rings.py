@@ -21,10 +21,52 @@ from vhostlab.ring import FrameArena, RingError, make_ring, ring_format
 
 # -- control: memory, log, ring configuration --------------------------------------
 def apply_features(dev: VhostUserNetDevice) -> None:
-    """SET_FEATURES changed EVENT_IDX or the header size: tell every ring."""
+    """SET_FEATURES changed EVENT_IDX or the header size: tell every ring.
+
+    The ring format follows the features: packed once VIRTIO_F_RING_PACKED is
+    acked, else the device's other format (split). A ring already made in the
+    other format is made again in the new one (from what the front-end said).
+    """
+    packed = dev.has_feature(Feature.VIRTIO_F_RING_PACKED)
+    fmt = "packed" if packed else dev.unpacked_ring_format
+    if fmt != dev.ring_format:
+        dev.ring_format = fmt
+        for vring in dev.vrings:
+            if vring.ring is not None:
+                vring.ring = None
+                try:
+                    _map(dev, vring, vring.addr)
+                except (GuestMemoryError, RingError, RequestError) as exc:
+                    dev.net.broken(vring, f"vring {vring.index} in the {fmt} format: {exc}")
     for vring in dev.vrings:
         if vring.ring is not None:
             vring.ring.set_event_idx(dev.has_feature(Feature.VIRTIO_RING_F_EVENT_IDX))
+
+
+def _probe(dev: VhostUserNetDevice, msg: Message, vring: Vring, num: int | None,
+           base: int | None) -> None:
+    """Refuse a queue size or a base the device's ring format does not take
+    (a fresh ring of that format is the judge)."""
+    ring = make_ring(dev.ring_format, vring.index)
+    try:
+        if num is not None or vring.num:
+            ring.set_num(num if num is not None else vring.num)
+        if base is not None:
+            ring.set_base(base)
+    except RingError as exc:
+        raise RequestError(msg.request.name, "num", num if base is None else base,
+                           exc.limit, f"{dev.ring_format} ring: {exc}") from None
+
+
+def check_num(dev: VhostUserNetDevice, msg: Message, vring: Vring, num: int) -> None:
+    """SET_VRING_NUM: a size the ring format takes (split: a power of 2)."""
+    _probe(dev, msg, vring, num, None)
+
+
+def check_base(dev: VhostUserNetDevice, msg: Message, vring: Vring, num: int) -> None:
+    """SET_VRING_BASE: a base the ring format takes (split: 16 bits; packed:
+    32 bits whose positions lie inside the ring)."""
+    _probe(dev, msg, vring, None, num)
 
 
 def replace_memory(dev: VhostUserNetDevice, memory: GuestMemory) -> None:

@@ -17,6 +17,10 @@ import numpy as np
 from vhostlab.memory import GuestMemoryError
 from vhostlab.protocol import Feature, ProtocolFeature, feature_names
 from vhostlab.ring import VRING_DESC_DTYPE, vring_desc_size
+from vhostlab.ring.packed_layout import VRING_PACKED_DESC_DTYPE
+
+# How each ring format's descriptors are read for a snapshot.
+_DESC_DTYPES = {"split": VRING_DESC_DTYPE, "packed": VRING_PACKED_DESC_DTYPE}
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,13 @@ class VringSnapshot:
     error: str | None
     frames: int
     bytes: int
-    descriptors: tuple | None      # ((addr, len, flags, next), ...) when asked for
+    descriptors: tuple | None      # ((addr, len, flags, next), ...) when asked for;
+                                   # packed: ((addr, len, id, flags), ...)
+    # "split" or "packed" (vhostlab.ring.RING_FORMATS); a packed ring's avail and
+    # used are its driver and device event areas, and it has no avail_idx.
+    ring_format: str = "split"
+    avail_wrap_counter: int | None = None    # packed rings: the device's wrap counters
+    used_wrap_counter: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,11 +128,13 @@ def _read_u16(dev, gpa: int) -> int | None:
 def vring_snapshot(dev, vring, descriptors: bool) -> VringSnapshot:
     vq = vring.ring
     mapped = vq is not None and dev.memory is not None and not dev.memory.closed
+    fmt = vq.ring_format if vq is not None else dev.ring_format
+    packed = fmt == "packed"
     descs = None
     if descriptors and mapped:
         try:
             raw = np.frombuffer(dev.memory.read(vq.desc, vring_desc_size(vq.num)),
-                                VRING_DESC_DTYPE)
+                                _DESC_DTYPES[fmt])
             descs = tuple(tuple(int(x) for x in d) for d in raw)
         except GuestMemoryError:
             descs = None
@@ -133,10 +145,13 @@ def vring_snapshot(dev, vring, descriptors: bool) -> VringSnapshot:
         used=vq.used if vq else None, log_guest_addr=vq.log_guest_addr if vq else None,
         log_used=bool(vq.flags & 1) if vq else False, last_avail_idx=vring.last_avail_idx,
         used_idx=vq.used_idx if vq else None,
-        avail_idx=_read_u16(dev, vq.avail + 2) if mapped else None,
+        avail_idx=_read_u16(dev, vq.avail + 2) if mapped and not packed else None,
         state=vring.state.value, enabled=vring.enabled, started=vring.started, kick=vring.kick_fd >= 0,
         call=vring.call_fd >= 0, err=vring.err_fd >= 0, error=error,
-        frames=vq.frames if vq else 0, bytes=vq.bytes if vq else 0, descriptors=descs)
+        frames=vq.frames if vq else 0, bytes=vq.bytes if vq else 0, descriptors=descs,
+        ring_format=fmt,
+        avail_wrap_counter=int(vq.avail_wrap_counter) if vq is not None and packed else None,
+        used_wrap_counter=int(vq.used_wrap_counter) if vq is not None and packed else None)
 
 
 def log_snapshot(dev) -> LogSnapshot | None:

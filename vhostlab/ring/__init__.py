@@ -11,8 +11,11 @@ Modules, bottom up:
     tx, rx     the burst kernels: vring_tx_burst, vring_rx_burst
     arena      FrameArena, the frames a burst moves
     virtqueue  Virtqueue: the device side of a split ring (libvhost-user's VuVirtq)
+    packed_layout, packed_chain, packed_tx, packed_rx, packed_virtqueue
+               the packed ring (2.8): layout and vring base, chain walk, the
+               kernels vring_packed_tx_burst / vring_packed_rx_burst, PackedVirtqueue
     format     the ring seam: DeviceRing (what a back-end calls), RingState,
-               RING_FORMATS / make_ring (a packed ring would be a sibling of virtqueue)
+               RING_FORMATS / make_ring ("split": Virtqueue, "packed": PackedVirtqueue)
     driver     VirtqueueDriver: the guest side (both guests'), over a RingMemory
     packed_driver  PackedVirtqueueDriver: the guest side of a packed ring
 
@@ -33,9 +36,10 @@ from .driver import (GuestDriverError, MappedRingMemory, RingMemory, UsedElem,
 from .errors import (E_ARENA, E_AVAIL_IDX, E_BUF_ADDR, E_CHAIN_LEN, E_CHAIN_SHORT, E_DIRECTION,
                      E_FRAME_TOO_BIG, E_HEAD, E_INDIRECT_ALIGN, E_INDIRECT_LEN,
                      E_INDIRECT_NESTED, E_INDIRECT_NEXT, E_LOG_RANGE, E_LOOP, E_NEXT,
-                     E_RING_ADDR, E_RING_ALIGN, E_RING_NUM, E_ZERO_LEN, RING_OK,
-                     ERRORS, AvailIndexError, BufferAddressError, ChainLengthError,
-                     DescriptorDirectionError, DescriptorIndexError, DescriptorLoopError,
+                     E_PACKED_FLAGS, E_PACKED_ID, E_RING_ADDR, E_RING_ALIGN, E_RING_NUM,
+                     E_ZERO_LEN, RING_OK, ERRORS, AvailIndexError, BufferAddressError,
+                     ChainLengthError, DescriptorDirectionError, DescriptorFlagsError,
+                     DescriptorIndexError, DescriptorLoopError,
                      IndirectDescriptorError, RingAddressError, RingConfigError, RingError,
                      RingLogError, ZeroLengthBufferError, ring_error)
 from .layout import (INDIRECT_MAX_ENTRIES, MAX_HDR_LEN, VHOST_VRING_F_LOG, VRING_AVAIL_ALIGN,
@@ -50,6 +54,9 @@ from .packed_driver import PackedVirtqueueDriver
 from .format import RING_FORMATS, DeviceRing, RingState, make_ring, ring_format
 from .log import (VHOST_LOG_PAGE, vhost_log_write, vhost_log_write_count,
                   vhost_log_write_count_py, vhost_log_write_py)
+from .packed_rx import vring_packed_rx_burst, vring_packed_rx_burst_py
+from .packed_tx import vring_packed_tx_burst, vring_packed_tx_burst_py
+from .packed_virtqueue import PackedVirtqueue
 from .rx import vring_rx_burst, vring_rx_burst_py
 from .tx import vring_tx_burst, vring_tx_burst_py
 from .virtqueue import Virtqueue
@@ -57,11 +64,14 @@ from .virtqueue import Virtqueue
 __all__ = [
     *_layout.__all__,
     # device side, driver side, frames
-    "Virtqueue", "VirtqueueDriver", "PackedVirtqueueDriver", "UsedElem", "RingMemory", "MappedRingMemory",
+    "Virtqueue", "PackedVirtqueue", "VirtqueueDriver", "PackedVirtqueueDriver", "UsedElem",
+    "RingMemory", "MappedRingMemory",
     "GuestDriverError", "FrameArena", "MAX_FRAME_SIZE",
     "DeviceRing", "RingState", "RING_FORMATS", "make_ring", "ring_format",
     # kernels and twins
     "vring_tx_burst", "vring_tx_burst_py", "vring_rx_burst", "vring_rx_burst_py",
+    "vring_packed_tx_burst", "vring_packed_tx_burst_py", "vring_packed_rx_burst",
+    "vring_packed_rx_burst_py",
     "vhost_log_write", "vhost_log_write_py", "vhost_log_write_count",
     "vhost_log_write_count_py", "VHOST_LOG_PAGE",
     # atomics
@@ -73,7 +83,8 @@ __all__ = [
     "RING_OK", "E_AVAIL_IDX", "E_HEAD", "E_NEXT", "E_LOOP", "E_INDIRECT_NESTED",
     "E_INDIRECT_NEXT", "E_INDIRECT_LEN", "E_INDIRECT_ALIGN", "E_ZERO_LEN", "E_BUF_ADDR",
     "E_CHAIN_LEN", "E_CHAIN_SHORT", "E_FRAME_TOO_BIG", "E_DIRECTION", "E_RING_NUM",
-    "E_RING_ADDR", "E_RING_ALIGN", "E_LOG_RANGE", "E_ARENA", "ERRORS", "RingError",
+    "E_RING_ADDR", "E_RING_ALIGN", "E_LOG_RANGE", "E_ARENA", "E_PACKED_FLAGS",
+    "E_PACKED_ID", "ERRORS", "RingError", "DescriptorFlagsError",
     "AvailIndexError", "DescriptorIndexError",
     "DescriptorLoopError", "IndirectDescriptorError", "ZeroLengthBufferError",
     "BufferAddressError", "ChainLengthError", "DescriptorDirectionError",

@@ -30,8 +30,8 @@ __all__ = [
     "E_INDIRECT_NEXT", "E_INDIRECT_LEN", "E_INDIRECT_ALIGN", "E_ZERO_LEN",
     "E_BUF_ADDR", "E_CHAIN_LEN", "E_CHAIN_SHORT", "E_FRAME_TOO_BIG",
     "E_DIRECTION", "E_RING_NUM", "E_RING_ADDR", "E_RING_ALIGN", "E_LOG_RANGE",
-    "E_ARENA", "ERRORS",
-    "RingError", "AvailIndexError", "DescriptorIndexError", "DescriptorLoopError",
+    "E_ARENA", "E_PACKED_FLAGS", "E_PACKED_ID", "ERRORS",
+    "RingError", "DescriptorFlagsError", "AvailIndexError", "DescriptorIndexError", "DescriptorLoopError",
     "IndirectDescriptorError", "ZeroLengthBufferError", "BufferAddressError",
     "ChainLengthError", "DescriptorDirectionError", "RingConfigError",
     "RingAddressError", "RingLogError", "ring_error",
@@ -60,6 +60,11 @@ E_LOG_RANGE = 18
 # arena, nframes past the arrays, hdr_len out of range): a bug in the calling
 # code, not the guest's doing. The ring is not broken.
 E_ARENA = 19
+# Packed rings (2.8) only: a descriptor inside a chain that is not available
+# in the lap the device is in (its AVAIL/USED pair says otherwise), and a
+# buffer id that is not below the queue size.
+E_PACKED_FLAGS = 20
+E_PACKED_ID = 21
 
 
 class RingError(VhostlabError):
@@ -115,6 +120,11 @@ class BufferAddressError(RingError):
 class ChainLengthError(RingError):
     """A chain's byte count is impossible: past u32, shorter than the
     virtio-net header, or larger than the frame arena."""
+
+
+class DescriptorFlagsError(RingError):
+    """A packed ring's chain holds a descriptor whose AVAIL/USED flags do not
+    make it available in the device's current lap (2.8.1, 2.8.21.1)."""
 
 
 class DescriptorDirectionError(RingError):
@@ -173,6 +183,11 @@ ERRORS = {
                       "frame arena's {limit}"),
     E_DIRECTION: (DescriptorDirectionError, "flags",
                   "{where}: flags = {value:#x}: {direction}"),
+    E_PACKED_FLAGS: (DescriptorFlagsError, "flags",
+                     "{where}: flags = {value:#x}: AVAIL/USED do not make it available "
+                     "with wrap counter {limit}, yet the chain runs on to it"),
+    E_PACKED_ID: (DescriptorIndexError, "id",
+                  "{where}: buffer id = {value}, must be < the queue size {limit}"),
     E_RING_NUM: (RingConfigError, "num",
                  "queue size num = {value}: must be a power of 2 from 1 to {limit}"),
     E_RING_ADDR: (RingAddressError, "addr",

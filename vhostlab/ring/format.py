@@ -10,7 +10,8 @@ whatever the layout in guest memory (virtio spec 2.7 split, 2.8 packed):
 
 :class:`DeviceRing` names those steps; :data:`RING_FORMATS` maps a format's
 name to the class that implements them (``split``: :class:`.virtqueue.Virtqueue`,
-the one module that wraps the split-ring kernels). The
+the one module that wraps the split-ring kernels; ``packed``:
+:class:`.packed_virtqueue.PackedVirtqueue`). The
 back-end makes its rings with :func:`make_ring` and calls nothing else, so a
 packed ring is a sibling module registered here, with no change to the
 back-end, the front-end or the views.
@@ -24,6 +25,7 @@ import enum
 from typing import Protocol, runtime_checkable
 
 from .errors import RingConfigError
+from .packed_virtqueue import PackedVirtqueue
 from .virtqueue import Virtqueue
 
 __all__ = ["RingState", "DeviceRing", "RING_FORMATS", "make_ring", "ring_format"]
@@ -127,12 +129,12 @@ class DeviceRing(Protocol):
     def stop(self) -> None: ...
 
 
-#: Ring formats by name; a packed ring registers its class here.
-RING_FORMATS: dict[str, type] = {"split": Virtqueue}
+#: Ring formats by name: split (2.7) and packed (2.8, VIRTIO_F_RING_PACKED).
+RING_FORMATS: dict[str, type] = {"split": Virtqueue, "packed": PackedVirtqueue}
 
 
 def ring_format(fmt: str, index: int = 0) -> type:
-    """The class implementing ring format ``fmt`` ("split")."""
+    """The class implementing ring format ``fmt`` ("split" or "packed")."""
     try:
         return RING_FORMATS[fmt]
     except KeyError:
@@ -142,5 +144,5 @@ def ring_format(fmt: str, index: int = 0) -> type:
 
 
 def make_ring(fmt: str, index: int, name: str = "") -> DeviceRing:
-    """A fresh ring of format ``fmt`` ("split")."""
+    """A fresh ring of format ``fmt`` ("split" or "packed")."""
     return ring_format(fmt, index)(index, name)

@@ -39,6 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .layout import VRING_STATE_DTYPE
+
 __all__ = [
     "VRING_PACKED_DESC_F_AVAIL", "VRING_PACKED_DESC_F_USED",
     "VRING_PACKED_EVENT_FLAG_ENABLE", "VRING_PACKED_EVENT_FLAG_DISABLE",
@@ -48,6 +50,7 @@ __all__ = [
     "VRING_PACKED_EVENT_DTYPE", "packed_area_sizes", "PackedVringBase",
     "packed_vring_base", "parse_packed_vring_base", "packed_desc_is_avail",
     "packed_desc_is_used", "packed_avail_flags", "packed_used_flags",
+    "VRING_PACKED_STATE_DTYPE",
 ]
 
 # Descriptor flags (2.8.1): NEXT, WRITE, INDIRECT are the split ring's 1, 2, 4.
@@ -70,6 +73,14 @@ VRING_PACKED_MAX_SIZE = 1 << 15
 VRING_PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"),
                                     ("flags", "<u2")])
 VRING_PACKED_EVENT_DTYPE = np.dtype([("off_wrap", "<u2"), ("flags", "<u2")])
+
+# What the device remembers about one packed ring: the split ring's record
+# (``desc``, ``avail``, ``used`` hold the descriptor ring, driver and device
+# areas; ``last_avail_idx`` and ``used_idx`` are positions in 0..num-1) and the
+# two wrap counters.
+VRING_PACKED_STATE_DTYPE = np.dtype(
+    [(name, VRING_STATE_DTYPE.fields[name][0]) for name in VRING_STATE_DTYPE.names]
+    + [("avail_wrap_counter", "<i8"), ("used_wrap_counter", "<i8")], align=True)
 
 
 def packed_area_sizes(num: int) -> tuple[int, int, int]:

@@ -63,10 +63,16 @@ def _log_array(log) -> np.ndarray:
 class Virtqueue:
     """The device-side state and operations of one split virtqueue."""
 
+    # What a ring format brings (packed_virtqueue.PackedVirtqueue brings its own).
+    ring_format = "split"
+    state_dtype = VRING_STATE_DTYPE
+    _kernels = _IMPLS
+    _map_ring = staticmethod(map_ring_py)
+
     def __init__(self, index: int = 0, name: str = "") -> None:
         self.index = index
         self.name = name
-        self.state = np.zeros(1, VRING_STATE_DTYPE)
+        self.state = np.zeros(1, self.state_dtype)
         self.reset()
 
     # ------------------------------------------------------ vhost-user messages
@@ -109,7 +115,7 @@ class Virtqueue:
             probe["desc"], probe["avail"], probe["used"] = desc, avail, used
             probe["status"] = RING_OK
             _, table = memory.kernel_args()
-            if map_ring_py(table.tolist(), probe)[0] != RING_OK:
+            if self._map_ring(table.tolist(), probe)[0] != RING_OK:
                 raise ring_error(probe, self.index, self.name)
         s["desc"], s["avail"], s["used"] = desc, avail, used
         s["log_guest_addr"], s["flags"] = log_guest_addr, flags
@@ -171,7 +177,7 @@ class Virtqueue:
         if not self.state[0]["num"]:
             return 0
         host, table = memory.kernel_args()
-        status, n = _IMPLS[impl][0](
+        status, n = self._kernels[impl][0](
             host, table, self.state, _log_array(log), arena.buf, arena.offsets,
             arena.lengths, hdr_len, arena.offsets.size if max_frames is None else max_frames)
         arena.count = n
@@ -190,7 +196,7 @@ class Virtqueue:
         if not self.state[0]["num"] or arena.count == 0:
             return 0
         host, table = memory.kernel_args()
-        status, n = _IMPLS[impl][1](
+        status, n = self._kernels[impl][1](
             host, table, self.state, _log_array(log), arena.buf, arena.offsets,
             arena.lengths, arena.count, hdr_len, 1 if mrg_rxbuf else 0)
         if status != RING_OK:
@@ -225,7 +231,7 @@ class Virtqueue:
     def __repr__(self) -> str:
         name = f" ({self.name})" if self.name else ""
         broken = " broken" if self.broken else ""
-        return (f"<Virtqueue {self.index}{name} num={self.num} last_avail_idx="
+        return (f"<{type(self).__name__} {self.index}{name} num={self.num} last_avail_idx="
                 f"{self.last_avail_idx} used_idx={self.used_idx}{broken}>")
 
 
