@@ -177,7 +177,9 @@ class ObservedDevice:
         if ring.addr is not None:
             d, a, u, flags, log_addr = ring.addr
             desc, avail, used = self._gpa(d), self._gpa(a), self._gpa(u)
-        used_idx = self._u16(None if used is None else used + 2)
+        packed = bool(self.features & Feature.VIRTIO_F_RING_PACKED)
+        # A packed ring keeps no index in memory: DPDK's positions stay its own.
+        used_idx = None if packed else self._u16(None if used is None else used + 2)
         if ring.answered is not None and not ring.started:
             last_avail = ring.answered
         else:
@@ -190,9 +192,10 @@ class ObservedDevice:
             kind="rx" if ring.index % 2 == 0 else "tx", num=ring.num, desc=desc, avail=avail,
             used=used, log_guest_addr=log_addr, log_used=bool(flags & VHOST_VRING_F_LOG),
             last_avail_idx=last_avail, used_idx=used_idx,
-            avail_idx=self._u16(None if avail is None else avail + 2), state=state,
-            enabled=ring.enabled, started=ring.started, kick=ring.kick, call=ring.call,
-            err=False, error=None, frames=0, bytes=0, descriptors=None)
+            avail_idx=None if packed else self._u16(None if avail is None else avail + 2),
+            state=state, enabled=ring.enabled, started=ring.started, kick=ring.kick,
+            call=ring.call, err=False, error=None, frames=0, bytes=0, descriptors=None,
+            ring_format="packed" if packed else "split")
 
     def _log_snapshot(self) -> LogSnapshot | None:
         if self.log is None or self.log.closed:

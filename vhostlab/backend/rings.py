@@ -48,14 +48,20 @@ def _probe(dev: VhostUserNetDevice, msg: Message, vring: Vring, num: int | None,
     """Refuse a queue size or a base the device's ring format does not take
     (a fresh ring of that format is the judge)."""
     ring = make_ring(dev.ring_format, vring.index)
+    if num is not None:
+        try:
+            ring.set_num(num)
+        except RingError:
+            # The rule in one line, as the spec states it for this format.
+            raise RequestError(msg.request.name, "num", num, ring.NUM_RULE) from None
+        return
     try:
-        if num is not None or vring.num:
-            ring.set_num(num if num is not None else vring.num)
-        if base is not None:
-            ring.set_base(base)
+        if vring.num:
+            ring.set_num(vring.num)
+        ring.set_base(base)
     except RingError as exc:
-        raise RequestError(msg.request.name, "num", num if base is None else base,
-                           exc.limit, f"{dev.ring_format} ring: {exc}") from None
+        raise RequestError(msg.request.name, "num", base, exc.limit,
+                           f"{dev.ring_format} ring: {exc.reason or exc}") from None
 
 
 def check_num(dev: VhostUserNetDevice, msg: Message, vring: Vring, num: int) -> None:

@@ -169,14 +169,15 @@ class LabMigration:
     """
 
     def __init__(self, frontend: Any, break_logging: bool, skip_final_sync: bool = False,
-                 backend: str = "vhostlab"):
+                 backend: str = "vhostlab", ring: str = "split"):
         self._frontend = frontend
         self.break_logging, self.skip_final_sync = break_logging, skip_final_sync
         self.backend = backend
         self.thread: threading.Thread | None = None
         self._summary: dict | None = None
         self._error: BaseException | None = None
-        self.impl = frontend.new_migration(break_logging, skip_final_sync, backend)
+        self.impl = frontend.new_migration(break_logging, skip_final_sync, backend,
+                                           **({"ring": ring} if ring != "split" else {}))
 
     @property
     def frontend(self) -> str:

@@ -163,11 +163,12 @@ class BuiltinFrontend:
     def version(self, qemu: dict | None) -> tuple[int, ...] | None:
         return None
 
-    def start_device(self, lab: Any, backend: Any, label: str) -> LabDevice:
+    def start_device(self, lab: Any, backend: Any, label: str, *, ring: str = "split",
+                     queue_size: int = 256) -> LabDevice:
         # vhost_dev_init and vhost_net_start of the built-in front-end.
         from vhostlab.frontend import BuiltinVirtioNetGuest, VhostDev, VhostOps
         vhost_dev = VhostDev(VhostOps.connect(backend.socket_path))
-        guest = BuiltinVirtioNetGuest(ram_size=RAM_SIZE)
+        guest = BuiltinVirtioNetGuest(ram_size=RAM_SIZE, queue_size=queue_size, ring=ring)
         device = LabDevice(self, backend, guest, vhost_dev=vhost_dev)
         lab.own(device, device.close, label)
         vhost_dev.vhost_dev_init()
@@ -198,10 +199,10 @@ class BuiltinFrontend:
         device.vhost_dev.vhost_log_global_stop()
 
     def new_migration(self, break_logging: bool, skip_final_sync: bool,
-                      backend: str = "vhostlab") -> Any:
+                      backend: str = "vhostlab", ring: str = "split") -> Any:
         from vhostlab.frontend import BuiltinMigration
         return BuiltinMigration(ram_size=RAM_SIZE, break_logging=break_logging,
-                                skip_final_sync=skip_final_sync, backend=backend)
+                                skip_final_sync=skip_final_sync, backend=backend, ring=ring)
 
     def migration_summary(self, result: Any) -> dict:
         return result

@@ -207,27 +207,42 @@ class Lab:
         return self.own(guest, guest.close, label)
 
     def start_device(self, *, frontend: str | None = None, break_logging: bool = False,
-                     rx_buffers: int = 64) -> LabDevice:
+                     rx_buffers: int = 64, ring: str = "split",
+                     queue_size: int = 256) -> LabDevice:
         """A new back-end with a front-end attached and the device started.
 
         ``frontend`` (default: the lab's) ``qemu``: QEMU connects to the
         back-end and the guest driver (over qtest) brings virtio-net to
         DRIVER_OK, whereupon QEMU runs ``vhost_dev_start``; ``builtin``:
         ``vhost_dev_init`` and ``vhost_net_start`` of the built-in front-end.
-        Then the guest posts ``rx_buffers`` receive buffers.
+        Then the guest posts ``rx_buffers`` receive buffers. ``ring``
+        ("split" or "packed") and ``queue_size``: the built-in guest's rings
+        (a real QEMU's legacy virtio-net runs split rings of 256).
         """
         chosen = self._frontend(frontend)
+        if chosen.name != "builtin" and (ring, queue_size) != ("split", 256):
+            raise LabSetupError(f"ring={ring!r}, queue_size={queue_size}: only the built-in "
+                                "front-end's guest takes them; QEMU's legacy virtio-net-pci "
+                                "has a 32-bit feature register, so it cannot negotiate "
+                                "VIRTIO_F_RING_PACKED (bit 34): use frontend='builtin'")
         backend = self.start_backend(break_logging=break_logging)
-        device = chosen.start_device(self, backend, self._label(chosen.name))
+        device = chosen.start_device(self, backend, self._label(chosen.name),
+                                     **({} if chosen.name != "builtin" else
+                                        {"ring": ring, "queue_size": queue_size}))
         if rx_buffers:
             device.guest.post_rx_buffers(rx_buffers)
         return device
 
-    def migration(self, *, break_logging: bool = False,
-                  skip_final_sync: bool = False) -> LabMigration:
-        """A live migration by the lab's front-end (call ``start()``); see LabMigration."""
+    def migration(self, *, break_logging: bool = False, skip_final_sync: bool = False,
+                  frontend: str | None = None, ring: str = "split") -> LabMigration:
+        """A live migration by the lab's front-end, or ``frontend`` (call ``start()``);
+        see LabMigration. ``ring="packed"``: packed rings (the built-in front-end only)."""
+        chosen = self._frontend(frontend)
+        if ring != "split" and chosen.name != "builtin":
+            raise LabSetupError(f"ring={ring!r}: a real QEMU's legacy virtio-net-pci cannot "
+                                "negotiate packed rings; use frontend='builtin'")
         label = self._label("migration")
-        mig = LabMigration(self._frontend(), break_logging, skip_final_sync, self.backend)
+        mig = LabMigration(chosen, break_logging, skip_final_sync, self.backend, ring)
         return self.own(mig, mig.close, label, alive=mig.running)
 
     def new_log(self, memory):

@@ -59,6 +59,9 @@ class PackedVirtqueue(Virtqueue):
         super().reset()
         self.state[0]["avail_wrap_counter"] = self.state[0]["used_wrap_counter"] = 1
 
+    #: SET_VRING_NUM's rule for a packed ring (virtio 2.8: any size).
+    NUM_RULE = f"1 to {VRING_PACKED_MAX_SIZE}"
+
     def set_num(self, num: int) -> None:
         """SET_VRING_NUM: the queue size, from 1 to 32768 (any, 2.8)."""
         if not (isinstance(num, (int, np.integer)) and 1 <= num <= VRING_PACKED_MAX_SIZE):

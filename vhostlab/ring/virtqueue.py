@@ -86,6 +86,9 @@ class Virtqueue:
         self.state[0] = 0
         self.state[0]["err_head"] = self.state[0]["err_table"] = -1
 
+    #: SET_VRING_NUM's rule for this format, as a refusal states it (virtio 2.7).
+    NUM_RULE = f"a power of 2 <= {VIRTQUEUE_MAX_SIZE}"
+
     def set_num(self, num: int) -> None:
         """SET_VRING_NUM: the queue size, a power of 2 from 1 to 32768."""
         if not (isinstance(num, (int, np.integer)) and 1 <= num <= VIRTQUEUE_MAX_SIZE

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .virtqueue import VirtqueueView
 
-__all__ = ["builtin_guest_ring", "vring_view"]
+__all__ = ["builtin_guest_ring", "packed_guest_ring", "vring_view"]
 
 
 def builtin_guest_ring(guest: Any, queue: int) -> Callable[[], dict]:
@@ -28,6 +28,29 @@ def builtin_guest_ring(guest: Any, queue: int) -> Callable[[], dict]:
     return ring
 
 
+def packed_guest_ring(guest: Any, queue: int, backend: Any = None) -> Callable[[], Any]:
+    """A reader of packed ring ``queue`` of the built-in guest: the descriptor ring
+    and event areas from guest memory, the driver's positions from its driver,
+    the device's from ``backend``'s snapshot (when given and the ring is mapped)."""
+    from .packed import packed_ring_copy
+    q = guest.queues[queue]
+
+    def ring() -> Any:
+        drv = q.driver
+        device = None
+        if backend is not None:
+            state = backend.snapshot(trace=False).vrings[queue]
+            if state.avail_wrap_counter is not None and state.used_idx is not None:
+                device = (state.last_avail_idx & 0x7FFF, state.avail_wrap_counter,
+                          state.used_idx & 0x7FFF, state.used_wrap_counter)
+        return packed_ring_copy(guest.memory, q.num,
+                                {"desc": q.desc, "driver": q.avail, "device": q.used},
+                                device=device, index=queue,
+                                driver=(drv.next_avail_idx, drv.avail_wrap_counter,
+                                        drv.last_used_idx, drv.used_wrap_counter))
+    return ring
+
+
 def vring_view(guest: Any, backend: Any, queue: int, title: str | None = None) -> VirtqueueView:
     """The view of virtqueue ``queue``: the ring as guest memory holds it now, and
     the back-end's own state (``last_avail_idx``, errors) beside it.
@@ -35,6 +58,11 @@ def vring_view(guest: Any, backend: Any, queue: int, title: str | None = None) -
     ``guest`` is the built-in guest or the QEMU guest driver (which reads the
     ring over qtest); both are read afresh at every display.
     """
+    kind = "RX" if queue % 2 == 0 else "TX"
+    if getattr(guest, "ring", "split") == "packed":      # the built-in guest, packed rings
+        from .packed import PackedVirtqueueView
+        return PackedVirtqueueView(source=packed_guest_ring(guest, queue, backend),
+                                   title=title or f"queue {queue} ({kind}, packed)")
     if hasattr(guest, "ring_state"):                     # the QEMU guest driver
         def ring() -> Any:
             return guest.ring_state(queue)
@@ -43,5 +71,4 @@ def vring_view(guest: Any, backend: Any, queue: int, title: str | None = None) -
 
     def state() -> Any:
         return backend.snapshot(trace=False).vrings[queue]
-    kind = "RX" if queue % 2 == 0 else "TX"
     return VirtqueueView(ring, state=state, title=title or f"queue {queue} ({kind})")
