@@ -11,7 +11,7 @@ from vhostlab.exercises import LAB_CHECKS, Outcome, bind, compare_prediction, lo
 
 # (lab, question) -> a wrong answer a learner might write, and a word the message must say
 WRONG = {
-    ("lab00", "q1"): ('only_explained = {"packed rings", "tcg"}', "really runs"),
+    ("lab00", "q1"): ('only_explained = {"inflight", "tcg"}', "really runs"),
     ("lab00", "q2"): ('def stop_sequence(v):\n    return ("GET_VRING_BASE", "SET_STATUS 0")',
                       "SET_STATUS"),
     ("lab01", "q1"): ("VHOST_GET_VRING_BASE = (1 << 30) | (8 << 16) | (0xAF << 8) | 0x12",
