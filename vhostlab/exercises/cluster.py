@@ -81,7 +81,7 @@ def grade_on_dask(tasks: list[Task], limits: Limits, address: str, log=None,
             # the nanny's limit would count the worker only, and restart it
             target = stack.enter_context(distributed.LocalCluster(
                 n_workers=workers, processes=True, threads_per_worker=1, memory_limit=0,
-                dashboard_address=None))
+                dashboard_address=":0"))
         else:
             target = address
         try:
