@@ -26,8 +26,8 @@ import pytest
 pytest.importorskip("distributed", reason="dask.distributed is not installed; "
                                           "pip install -e '.[nbgrader]' to run this")
 
-from test_exercises_grade import (LOOPS, RELEASE, SOURCE, replaced,  # noqa: E402
-                                  source_nb)
+from test_exercises_grade import (LOOPS, REGION_WITHOUT_END_CHECK,  # noqa: E402
+                                  RELEASE, SOURCE, USED_WITHOUT_IDX, replaced, source_nb)
 
 from vhostlab.exercises import notebook as nbg  # noqa: E402
 from vhostlab.exercises.cluster import ClusterError, local_workers  # noqa: E402
@@ -40,19 +40,7 @@ def parse_vring_state(data):
     request, flags, size = parse_header(data)
     index, num = struct.unpack_from("<II", data, HEADER_SIZE)
     return request, index, num'''
-FORGETS_IDX = '''\
-def log_used(log, log_guest_addr, num, first, n):
-    for i in range(first, first + n):
-        log_write(log, log_guest_addr + 4 + 8 * (i % num), 8)'''
 RAISES = "def parse_header(data):\n    return {}['x']"
-STRADDLES = '''\
-def find_region(regions, gpa, length):
-    if length <= 0:
-        raise ValueError("length")
-    for i, r in enumerate(regions):
-        if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
-            return i
-    raise ValueError("nowhere")'''
 
 # exercise -> the ways a learner hands it in (right, released stub, wrong, looping)
 VARIANTS = {
@@ -66,11 +54,11 @@ VARIANTS = {
     "dirty_log": [
         lambda: source_nb("dirty_log"),
         lambda: nbg.read(RELEASE / "dirty_log" / "dirty_log.ipynb"),
-        lambda: replaced("dirty_log", log_used=FORGETS_IDX),
+        lambda: replaced("dirty_log", log_used=USED_WITHOUT_IDX),
     ],
     "descriptor_chain": [
         lambda: source_nb("descriptor_chain"),
-        lambda: replaced("descriptor_chain", find_region=STRADDLES),
+        lambda: replaced("descriptor_chain", find_region=REGION_WITHOUT_END_CHECK),
         lambda: nbg.read(RELEASE / "descriptor_chain" / "descriptor_chain.ipynb"),
     ],
 }
