@@ -257,7 +257,8 @@ def test_csv_and_feedback(graded):
     rows, out = graded
     with open(out, newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["student", "exercise", "grade_id", "points", "max_points", "status"]
+    assert list(table[0]) == ["student", "exercise", "grade_id", "points", "max_points", "status",
+                              "seconds", "peak_mib"]
     assert len(table) == len(rows)
     first = table[0]
     assert first["student"] == rows[0].student and float(first["max_points"]) == rows[0].max_points

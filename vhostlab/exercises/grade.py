@@ -19,13 +19,22 @@ Grades every submitted notebook against the instructor's source:
    student's id as ``VHOSTLAB_STUDENT`` (per-student exercises). Cells tagged
    ``grader-skip`` (the learner's self-checks and demos) are not run.
 4. Report. One CSV row per student, exercise and graded cell (student,
-   exercise, grade_id, points, max_points, status) and one markdown feedback
-   file per student in ``feedback/`` next to the CSV.
+   exercise, grade_id, points, max_points, status, and the notebook's
+   seconds and peak_mib: wall time and peak resident memory of its runner,
+   kernel and whatever they started) and one markdown feedback file per
+   student in ``feedback/`` next to the CSV, in submission order.
+
+Each notebook is one task of ``grade_task``, which takes the notebooks' bytes
+and returns the rows: it runs here (``--jobs N`` at once) or on a Dask
+cluster's workers (``--scheduler``, see ``cluster``), and the same rows come
+back either way; the files are written here.
 
 Statuses: passed, failed, not_attempted (NotImplementedError), timeout,
 kernel_died, not_run (the notebook hit its time limit first), missing
 (grade_id deleted or renamed), not_submitted, manual (a written answer a
-person grades; worth what the source says, scored 0 here).
+person grades; worth what the source says, scored 0 here), not_graded (the
+grading task itself failed, on a cluster after its retries: no fault of the
+notebook's; grade it again).
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +56,14 @@ from pathlib import Path
 from nbformat import NotebookNode
 
 from vhostlab.command import standalone
+from vhostlab.errors import VhostlabError
 from vhostlab.exercises import notebook as nbg
+from vhostlab.exercises.rss import PeakRss, parent_of
 
-CSV_COLUMNS = ("student", "exercise", "grade_id", "points", "max_points", "status")
+CSV_COLUMNS = ("student", "exercise", "grade_id", "points", "max_points", "status",
+               "seconds", "peak_mib")
+#: the columns that differ from run to run of the same class (what it cost)
+COST_COLUMNS = ("seconds", "peak_mib")
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,8 @@ class Row:
     max_points: float
     status: str
     message: str = ""
+    seconds: float = 0.0   # the notebook's wall time (its runner's life)
+    peak_mib: float = 0.0  # the notebook's peak resident memory, process tree
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,24 @@ class Submission:
     exercise: str
     source: Path
     path: Path | None  # None: not submitted
+
+
+@dataclass(frozen=True)
+class Task:
+    """One notebook to grade, carried by value: a worker needs no shared files."""
+
+    student: str
+    exercise: str
+    source: bytes             # the instructor's notebook
+    submitted: bytes | None   # the learner's, None: not submitted
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What running one notebook cost."""
+
+    seconds: float
+    peak_mib: float
 
 
 # ---------------------------------------------------------------- matching
@@ -197,7 +232,14 @@ def _plain(cell: NotebookNode) -> NotebookNode:
 
 def run_notebook(nb: NotebookNode, limits: Limits,
                  student: str | None = None) -> tuple[list[dict], str]:
-    """Execute `nb` in a child process under `limits`; (cell records, trouble).
+    """Execute `nb` in a child process under `limits`; (cell records, trouble)."""
+    records, trouble, _usage = run_measured(nb, limits, student)
+    return records, trouble
+
+
+def run_measured(nb: NotebookNode, limits: Limits,
+                 student: str | None = None) -> tuple[list[dict], str, Usage]:
+    """Execute `nb` in a child process under `limits`; (cell records, trouble, usage).
 
     ``student`` reaches the kernel as ``VHOSTLAB_STUDENT``: exercises whose
     data differ per student (broken_migration's fault) read it there.
@@ -220,15 +262,18 @@ def run_notebook(nb: NotebookNode, limits: Limits,
             env.pop("VHOSTLAB_STUDENT", None)
             if student is not None:
                 env["VHOSTLAB_STUDENT"] = student
+            began = time.monotonic()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, env=env)
-            try:
-                proc.wait(timeout=limits.notebook_timeout)
-            except subprocess.TimeoutExpired:
-                trouble = f"notebook time limit ({limits.notebook_timeout:g} s) reached"
-            finally:
-                if proc.poll() is None:
-                    _kill_runner(proc, _read_records(results))
+            with PeakRss(proc.pid) as peak:
+                try:
+                    proc.wait(timeout=limits.notebook_timeout)
+                except subprocess.TimeoutExpired:
+                    trouble = f"notebook time limit ({limits.notebook_timeout:g} s) reached"
+                finally:
+                    if proc.poll() is None:
+                        _kill_runner(proc, _read_records(results))
+            usage = Usage(time.monotonic() - began, peak.mib)
             if not trouble and proc.returncode != 0:
                 log.seek(0)
                 tail = log.read().decode("utf-8", "replace").strip().splitlines()[-3:]
@@ -237,7 +282,7 @@ def run_notebook(nb: NotebookNode, limits: Limits,
         if not trouble and not any(r.get("event") == "done" for r in records):
             gave_up = [r for r in records if r.get("event") == "gave_up"]
             trouble = gave_up[-1]["reason"] if gave_up else "the runner stopped early"
-        return records, trouble
+        return records, trouble, usage
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -254,18 +299,10 @@ def _kill_runner(proc: subprocess.Popen, records: list[dict]) -> None:
     """Kill the runner's session (its process group) and any kernel it still has."""
     for rec in records:
         pid = rec.get("pid") if rec.get("event") == "kernel" else None
-        if pid and _parent_of(pid) == proc.pid:
+        if pid and parent_of(pid) == proc.pid:
             _killpg(pid)
     _killpg(proc.pid)
     proc.wait()
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def _killpg(pgid: int) -> None:
@@ -277,8 +314,8 @@ def _killpg(pgid: int) -> None:
 
 # ---------------------------------------------------------------- scoring
 
-def score(sub: Submission, source: NotebookNode, missing: set[str], records: list[dict],
-          trouble: str) -> list[Row]:
+def score(sub: Submission | Task, source: NotebookNode, missing: set[str],
+          records: list[dict], trouble: str, usage: Usage = Usage(0.0, 0.0)) -> list[Row]:
     """One Row per grade cell of the source, from the runner's cell records."""
     by_gid, running = {}, None
     for rec in records:
@@ -298,7 +335,8 @@ def score(sub: Submission, source: NotebookNode, missing: set[str], records: lis
         gid, most = nbg.grade_id(cell), nbg.points(cell)
         status, message = _status(cell, gid, missing, by_gid.get(gid), trouble)
         rows.append(Row(sub.student, sub.exercise, gid,
-                        most if status == "passed" else 0.0, most, status, message))
+                        most if status == "passed" else 0.0, most, status, message,
+                        usage.seconds, usage.peak_mib))
     return rows
 
 
@@ -321,25 +359,39 @@ def _status(cell, gid: str, missing: set[str], rec: dict | None, trouble: str) -
     return "failed", f"{rec.get('ename')}: {rec.get('evalue')}".strip()
 
 
-def grade_one(sub: Submission, limits: Limits) -> list[Row]:
-    """Grade one submission (or score a missing one 0)."""
-    source = nbg.read(sub.source)
-    if sub.path is None:
-        return [Row(sub.student, sub.exercise, nbg.grade_id(c), 0.0, nbg.points(c),
-                    "not_submitted", "no notebook submitted")
-                for c in source.cells if nbg.is_grade(c)]
+def task_of(sub: Submission) -> Task:
+    """The notebooks' bytes, read here so that no worker needs this filesystem."""
+    return Task(sub.student, sub.exercise, sub.source.read_bytes(),
+                None if sub.path is None else sub.path.read_bytes())
+
+
+def grade_task(task: Task, limits: Limits) -> list[Row]:
+    """Grade one notebook (or score a missing one 0): the unit of work, local or
+    on a cluster's worker."""
+    source = nbg.reads(task.source)
+    if task.submitted is None:
+        return zero_rows(task, source, "not_submitted", "no notebook submitted")
     try:
-        submitted = nbg.read(sub.path)
+        submitted = nbg.reads(task.submitted)
     except Exception as exc:  # not JSON, not a notebook: the whole exercise is 0
-        return [Row(sub.student, sub.exercise, nbg.grade_id(c), 0.0, nbg.points(c),
-                    "failed", f"the notebook could not be read: {exc}")
-                for c in source.cells if nbg.is_grade(c)]
+        return zero_rows(task, source, "failed", f"the notebook could not be read: {exc}")
     merged, missing = merge(source, submitted)
     merged.cells = [c for c in merged.cells
                     if not (nbg.is_grade(c) and nbg.grade_id(c) in missing
                             and not nbg.is_solution(c))]
-    records, trouble = run_notebook(merged, limits, student=sub.student)
-    return score(sub, source, missing, records, trouble)
+    records, trouble, usage = run_measured(merged, limits, student=task.student)
+    return score(task, source, missing, records, trouble, usage)
+
+
+def grade_one(sub: Submission, limits: Limits) -> list[Row]:
+    """Grade one submission here."""
+    return grade_task(task_of(sub), limits)
+
+
+def zero_rows(task: Task, source: NotebookNode, status: str, message: str) -> list[Row]:
+    """Every grade cell of `source` at 0 points with `status`."""
+    return [Row(task.student, task.exercise, nbg.grade_id(c), 0.0, nbg.points(c),
+                status, message) for c in source.cells if nbg.is_grade(c)]
 
 
 # ---------------------------------------------------------------- reporting
@@ -351,7 +403,8 @@ def write_csv(rows: list[Row], out: Path) -> None:
         writer.writerow(CSV_COLUMNS)
         for r in rows:
             writer.writerow([r.student, r.exercise, r.grade_id, f"{r.points:g}",
-                             f"{r.max_points:g}", r.status])
+                             f"{r.max_points:g}", r.status, f"{r.seconds:.2f}",
+                             f"{r.peak_mib:.1f}"])
 
 
 def feedback_markdown(student: str, rows: list[Row]) -> str:
@@ -386,28 +439,45 @@ def write_feedback(rows: list[Row], feedback_dir: Path) -> list[Path]:
     return written
 
 
+def log_graded(log, rows: list[Row], where: str = "") -> None:
+    if log and rows:
+        got, most = sum(r.points for r in rows), sum(r.max_points for r in rows)
+        log(f"{rows[0].student} {rows[0].exercise}: {got:g} / {most:g}{where}")
+
+
+def grade_here(tasks: list[Task], limits: Limits, jobs: int = 1, log=None) -> list[list[Row]]:
+    """Each task's rows, in task order, graded `jobs` at a time on this machine."""
+    lock = threading.Lock()
+
+    def one(task: Task) -> list[Row]:
+        rows = grade_task(task, limits)
+        with lock:
+            log_graded(log, rows)
+        return rows
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, tasks))
+
+
 def grade_class(submissions_dir: str | Path, source_dir: str | Path, out: str | Path,
           limits: Limits = Limits(), jobs: int = 1, only: set[str] | None = None,
-          log=None) -> list[Row]:
-    """Grade a class; write the CSV at `out` and feedback/ next to it."""
+          log=None, scheduler: str | None = None) -> list[Row]:
+    """Grade a class; write the CSV at `out` and feedback/ next to it.
+
+    ``scheduler``: a Dask scheduler's address, or ``local:N`` for a cluster of
+    N worker processes on this machine; None grades here, `jobs` at a time.
+    """
     subs, warnings = find_submissions(Path(submissions_dir), Path(source_dir), only)
     for w in warnings:
         if log:
             log(f"warning: {w}")
-    lock, results = threading.Lock(), {}
-
-    def one(index: int, sub: Submission) -> None:
-        rows = grade_one(sub, limits)
-        with lock:
-            results[index] = rows
-            if log:
-                got = sum(r.points for r in rows)
-                log(f"{sub.student} {sub.exercise}: {got:g} / {sum(r.max_points for r in rows):g}")
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for fut in [pool.submit(one, i, s) for i, s in enumerate(subs)]:
-            fut.result()
-    rows = [r for i in sorted(results) for r in results[i]]
+    tasks = [task_of(s) for s in subs]
+    if scheduler:
+        from vhostlab.exercises.cluster import grade_on_dask
+        graded = grade_on_dask(tasks, limits, scheduler, log=log)
+    else:
+        graded = grade_here(tasks, limits, jobs, log=log)
+    rows = [r for task_rows in graded for r in task_rows]
     out = Path(out)
     write_csv(rows, out)
     write_feedback(rows, out.parent / "feedback")
@@ -426,6 +496,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grade only this exercise (repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="notebooks graded at once (default 1: Binder has one CPU)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="grade on a Dask cluster: its scheduler's address "
+                             "(tcp://host:8786), or local:N for N worker processes here "
+                             "(needs dask[distributed]; --jobs is then unused)")
     parser.add_argument("--cell-timeout", type=float, default=d.cell_timeout,
                         help=f"seconds per cell (default {d.cell_timeout:g})")
     parser.add_argument("--notebook-timeout", type=float, default=d.notebook_timeout,
@@ -440,9 +514,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"vhostlab grade: {getattr(args, name)} is not a directory", file=sys.stderr)
             return 2
     limits = Limits(args.cell_timeout, args.notebook_timeout, args.memory_mb)
-    rows = grade_class(args.submissions_dir, args.source, args.out, limits, args.jobs,
-                 set(args.exercise) if args.exercise else None,
-                 log=lambda s: print(s, file=sys.stderr))
+    try:
+        rows = grade_class(args.submissions_dir, args.source, args.out, limits, args.jobs,
+                           set(args.exercise) if args.exercise else None,
+                           log=lambda s: print(s, file=sys.stderr), scheduler=args.scheduler)
+    except VhostlabError as exc:
+        print(f"vhostlab grade: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out} ({len(rows)} rows) and {Path(args.out).parent / 'feedback'}/")
     return 0
 

@@ -74,6 +74,12 @@ def read(path: str | Path) -> NotebookNode:
     return nbformat.read(str(path), as_version=NB_VERSION)
 
 
+def reads(data: bytes | str) -> NotebookNode:
+    """A notebook from its file's bytes (a grading task carries them by value)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return nbformat.reads(text, as_version=NB_VERSION)
+
+
 def dumps(nb: NotebookNode) -> str:
     """The notebook in nbformat's canonical layout (what `write` puts on disk)."""
     text = nbformat.writes(nb)

@@ -5,11 +5,12 @@ own (so that one kill stops it and everything it started):
 
     python -m vhostlab.exercises.runner NOTEBOOK RESULTS --cell-timeout S --memory-mb M
 
-It caps its own address space (RLIMIT_AS, inherited by the kernel it starts),
-executes the cells one by one with nbclient, and appends one JSON line per
-cell to RESULTS the moment the cell ends, so that whatever happens later
-(the notebook time limit kills this process, the kernel dies) the grader
-keeps every result already earned.
+It dies with the grader that started it (``PR_SET_PDEATHSIG``), caps its
+own address space (RLIMIT_AS, inherited by the kernel it starts), executes
+the cells one by one with nbclient, and appends one JSON line per cell to
+RESULTS the moment the cell ends, so that whatever happens later (the
+notebook time limit kills this process, the kernel dies) the grader keeps
+every result already earned.
 
 Cells tagged ``grader-skip`` (the learner's self-checks and demos) are not
 run: the hidden tests do the checking. A cell that runs past its time limit or kills the kernel (``os._exit``, a
@@ -35,7 +36,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
 from vhostlab.exercises import notebook as nbg
-from vhostlab.exercises.kernel import limit_address_space
+from vhostlab.exercises.kernel import die_with_parent, limit_address_space
 
 KERNEL_NAME = "vhostlab-grader"
 MAX_RESTARTS = 4
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", help="a directory for the kernel's files (default: a "
                                           "temporary one)")
     args = parser.parse_args(argv)
+    # a grader that dies (a Dask worker killed mid-notebook) takes its runner along,
+    # and the kernel goes with the runner: no notebook runs on unwatched
+    die_with_parent()
     limit_address_space(args.memory_mb * 2**20)
     nb = nbg.read(args.notebook)
     with tempfile.TemporaryDirectory(prefix="vhostlab-grade-", dir=args.scratch) as tmp, \
