@@ -31,8 +31,8 @@ from .atomics import (atomic_or, atomic_or_py, atomic_xchg, atomic_xchg_py, borr
                       fence_seq_cst_py, load_acquire, load_acquire_py, load_relaxed,
                       load_relaxed_py, smp_load_acquire, smp_mb, smp_store_release,
                       store_release, store_release_py)
-from .driver import (GuestDriverError, MappedRingMemory, RingMemory, UsedElem,
-                     VirtqueueDriver)
+from .driver import (GuestDriverError, MappedRingMemory, RingDriver, RingMemory, UsedElem,
+                     VirtqueueDriver, write_runs)
 from .errors import (E_ARENA, E_AVAIL_IDX, E_BUF_ADDR, E_CHAIN_LEN, E_CHAIN_SHORT, E_DIRECTION,
                      E_FRAME_TOO_BIG, E_HEAD, E_INDIRECT_ALIGN, E_INDIRECT_LEN,
                      E_INDIRECT_NESTED, E_INDIRECT_NEXT, E_LOG_RANGE, E_LOOP, E_NEXT,
@@ -65,7 +65,7 @@ __all__ = [
     *_layout.__all__,
     # device side, driver side, frames
     "Virtqueue", "PackedVirtqueue", "VirtqueueDriver", "PackedVirtqueueDriver", "UsedElem",
-    "RingMemory", "MappedRingMemory",
+    "RingMemory", "MappedRingMemory", "RingDriver", "write_runs",
     "GuestDriverError", "FrameArena", "MAX_FRAME_SIZE",
     "DeviceRing", "RingState", "RING_FORMATS", "make_ring", "ring_format",
     # kernels and twins
