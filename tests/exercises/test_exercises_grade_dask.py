@@ -35,6 +35,7 @@ from vhostlab.exercises.grade import COST_COLUMNS, Limits, grade_class  # noqa: 
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMITS = Limits(cell_timeout=5, notebook_timeout=120)
+LIMIT_ARGS = ("--cell-timeout", "5", "--notebook-timeout", "120")
 TRAILING = '''\
 def parse_vring_state(data):
     request, flags, size = parse_header(data)
@@ -259,13 +260,26 @@ def test_a_worker_killed_mid_notebook_costs_that_notebook_a_retry(small_class, c
 
 
 # ------------------------------------------------------------ local:N
+# A LocalCluster runs in the `vhostlab grade` process, as an instructor runs it;
+# here that is a child process, because multiprocessing leaves its resource
+# tracker running until the process that used it exits (the labs' tests, later in
+# the same pytest process, count every child).
+def _vhostlab_grade(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vhostlab", "grade", *args],
+                          capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_local_cluster_grades_a_class_as_the_local_run_does(tmp_path):
     only = write_big_class(tmp_path / "submitted")
     here, there = tmp_path / "here" / "grades.csv", tmp_path / "there" / "grades.csv"
     grade_class(tmp_path / "submitted", SOURCE, here, LIMITS, jobs=2, only=only)
-    grade_class(tmp_path / "submitted", SOURCE, there, LIMITS, only=only, scheduler="local:2")
+    exercises = [a for name in only for a in ("--exercise", name)]
+    done = _vhostlab_grade(str(tmp_path / "submitted"), "--source", str(SOURCE),
+                           "--out", str(there), *exercises, *LIMIT_ARGS,
+                           "--scheduler", "local:2")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert len(table(here)) == 20 * sum(
         sum(nbg.is_grade(c) for c in source_nb(n).cells) for n in only)
     assert {"passed", "failed", "not_attempted", "timeout"} <= {r["status"] for r in table(here)}
@@ -280,16 +294,15 @@ def test_scheduler_addresses():
             local_workers(bad)
 
 
-def test_command_line_with_a_local_cluster(small_class, tmp_path, capsys):
-    from vhostlab.exercises import grade as grade_mod
+def test_command_line_with_a_local_cluster(small_class, tmp_path):
     submitted, _, local = small_class
     out = tmp_path / "grades.csv"
-    code = grade_mod.main([str(submitted), "--source", str(SOURCE), "--out", str(out),
+    done = _vhostlab_grade(str(submitted), "--source", str(SOURCE), "--out", str(out),
                            "--exercise", "vhost_message", "--exercise", "dirty_log",
                            "--cell-timeout", "5", "--notebook-timeout", "120",
-                           "--scheduler", "local:2"])
-    assert code == 0
+                           "--scheduler", "local:2")
+    assert done.returncode == 0, done.stderr[-3000:]
     assert_same_grades(out, local)
-    assert grade_mod.main([str(submitted), "--source", str(SOURCE), "--out", str(out),
-                           "--scheduler", "local:none"]) == 2
-    assert "positive number of workers" in capsys.readouterr().err
+    bad = _vhostlab_grade(str(submitted), "--source", str(SOURCE), "--out", str(out),
+                          "--scheduler", "local:none")
+    assert bad.returncode == 2 and "positive number of workers" in bad.stderr
