@@ -3,10 +3,13 @@
 This module only chooses who plays QEMU's part and prints the summary; the
 migrations themselves live with their front-ends:
 
-- ``qemu``: two real QEMUs, each with its own vhostlab back-end
+- ``qemu``: two real QEMUs, each with its own back-end
   (:mod:`vhostlab.qemu.demo`);
 - ``builtin``: the kit's Python front-end between two back-ends
   (:mod:`vhostlab.frontend.demo`);
+
+either against vhostlab's back-ends or, with ``--backend dpdk``, DPDK's
+(testpmd behind a recording relay);
 - ``recorded``: no back-end at all, the start-up and migration sequence QEMU
   7.2 sent (:mod:`vhostlab.protocol.recorded`), decoded by the protocol layer
   and narrated here.
