@@ -67,6 +67,10 @@ SHOTS = (
     # both rings with their pointers, the chains, the top of the table.
     Shot("04_virtqueues", "dev.vring_view(1)", "vring-view.png",
          until="[...out.querySelectorAll('table')].pop().rows[6]"),
+    # A packed TX ring of 16 after 23 frames: each slot says who wrote it (A/U)
+    # and in which lap (the wrap counter), with both sides' positions.
+    Shot("04_virtqueues", "packed_dev.vring_view(1)", "packed-ring.png",
+         until="out.querySelectorAll('table')[1]"),
     # The live migration view as it stopped: the rounds, and the newest sync's
     # dirty pages by labelled bands.
     Shot("07_live_migration", "mig.watch()", "migration-dashboard.png", colors=0),

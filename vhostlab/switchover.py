@@ -19,8 +19,10 @@ memory
 - on the destination, at SET_VRING_KICK, before the ring starts: after
   SET_VRING_BASE gave it the source's ``last_avail_idx``.
 
-Each copy is a :class:`VringAtSwitchover` of plain values and numpy copies;
-nothing keeps a mapping alive.
+Each copy is a :class:`VringAtSwitchover` (a split ring) or a
+:class:`PackedRingAtSwitchover` (a packed ring: the descriptor ring, the event
+areas and the device's positions with their wrap counters), of plain values
+and numpy copies; nothing keeps a mapping alive.
 
 :class:`StopWindow` acts in the window between QEMU's last dirty-bitmap sync
 and the stop, on the source: it can write RX frames there (a real back-end
@@ -37,11 +39,15 @@ from typing import Callable
 import numpy as np
 
 from vhostlab.memory import TARGET_PAGE_SIZE
-from vhostlab.protocol import TO_BACKEND, Request
-from vhostlab.ring.layout import (VRING_DESC_DTYPE, VRING_USED_ELEM_DTYPE, VringCopy,
-                                  vring_views)
+from vhostlab.protocol import TO_BACKEND, Feature, Request
+from vhostlab.ring.layout import (VRING_DESC_DTYPE, VRING_DESC_F_NEXT, VRING_USED_ELEM_DTYPE,
+                                  VringCopy, vring_views)
+from vhostlab.ring.packed_layout import (PackedRingSnapshot, packed_ring_copy,
+                                         parse_packed_vring_base, slot_state,
+                                         waiting_for_device)
 
-__all__ = ["VringAtSwitchover", "SwitchoverRecorder", "StopWindow", "frames_in_pages"]
+__all__ = ["VringAtSwitchover", "PackedRingAtSwitchover", "SwitchoverRecorder", "StopWindow",
+           "frames_in_pages"]
 
 
 @dataclass(frozen=True)
@@ -64,14 +70,69 @@ class VringAtSwitchover(VringCopy):
     gpas: dict
     log_bitmap: bytes | None = None
 
+    ring_format = "split"
+
     @property
     def kind(self) -> str:
         return "RX" if self.index % 2 == 0 else "TX"
 
 
+@dataclass(frozen=True)
+class PackedRingAtSwitchover(PackedRingSnapshot):
+    """One packed ring at the switch-over: the descriptor ring and the event areas
+    copied from guest memory, with the device's positions (``device``: what
+    GET_VRING_BASE answered on the source, what SET_VRING_BASE gave on the
+    destination). The driver's positions are the guest's, which a back-end
+    cannot see (``driver`` is None). ``side``, ``moment`` and ``log_bitmap``
+    as in :class:`VringAtSwitchover`.
+    """
+
+    side: str = ""
+    moment: str = ""
+    log_bitmap: bytes | None = None
+
+    ring_format = "packed"
+    kind = VringAtSwitchover.kind
+
+    @property
+    def last_avail_idx(self) -> int:
+        """The device's next slot (its wrap counter is ``device.avail_wrap_counter``)."""
+        return self.device.last_avail_idx
+
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """Buffer ids of the chains the driver made available that the device has
+        not taken: a chain's id is on its last descriptor (2.8.6)."""
+        return tuple(int(self.desc[slot]["id"]) for slot in waiting_for_device(self)
+                     if not int(self.desc[slot]["flags"]) & VRING_DESC_F_NEXT)
+
+
+def copy_packed_ring(memory, index: int, num: int, gpas: dict, base: int, side: str,
+                     moment: str, log=None) -> PackedRingAtSwitchover:
+    """Copy packed ring ``index`` out of guest ``memory``; ``base``: the 32-bit vring
+    base (its 16-bit form, DPDK's, puts used where avail is)."""
+    pos = parse_packed_vring_base(base)
+    if base >> 16 == 0:
+        pos = pos._replace(last_used_idx=pos.last_avail_idx,
+                           used_wrap_counter=pos.avail_wrap_counter)
+    areas = {"desc": gpas["desc"], "driver": gpas.get("driver", gpas.get("avail")),
+             "device": gpas.get("device", gpas.get("used"))}
+    snap = packed_ring_copy(memory, num, areas, device=pos, index=index)
+    bitmap = log.snapshot().tobytes() if log is not None and not log.closed else None
+    return PackedRingAtSwitchover(
+        num=snap.num, desc=snap.desc, driver_event=snap.driver_event,
+        device_event=snap.device_event, device=snap.device, index=index,
+        gpas={k: int(g) for k, g in areas.items()}, side=side, moment=moment,
+        log_bitmap=bitmap if side == "source" else None)
+
+
 def copy_ring(memory, index: int, num: int, gpas: dict, last_avail_idx: int, side: str,
-              moment: str, log=None) -> VringAtSwitchover:
-    """Copy ring ``index`` (``num`` entries at ``gpas``) out of guest ``memory``."""
+              moment: str, log=None, ring_format: str = "split"):
+    """Copy ring ``index`` (``num`` entries at ``gpas``) out of guest ``memory``: a
+    VringAtSwitchover, or with ``ring_format="packed"`` a PackedRingAtSwitchover
+    (``last_avail_idx`` is then the packed vring base)."""
+    if ring_format == "packed":
+        return copy_packed_ring(memory, index, num, gpas, last_avail_idx, side, moment, log)
     v = vring_views(memory, num, gpas["desc"], gpas["avail"], gpas["used"])
     last = last_avail_idx & 0xFFFF
     avail_idx = int(v.avail_idx[0])
@@ -90,14 +151,16 @@ def copy_ring(memory, index: int, num: int, gpas: dict, last_avail_idx: int, sid
     return out
 
 
-def _copy_ring(dev, vring, side: str, moment: str) -> VringAtSwitchover | None:
+def _copy_ring(dev, vring, side: str, moment: str):
     """Copy ``vring`` out of the device's guest memory (None if it is not mapped)."""
     vq = vring.ring
     if vq is None or dev.memory is None or dev.memory.closed or not vring.num:
         return None
+    packed = vq.ring_format == "packed"
     return copy_ring(dev.memory, vring.index, vring.num,
                      {"desc": vq.desc, "avail": vq.avail, "used": vq.used},
-                     vring.last_avail_idx, side, moment, dev.log)
+                     vq.get_base() if packed else vring.last_avail_idx, side, moment,
+                     dev.log, vq.ring_format)
 
 
 class SwitchoverRecorder:
@@ -156,8 +219,10 @@ class SwitchoverRecorder:
             num, gpas, base = ring
             last = msg.payload.num if side == "source" else base
             moment = "at GET_VRING_BASE's answer" if side == "source" else "after SET_VRING_BASE"
+            packed = bool(getattr(device, "features", 0) & Feature.VIRTIO_F_RING_PACKED)
             try:
-                snap = copy_ring(device.memory, index, num, gpas, last, side, moment, device.log)
+                snap = copy_ring(device.memory, index, num, gpas, last, side, moment, device.log,
+                                 "packed" if packed else "split")
             except Exception:      # a picture must never break the migration
                 return
             with self._lock:
@@ -240,14 +305,7 @@ def frames_in_pages(ring: VringAtSwitchover, read: Callable[[int, int], bytes],
     """
     want = set(int(p) for p in pages)
     out: dict[int, list[str]] = {}
-    num = ring.num
-    for i in range(min(num, ring.used_idx)):
-        elem = ring.used_ring[(ring.used_idx - 1 - i) % num]
-        head, length = int(elem["id"]), int(elem["len"])
-        if head >= num or not length:
-            continue
-        d = ring.desc[head]
-        gpa, room = int(d["addr"]), int(d["len"])
+    for head, gpa, room, length in _written_buffers(ring):
         first = gpa // TARGET_PAGE_SIZE
         last = (gpa + max(1, min(length, room)) - 1) // TARGET_PAGE_SIZE
         hit = [p for p in range(first, last + 1) if p in want]
@@ -258,7 +316,32 @@ def frames_in_pages(ring: VringAtSwitchover, read: Callable[[int, int], bytes],
             label = name(frame)
         except Exception:
             label = None
-        label = label or f"{ring.kind} buffer of descriptor {head}"
+        label = label or f"{ring.kind} buffer {head}"
         for p in hit:
             out.setdefault(p, []).append(label)
     return {p: tuple(v) for p, v in out.items()}
+
+
+def _written_buffers(ring):
+    """(id, gpa, room, bytes written) of each buffer the device returned, newest first.
+
+    A split ring's used entries name the head, whose descriptor still holds
+    the buffer. A packed ring's device writes id and len back into the slot
+    where the chain began and leaves addr as the driver wrote it (2.8.7), so
+    the slots in the used state carry it all; a chain's later buffers are not
+    looked at, as with the split ring.
+    """
+    num = ring.num
+    if ring.ring_format == "packed":
+        for slot in range(num):
+            d = ring.desc[slot]
+            if slot_state(int(d["flags"]))[0] == "used" and int(d["len"]):
+                yield int(d["id"]), int(d["addr"]), int(d["len"]), int(d["len"])
+        return
+    for i in range(min(num, ring.used_idx)):
+        elem = ring.used_ring[(ring.used_idx - 1 - i) % num]
+        head, length = int(elem["id"]), int(elem["len"])
+        if head >= num or not length:
+            continue
+        d = ring.desc[head]
+        yield head, int(d["addr"]), int(d["len"]), length

@@ -110,9 +110,26 @@ def test_vhostlab_back_end_packed_migration_loses_no_frame():
     assert summary["ring"] == "packed" and summary["integrity"] == "ok", summary["problems"]
     assert summary["frames"]["lost"] == 0 and summary["migration"]["pages_mismatched"] == 0
     assert all(b["avail_wrap_counter"] in (0, 1) for b in summary["vring_base"])
-    broken = BuiltinMigration(ring="packed", rounds=2, frames_per_round=8, break_logging=True,
-                              wait_timeout=2.0).run()
+    # Both back-ends copied each packed ring at the switch-over: the source's
+    # device position is what GET_VRING_BASE answered, the destination's what
+    # SET_VRING_BASE gave, and the slots travelled with guest RAM.
+    src, dst = m.switchover.taken("source"), m.switchover.taken("destination")
+    assert [r.index for r in src] == [r.index for r in dst] == [0, 1]
+    bases = {b["queue"]: b["num"] for b in summary["vring_base"]}
+    for s, d in zip(src, dst):
+        assert s.ring_format == d.ring_format == "packed"
+        assert s.device == d.device == parse_packed_vring_base(bases[s.index])
+        assert (s.desc == d.desc).all() and s.log_bitmap is not None and d.log_bitmap is None
+    assert len(src[0].in_flight) > 0            # RX buffers posted, not taken
+    broken_m = BuiltinMigration(ring="packed", rounds=2, frames_per_round=8,
+                                break_logging=True, wait_timeout=2.0)
+    broken = broken_m.run()
     assert broken["integrity"] == "corrupted"
+    # The final sync's lost pages name the RX frames that lived in them, read
+    # from the used slots of the source's packed RX ring.
+    final = broken_m.dirty_rounds[-1]
+    named = [f for page in final.mismatched for f in page.frames]
+    assert final.final_sync and any(f.startswith("RX #") for f in named), final.mismatched
 
 
 def test_demo_qemu_refuses_packed_rings_with_the_reason():

@@ -74,7 +74,8 @@ def test_packed_frames_come_back_byte_for_byte_over_several_laps(requires_dpdk, 
 
 
 def test_packed_migration_against_dpdk_loses_no_frame(requires_dpdk):
-    summary = BuiltinMigration(backend="dpdk", ring="packed").run()
+    m = BuiltinMigration(backend="dpdk", ring="packed")
+    summary = m.run()
     assert summary["ring"] == "packed" and summary["integrity"] == "ok", summary["problems"]
     frames = summary["frames"]
     assert frames["sent"] > 0 and frames["delivered"] == frames["sent"]
@@ -85,6 +86,13 @@ def test_packed_migration_against_dpdk_loses_no_frame(requires_dpdk):
     for base in summary["vring_base"]:
         assert base["num"] >> 16 == 0 and base["avail_wrap_counter"] == base["num"] >> 15
         assert base["last_avail_idx"] == base["num"] & 0x7FFF > 0
+    # The relay's observers copied the packed rings as GET_VRING_BASE's answer
+    # and SET_VRING_KICK passed: DPDK's 16-bit base puts used where avail is.
+    src, dst = m.switchover.taken("source"), m.switchover.taken("destination")
+    assert [r.index for r in src] == [r.index for r in dst] == [0, 1]
+    for s, d in zip(src, dst):
+        assert s.ring_format == d.ring_format == "packed" and s.device == d.device
+        assert s.device[:2] == s.device[2:] and (s.desc == d.desc).all()
 
 
 def test_packed_migration_ignoring_dpdks_log_ends_corrupted(requires_dpdk):

@@ -226,7 +226,8 @@ class LabMigration:
 
     def rings_at_switchover(self, side: str = "source") -> list:
         """The rings as the back-end saw them: on the source just before GET_VRING_BASE,
-        on the destination after SET_VRING_BASE (VringAtSwitchover, by ring index)."""
+        on the destination after SET_VRING_BASE, by ring index: a VringAtSwitchover per
+        split ring, a PackedRingAtSwitchover per packed one (``ring_format`` says which)."""
         return self.impl.switchover.taken(side)
 
     def call_view(self, side: str = "source", title: str | None = None):

@@ -379,7 +379,8 @@ class QemuDpdkMigration(QemuMigration):
         if bad.size:
             r = guest.ring_state(RX_QUEUE)         # the source's RAM, as DPDK left it
             ring = types.SimpleNamespace(num=len(r.desc), used_idx=r.used_idx,
-                                         used_ring=r.used_ring, desc=r.desc)
+                                         used_ring=r.used_ring, desc=r.desc, kind="RX",
+                                         ring_format="split")
             frames = frames_in_pages(ring, self.src.observer.read_ram, bad, frame_name,
                                      guest.hdr_len)
         dr = DirtyRound.make(

@@ -35,7 +35,8 @@ returned every chain it took).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,7 +51,8 @@ __all__ = [
     "VRING_PACKED_EVENT_DTYPE", "packed_area_sizes", "PackedVringBase",
     "packed_vring_base", "parse_packed_vring_base", "packed_desc_is_avail",
     "packed_desc_is_used", "packed_avail_flags", "packed_used_flags",
-    "VRING_PACKED_STATE_DTYPE",
+    "VRING_PACKED_STATE_DTYPE", "PackedRingSnapshot", "packed_ring_copy", "slot_state",
+    "waiting_for_device",
 ]
 
 # Descriptor flags (2.8.1): NEXT, WRITE, INDIRECT are the split ring's 1, 2, 4.
@@ -142,3 +144,71 @@ def parse_packed_vring_base(num: int) -> PackedVringBase:
     """Split a packed ring's 32-bit vring state ``num`` into its four parts."""
     num &= 0xFFFFFFFF
     return PackedVringBase(num & 0x7FFF, num >> 15 & 1, num >> 16 & 0x7FFF, num >> 31 & 1)
+
+
+@dataclass(frozen=True)
+class PackedRingSnapshot:
+    """One packed ring at one moment, as plain values and numpy copies.
+
+    ``desc``: VRING_PACKED_DESC_DTYPE (addr, len, id, flags) per slot;
+    ``driver_event`` / ``device_event``: (off_wrap, flags) of the two event
+    suppression areas; ``device`` / ``driver``: each side's positions as a
+    PackedVringBase (None where the source does not know them).
+    """
+
+    num: int
+    desc: np.ndarray
+    driver_event: tuple[int, int] = (0, 0)
+    device_event: tuple[int, int] = (0, 0)
+    device: PackedVringBase | None = None
+    driver: PackedVringBase | None = None
+    index: int | None = None
+    gpas: dict | None = None
+    error: str | None = None
+
+
+def packed_ring_copy(memory: Any, num: int, gpas: dict, *, device: Any = None,
+                     driver: Any = None, index: int | None = None) -> PackedRingSnapshot:
+    """Copy a packed ring out of guest ``memory`` (anything with ``read(gpa, n)``).
+
+    ``gpas``: ``desc``, ``driver`` and ``device`` (the three SET_VRING_ADDR
+    areas); ``device``/``driver``: each side's positions, as a
+    PackedVringBase or a 4-tuple (see the module docstring).
+    """
+    desc = np.frombuffer(memory.read(gpas["desc"], VRING_PACKED_DESC_SIZE * num),
+                         VRING_PACKED_DESC_DTYPE).copy()
+
+    def event(gpa: int | None) -> tuple[int, int]:
+        if gpa is None:
+            return (0, 0)
+        e = np.frombuffer(memory.read(gpa, VRING_PACKED_EVENT_DTYPE.itemsize),
+                          VRING_PACKED_EVENT_DTYPE)[0]
+        return int(e["off_wrap"]), int(e["flags"])
+
+    as_base = (lambda b: None if b is None else PackedVringBase(*map(int, b)))
+    return PackedRingSnapshot(num, desc, event(gpas.get("driver")), event(gpas.get("device")),
+                              as_base(device), as_base(driver), index, dict(gpas))
+
+
+def slot_state(flags: int) -> tuple[str, int]:
+    """("available", lap) when AVAIL != USED (the driver wrote it, with wrap counter
+    ``lap``), ("used", lap) when they are equal (the device wrote it back)."""
+    avail = int(bool(flags & VRING_PACKED_DESC_F_AVAIL))
+    used = int(bool(flags & VRING_PACKED_DESC_F_USED))
+    return ("available" if avail != used else "used"), avail
+
+
+def waiting_for_device(snap: PackedRingSnapshot) -> list[int]:
+    """Slots the device has not taken yet: from its ``last_avail_idx`` on, while
+    each slot is available in the device's avail lap (at most ``num``)."""
+    if snap.device is None or snap.num <= 0:
+        return []
+    out, slot, wrap_ = [], snap.device.last_avail_idx % snap.num, snap.device.avail_wrap_counter
+    for _ in range(snap.num):
+        if not packed_desc_is_avail(int(snap.desc[slot]["flags"]), wrap_):
+            break
+        out.append(slot)
+        slot += 1
+        if slot == snap.num:
+            slot, wrap_ = 0, wrap_ ^ 1
+    return out
