@@ -20,6 +20,8 @@ import pytest
 
 from vhostlab.protocol import HEADER_SIZE, TO_BACKEND, LogArea, Message, Request
 from vhostlab.qemu import MigrationConfig, QemuMigration, vring_bases
+from vhostlab.backend.observe import ObservedDevice
+from vhostlab.qemu import QemuError
 from vhostlab.qemu.dpdk_side import QemuDpdkMigration, RelayObserver
 from vhostlab.qemu.migration_model import MigrationResult
 
@@ -139,11 +141,22 @@ def test_kit_only_options_are_refused_with_dpdk():
         MigrationConfig(backend="ovs")
 
 
+def _relay_observer(**options):
+    """A RelayObserver on its own ObservedDevice, and a ``feed`` that hands each
+    message to both in the relay's order (the device first)."""
+    watch = RelayObserver(ObservedDevice("dpdk"), **options)
+
+    def feed(direction, msg, fds):
+        watch.device(direction, msg, fds)
+        watch(direction, msg, fds)
+    return watch, feed
+
+
 def test_the_observer_hides_log_all_from_the_back_end_only_when_asked():
     msg = Message.make(Request.SET_FEATURES, LOG_ALL | (1 << 30))
     raw = msg.to_bytes()
-    assert RelayObserver().rewrite(TO_BACKEND, msg) is None
-    observer = RelayObserver(drop_log_all=True)
+    assert _relay_observer()[0].rewrite(TO_BACKEND, msg) is None
+    observer, _ = _relay_observer(drop_log_all=True)
     passed = observer.rewrite(TO_BACKEND, msg)
     assert len(passed) == len(raw) and passed[:HEADER_SIZE] == raw[:HEADER_SIZE]
     assert struct.unpack_from("<Q", passed, HEADER_SIZE)[0] == 1 << 30
@@ -153,10 +166,13 @@ def test_the_observer_hides_log_all_from_the_back_end_only_when_asked():
 
 
 def test_the_observer_never_raises_into_the_relay():
-    observer = RelayObserver()
+    observer, feed = _relay_observer()
     bad_log = Message.make(Request.SET_LOG_BASE, LogArea(4096, 0), fds=[-1])
-    observer(TO_BACKEND, bad_log, [-1])                       # no such fd: noted, not raised
-    assert observer.log is None and observer.errors and "SET_LOG_BASE" in observer.errors[0]
+    feed(TO_BACKEND, bad_log, [-1])                           # no such fd: noted, not raised
+    assert observer.device.log is None and observer.read_log() is None
+    assert observer.errors and "SET_LOG_BASE" in observer.errors[0]
+    with pytest.raises(QemuError, match="no SET_MEM_TABLE"):
+        observer.read_ram(0, 16)
 
 
 def test_skip_final_sync_throws_the_marks_away_as_each_ring_stops():
@@ -166,21 +182,22 @@ def test_skip_final_sync_throws_the_marks_away_as_each_ring_stops():
     from vhostlab.protocol import TO_FRONTEND, VringState
     log = DirtyLog.allocate(64 << 20)
     try:
-        watch = RelayObserver(discard_at_stop=True)
-        watch(TO_BACKEND, Message.make(Request.SET_LOG_BASE, LogArea(log.size, 0)), [log.fd])
+        watch, feed = _relay_observer(discard_at_stop=True)
+        feed(TO_BACKEND, Message.make(Request.SET_LOG_BASE, LogArea(log.size, 0)), [log.fd])
         for page in (5, 300, 4000):          # DPDK's marks, made through its own mapping
             log.mark_page(page)
-        watch(TO_FRONTEND, Message.make_reply(Request.GET_VRING_BASE, VringState(0, 16)), [])
+        feed(TO_FRONTEND, Message.make_reply(Request.GET_VRING_BASE, VringState(0, 16)), [])
         assert watch.discarded == {5, 300, 4000}
         assert log.popcount() == 0            # the final sync will find nothing
         assert watch.log_at_stop is not None and not any(watch.log_at_stop)
         assert watch.errors == []
-        kept = RelayObserver()                # without the emulation nothing is taken
-        kept(TO_BACKEND, Message.make(Request.SET_LOG_BASE, LogArea(log.size, 0)), [log.fd])
+        kept, feed_kept = _relay_observer()   # without the emulation nothing is taken
+        feed_kept(TO_BACKEND, Message.make(Request.SET_LOG_BASE, LogArea(log.size, 0)), [log.fd])
         log.mark_page(7)
-        kept(TO_FRONTEND, Message.make_reply(Request.GET_VRING_BASE, VringState(0, 16)), [])
+        feed_kept(TO_FRONTEND, Message.make_reply(Request.GET_VRING_BASE, VringState(0, 16)), [])
         assert kept.discarded == set() and log.popcount() == 1
-        watch.close()
-        kept.close()
+        assert kept.read_log() is not None
+        watch.device.close()
+        kept.device.close()
     finally:
         log.close()

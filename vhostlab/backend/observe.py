@@ -63,6 +63,8 @@ class ObservedDevice:
 
     ``name``: the back-end, for the snapshot's ``mode``; ``wire``: what its
     wire is called. ``snapshot()`` gives a DeviceSnapshot the views draw.
+    ``lock`` guards the mappings: hold it to read ``memory`` or ``log`` from
+    another thread (the relay's replaces them).
     """
 
     name: str = "dpdk"
@@ -78,12 +80,18 @@ class ObservedDevice:
     errors: list = field(default_factory=list)
     seen_logged: set = field(default_factory=set)
     connected: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- the relay's hook ---------------------------------------------------------
     def __call__(self, direction: str, msg: Message, fds: list[int]) -> None:
-        with self._lock:
-            self._observe(direction, msg, fds)
+        """Keep what ``msg`` tells the back-end. Never raises: whatever the front-end
+        sends (a log fd that cannot be mapped, say), the relay goes on, and the
+        failure is kept in ``errors``."""
+        with self.lock:
+            try:
+                self._observe(direction, msg, fds)
+            except Exception as exc:
+                self.errors.append(f"relay observer: {msg.request.name}: {exc}")
 
     def _vring(self, index: int) -> ObservedVring:
         return self.vrings.setdefault(index, ObservedVring(index))
@@ -209,7 +217,7 @@ class ObservedDevice:
     def snapshot(self, trace: tuple = (), counters: dict | None = None) -> DeviceSnapshot:
         """The device as the front-end configured it, with the rings' indices and the
         log read from guest memory now. ``counters`` are added to the observed ones."""
-        with self._lock:
+        with self.lock:
             memory = () if self.memory is None or self.memory.closed else tuple(
                 RegionSnapshot(*map(int, r)) for r in self.memory.regions)
             # Every ring of the device, configured or not, as vhostlab's back-end lists them.
@@ -235,5 +243,5 @@ class ObservedDevice:
 
     def close(self) -> None:
         """Unmap guest RAM and the log."""
-        with self._lock:
+        with self.lock:
             self._replace(memory=None, log=None)

@@ -32,15 +32,17 @@ def _ignore_log(words: np.ndarray) -> np.ndarray:
 class DpdkSide:
     """A DPDK back-end behind a recording relay, shaped like the parts of a
     ``BackendServer`` the migration uses: ``start``, ``socket_path`` (the
-    relay's), ``trace``, ``stop``."""
+    relay's), ``trace``, ``stop``. ``device``: the relay's observer of what the
+    front-end told DPDK (a new ObservedDevice if None)."""
 
-    def __init__(self, name: str, switchover: SwitchoverRecorder | None = None) -> None:
+    def __init__(self, name: str, switchover: SwitchoverRecorder | None = None,
+                 device: ObservedDevice | None = None) -> None:
         self.name = name
         self.workdir = tempfile.mkdtemp(prefix="vhostlab-dpdk-")
         os.chmod(self.workdir, 0o700)
         self.dpdk: DpdkVhostBackend | None = None
         self.relay: VhostUserRelay | None = None
-        self.device = ObservedDevice("dpdk")
+        self.device = device if device is not None else ObservedDevice("dpdk")
         self.observer = switchover.observer(self.device, name) if switchover else self.device
         self.trace = MessageTrace()         # kept after stop, for the labs to read
         self.socket_path = os.path.join(self.workdir, "relay.sock")

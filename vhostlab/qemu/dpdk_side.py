@@ -16,8 +16,8 @@ What changes, against a back-end this process does not implement:
   destination the resumed driver reads them from the destination's RAM, and
   the TX ledger checks each byte for byte (every frame is a TX frame; the
   "to guest" direction has none of its own).
-- The log. The relay sees SET_LOG_BASE go by with its fd, and
-  :class:`RelayObserver` maps the same shared log QEMU and DPDK use: the
+- The log. The relay sees SET_LOG_BASE go by with its fd, and its observer
+  (an ``ObservedDevice``) maps the same shared log QEMU and DPDK use: the
   round tracker reads it every tick, as it reads a vhostlab back-end's, and
   the log is copied once more as each GET_VRING_BASE reply passes (before
   QEMU gets it, so before vhost_log_put's final sync clears it). DPDK keeps
@@ -40,20 +40,17 @@ What changes, against a back-end this process does not implement:
 from __future__ import annotations
 
 import os
-import struct
-import threading
 import time
 import types
 
 import numpy as np
 
 from vhostlab.backend.dpdk import DpdkVhostBackend, dpdk_usable
-from vhostlab.backend.relay import VhostUserRelay
-from vhostlab.dirtylog import DirtyLog, DirtyRound
-from vhostlab.memory import GuestMemory
-from vhostlab.memory.regions import GuestMemoryRegion
+from vhostlab.backend.observe import ObservedDevice
+from vhostlab.backend.relay import VhostUserRelay, strip_log_all
+from vhostlab.dirtylog import DirtyRound
 from vhostlab.frontend.dpdk_side import DpdkSide
-from vhostlab.protocol import HEADER_SIZE, TO_BACKEND, TO_FRONTEND, Message, Request
+from vhostlab.protocol import TO_BACKEND, TO_FRONTEND, Message, Request
 from vhostlab.protocol.features import Feature
 from vhostlab.switchover import frames_in_pages
 
@@ -89,83 +86,69 @@ class DpdkNotUsableError(QemuError):
 
 
 class RelayObserver:
-    """The relay's ``observer`` and ``rewrite``: maps what QEMU shares with DPDK
-    and, asked to, hides VHOST_F_LOG_ALL from DPDK.
+    """What a QEMU migration needs from the relay beyond the picture: the log as the
+    rings stop, the destination's RAM before DPDK runs, and, asked to, a DPDK
+    that never logs.
 
-    ``log``: the dirty log of the last SET_LOG_BASE; ``log_at_stop``: a copy
-    of it as the last GET_VRING_BASE reply went by; ``memory``: guest RAM
-    from the last SET_MEM_TABLE; ``frozen``: ``freeze_range`` (gpa, size)
-    of it copied as the last SET_VRING_KICK went by; ``rewritten``: (value
-    QEMU sent, value passed on) for each SET_FEATURES changed; ``errors``:
-    what could not be mapped. Runs in the relay's thread and never raises
-    there (the relay must go on).
+    ``device``: the relay's :class:`~vhostlab.backend.observe.ObservedDevice`,
+    which maps guest RAM and the log from the fds QEMU sends; this observer
+    reads them there and maps nothing of its own. It runs after the device
+    has seen each message. ``log_at_stop``: a copy of the log as the last
+    GET_VRING_BASE reply went by; ``frozen``: ``freeze_range`` (gpa, size) of
+    RAM copied as the last SET_VRING_KICK went by; ``rewritten``: (value QEMU
+    sent, value passed on) for each SET_FEATURES changed; ``errors``: the
+    device's list, with what went wrong here. Runs in the relay's thread and
+    never raises there (the relay must go on).
     """
 
-    def __init__(self, drop_log_all: bool = False, discard_at_stop: bool = False) -> None:
+    def __init__(self, device: ObservedDevice, drop_log_all: bool = False,
+                 discard_at_stop: bool = False) -> None:
+        self.device = device
         self.drop_log_all = drop_log_all
         self.discard_at_stop = discard_at_stop
         self.discarded: set[int] = set()
-        self.log: DirtyLog | None = None
-        self.memory: GuestMemory | None = None
         self.log_at_stop: bytes | None = None
         self.rewritten: list[tuple[int, int]] = []
         self.freeze_range: tuple[int, int] | None = None
         self.frozen: bytes | None = None
-        self.errors: list[str] = []
-        self._lock = threading.Lock()
+        self.errors: list[str] = device.errors
 
     def __call__(self, direction: str, msg: Message, fds: list) -> None:
         try:
-            self._observe(direction, msg, fds)
+            self._observe(direction, msg)
         except Exception as exc:  # an observer's failure never stops the traffic
             self.errors.append(f"{msg.request.name}: {exc}")
 
-    def _observe(self, direction: str, msg: Message, fds: list) -> None:
-        request = msg.request
-        if direction == TO_FRONTEND:
-            if request == Request.GET_VRING_BASE:
-                with self._lock:
-                    if self.log is not None:
-                        # skip_final_sync, emulated as StopWindow does on the kit's
-                        # back-end: DPDK's ring has stopped, QEMU has not got the reply
-                        # yet; its marks are taken out of the log and thrown away.
-                        if self.discard_at_stop:
-                            self.discarded.update(int(p) for p in self.log.sync())
-                        self.log_at_stop = self.log.snapshot().tobytes()
-        elif request == Request.SET_LOG_BASE and fds:
-            area = msg.payload
-            self._replace("log", DirtyLog.from_fd(fds[0], area.mmap_size, area.mmap_offset))
-        elif request == Request.SET_MEM_TABLE and fds:
-            self._replace("memory", GuestMemory.from_table(
-                (GuestMemoryRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr,
-                                   r.mmap_offset), fd) for r, fd in zip(msg.payload.regions, fds)))
-        elif request == Request.SET_VRING_KICK and self.freeze_range is not None \
-                and self.memory is not None:
+    def _observe(self, direction: str, msg: Message) -> None:
+        request, dev = msg.request, self.device
+        if direction == TO_FRONTEND and request == Request.GET_VRING_BASE:
+            with dev.lock:
+                if dev.log is not None and not dev.log.closed:
+                    # skip_final_sync, emulated as StopWindow does on the kit's
+                    # back-end: DPDK's ring has stopped, QEMU has not got the reply
+                    # yet; its marks are taken out of the log and thrown away.
+                    if self.discard_at_stop:
+                        self.discarded.update(int(p) for p in dev.log.sync())
+                    self.log_at_stop = dev.log.snapshot().tobytes()
+        elif direction == TO_BACKEND and request == Request.SET_VRING_KICK \
+                and self.freeze_range is not None and dev.memory is not None:
             self.frozen = None              # DPDK cannot run this ring before it has the kick
             self.frozen = self.read_ram(*self.freeze_range)
 
     def rewrite(self, direction: str, msg: Message) -> bytes | None:
-        """With ``drop_log_all``: SET_FEATURES without VHOST_F_LOG_ALL."""
-        if not (self.drop_log_all and direction == TO_BACKEND
-                and msg.request == Request.SET_FEATURES and not msg.is_reply):
-            return None
-        value = int(msg.payload.value)
-        if not value & LOG_ALL:
-            return None
-        self.rewritten.append((value, value & ~LOG_ALL))
-        return msg.to_bytes()[:HEADER_SIZE] + struct.pack("<Q", value & ~LOG_ALL)
-
-    def _replace(self, name: str, new) -> None:
-        with self._lock:
-            old = getattr(self, name)
-            setattr(self, name, new)
-        if old is not None:
-            old.close()
+        """With ``drop_log_all``: SET_FEATURES without VHOST_F_LOG_ALL (the relay's
+        ``strip_log_all``), each change kept in ``rewritten``."""
+        out = strip_log_all(direction, msg) if self.drop_log_all and not msg.is_reply else None
+        if out is not None:
+            value = int(msg.payload.value)
+            self.rewritten.append((value, value & ~LOG_ALL))
+        return out
 
     def read_log(self) -> bytes | None:
         """The shared dirty log as it is now (None before SET_LOG_BASE)."""
-        with self._lock:
-            return None if self.log is None else self.log.snapshot().tobytes()
+        with self.device.lock:
+            log = self.device.log
+            return None if log is None or log.closed else log.snapshot().tobytes()
 
     def read_ram(self, gpa: int, n: int) -> bytes:
         """``n`` bytes of guest RAM at ``gpa`` (from ``frozen`` if it covers them)."""
@@ -173,14 +156,10 @@ class RelayObserver:
             start, size = self.freeze_range
             if start <= gpa and gpa + n <= start + size:
                 return self.frozen[gpa - start:gpa - start + n]
-        with self._lock:
-            if self.memory is None:
+        with self.device.lock:
+            if self.device.memory is None:
                 raise QemuError("no SET_MEM_TABLE went through the relay yet")
-            return self.memory.read(gpa, n)
-
-    def close(self) -> None:
-        for name in ("log", "memory"):
-            self._replace(name, None)
+            return self.device.memory.read(gpa, n)
 
 
 class _ObservedDpdkSide(DpdkSide):
@@ -188,7 +167,7 @@ class _ObservedDpdkSide(DpdkSide):
     rewrite); testpmd's totals stay in ``totals`` after :meth:`stop`."""
 
     def __init__(self, name: str, watch: RelayObserver, switchover=None) -> None:
-        super().__init__(name, switchover)
+        super().__init__(name, switchover, device=watch.device)
         self.watch = watch
         self.read_ram = watch.read_ram
         self.totals = None
@@ -220,7 +199,6 @@ class _ObservedDpdkSide(DpdkSide):
         finally:
             if dpdk is not None:
                 self.totals = dpdk.totals
-            self.watch.close()
 
 
 class DpdkHost(VhostUserHost):
@@ -234,7 +212,7 @@ class DpdkHost(VhostUserHost):
     def __init__(self, name: str, *, switchover=None, discard_at_stop: bool = False,
                  **kwargs) -> None:
         super().__init__(name, **kwargs)
-        self.observer = RelayObserver(drop_log_all=self.break_logging,
+        self.observer = RelayObserver(ObservedDevice("dpdk"), drop_log_all=self.break_logging,
                                       discard_at_stop=discard_at_stop)
         self.switchover = switchover
         self.totals = None
