@@ -341,8 +341,10 @@ class VirtqueueView(View):
     def chains(self, snap: RingSnapshot) -> list[dict]:
         """The chains of the latest avail entries, newest last, marked pending or taken.
 
-        An entry whose head a later entry reuses is given no chain (its
-        problem says so): the descriptors now hold the later chain.
+        An entry whose head a later entry reuses is given no chain and
+        ``reused`` True: the driver got the chain back and reused its
+        descriptors, which now hold the later chain (normal, not a problem;
+        the view lists such entries on one line).
         """
         num = snap.num
         if num <= 0 or len(snap.avail_ring) == 0:
@@ -368,12 +370,12 @@ class VirtqueueView(View):
                 # The driver got this chain back and reused its head in a later
                 # entry: the table now holds the later chain, not this one.
                 out.append({"avail_idx": slot_idx, "head": head, "chain": [],
-                            "problem": "reused by a later entry", "pending": pending})
+                            "problem": None, "reused": True, "pending": pending})
                 continue
             chain, problem = walk_chain(snap.desc, head, num)
             newer.update(chain)
             out.append({"avail_idx": slot_idx, "head": head, "chain": chain,
-                        "problem": problem, "pending": pending})
+                        "problem": problem, "reused": False, "pending": pending})
         return out[::-1]
 
     def to_html(self) -> str:
@@ -483,6 +485,7 @@ class VirtqueueView(View):
         return f"<div class='muted'>\u25b2 {esc('; '.join(said))}</div>"
 
     def _chains_svg(self, chains: list[dict]) -> str:
+        chains = [c for c in chains if not c.get("reused")]
         if not chains:
             return ""
         bw, bh, gap, maxlen = 52, 18, 22, 12
@@ -518,12 +521,19 @@ class VirtqueueView(View):
     @staticmethod
     def _chain_list(chains: list[dict]) -> str:
         items = []
+        reused = [c["avail_idx"] for c in chains if c.get("reused")]
         for c in chains:
+            if c.get("reused"):
+                continue
             order = " \u2192 ".join(str(d) for d in c["chain"])
             state = "" if c["pending"] is None else (" (pending)" if c["pending"] else " (taken)")
             bad = f" <span class='bad'>{esc(c['problem'])}</span>" if c["problem"] else ""
             items.append(f"<li>avail[{c['avail_idx']}] head {c['head']}: {esc(order)}"
                          f"{esc(state)}{bad}</li>")
+        if reused:
+            items.append(f"<li class='muted'>{esc(_index_ranges('avail', reused))}: not drawn; "
+                         "the driver got these chains back and reused their heads in later "
+                         "entries, so the descriptors now hold the later chains</li>")
         return f"<div>chains:<ul>{''.join(items)}</ul></div>" if items else ""
 
     def _desc_table(self, snap: RingSnapshot) -> str:
@@ -558,3 +568,15 @@ class VirtqueueView(View):
                      caption="descriptor table: in use or recently used",
                      row_classes=classes) + \
             f"<div class='muted'>{esc('; '.join(notes))}</div>"
+
+
+def _index_ranges(name: str, indices: list[int]) -> str:
+    """``avail[7], avail[9]..avail[15]``: runs of consecutive indices, shortened."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{name}[{a}]" if a == b else f"{name}[{a}]..{name}[{b}]"
+                     for a, b in runs)
