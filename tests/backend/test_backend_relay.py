@@ -79,6 +79,37 @@ def test_relay_to_dpdk(requires_dpdk, tmp_path):
         guest.close()
 
 
+def test_a_rewritten_message_is_recorded_as_passed_on_and_as_sent(tmp_path):
+    """strip_log_all: our back-end gets SET_FEATURES without VHOST_F_LOG_ALL; the
+    trace keeps both, and the narration line says what the relay took out."""
+    from vhostlab.backend.relay import strip_log_all
+    from vhostlab.protocol import Feature, format_record
+    d = tmp_path / "s"
+    d.mkdir(mode=0o700)
+    guest = BuiltinVirtioNetGuest()
+    try:
+        with BackendServer(str(d / "be.sock")) as srv, \
+                VhostUserRelay(str(d / "relay.sock"), srv.socket_path,
+                               rewrite=strip_log_all) as relay:
+            _drive(relay.listen_path, guest)
+            time.sleep(0.2)
+            snap = srv.snapshot()
+        log_all = int(Feature.VHOST_F_LOG_ALL)
+        got = [r.fields["payload"]["value"] for r in snap.trace
+               if r.request == "SET_FEATURES" and r.direction == TO_BACKEND]
+        assert got and not any(v & log_all for v in got)     # the back-end never saw it
+        rewritten = [r for r in relay.trace.records() if "rewritten_from" in r.fields]
+        assert [r.request for r in rewritten] == ["SET_FEATURES"]
+        r = rewritten[0]
+        assert r.fields["rewritten_from"]["value"] == r.fields["payload"]["value"] | log_all
+        assert format_record(r).endswith("[the relay took VHOST_F_LOG_ALL out on the way]")
+        plain = [r for r in relay.trace.records() if r.request == "SET_FEATURES"
+                 and "rewritten_from" not in r.fields and r.direction == TO_BACKEND]
+        assert plain and "the relay" not in format_record(plain[0])   # before logging
+    finally:
+        guest.close()
+
+
 def _msg(request: int, size: int) -> bytes:
     return struct.pack("<III", request, 1, size) + bytes(size)
 

@@ -65,6 +65,29 @@ def test_a_step_qemu_never_sent_is_said_out_loud():
     assert "no dirty-bitmap sync" in text
 
 
+def test_a_set_features_the_relay_rewrote_is_narrated_in_step_2_with_what_changed():
+    """The DPDK negative control: QEMU sent LOG_ALL, the relay took it out. The
+    step is QEMU's, so it is narrated where the seed puts it, with the change."""
+    sent = {"value": 1 << 26 | 1 << 30, "names": ["VHOST_F_LOG_ALL", "PROTOCOL_FEATURES"]}
+    passed = {"value": 1 << 30, "names": ["PROTOCOL_FEATURES"]}
+    trace = MessageTrace()
+    for direction, request, payload in SOURCE_START + LOGGING + STOP:
+        fields = {"payload": payload, "flags": 1}
+        if request == "SET_FEATURES":
+            fields = {"payload": passed, "flags": 1, "rewritten_from": sent}
+        trace.record(direction, request, fields, b"")
+    lines: list[str] = []
+    n = _QemuNarrator(lines.append, MigrationConfig(), (10, 0, 13))
+    n(ProgressEvent("messages", "source", trace.records()))
+    n(ProgressEvent("messages", "destination", _records(*DEST)))
+    assert n.finish(completed=False) == []
+    text = "\n".join(lines)
+    step2 = text[text.index("Seed step 2"):text.index("Seed step 3")]
+    assert ("-> SET_FEATURES {names=[PROTOCOL_FEATURES]} "
+            "[the relay took VHOST_F_LOG_ALL out on the way]") in step2
+    assert "not seen" not in text
+
+
 def test_a_record_that_reached_the_narrator_but_was_not_narrated_is_shown_late():
     # SET_VRING_BASE arriving before the source stopped is not narrated in place.
     n, lines = _narrate(SOURCE_START + LOGGING, DEST)

@@ -111,6 +111,10 @@ def test_dpdk_that_never_logs_loses_frames(peers):
                                             for sent, passed in m.src.observer.rewritten)
     assert not any(r.request == "SET_FEATURES" and r.direction == TO_BACKEND
                    and r.fields["payload"]["value"] & LOG_ALL for r in src)
+    # ... and so is what QEMU sent: the relay keeps it beside what it passed on.
+    assert any(r.request == "SET_FEATURES" and r.fields["rewritten_from"]["value"] & LOG_ALL
+               for r in src if "rewritten_from" in r.fields)
+    assert not any(n.startswith("narration:") for n in result.notes), result.notes
     assert result.pages_logged == 0
     bad = m.dirty_rounds[-1].mismatched
     assert bad and any(page.frames for page in bad)      # pages whose frames never came

@@ -33,7 +33,8 @@ it keeps); ``observe.ObservedDevice`` builds a device picture from them.
 ``rewrite(direction, message)`` may return other bytes to send instead: a
 front-end and a back-end that disagree, made on purpose (the labs' negative
 control strips VHOST_F_LOG_ALL from SET_FEATURES, so a back-end that logs
-correctly is never asked to). The trace records what was sent on.
+correctly is never asked to). The trace records what was sent on, and for a
+rewritten message also what its sender wrote (``rewritten_from``).
 """
 from __future__ import annotations
 
@@ -221,9 +222,12 @@ class VhostUserRelay:
             messages = [(raw, raw_fds)]
         for raw, msg_fds in messages:
             msg = self._parse(raw, len(msg_fds))
+            sent_as = None                      # the message as its sender wrote it, if rewritten
             if msg is not None and self.rewrite is not None:
-                raw = self.rewrite(direction, msg) or raw
-                msg = self._parse(raw, len(msg_fds)) or msg
+                other = self.rewrite(direction, msg)
+                if other is not None and other != raw:
+                    sent_as, raw = msg, other
+                    msg = self._parse(raw, len(msg_fds)) or msg
             try:
                 if msg is not None and self.observer is not None:
                     self.observer(direction, msg, msg_fds)    # before the receiver acts
@@ -234,7 +238,7 @@ class VhostUserRelay:
                 return False
             finally:
                 _close(msg_fds)
-            self._record(direction, raw, len(msg_fds), msg)
+            self._record(direction, raw, len(msg_fds), msg, sent_as)
         return True
 
     @staticmethod
@@ -244,7 +248,10 @@ class VhostUserRelay:
         except ProtocolError:
             return None
 
-    def _record(self, direction: str, raw: bytes, nfds: int, msg: Message | None) -> None:
+    def _record(self, direction: str, raw: bytes, nfds: int, msg: Message | None,
+                sent_as: Message | None = None) -> None:
+        """Record what was passed on; a rewritten message also keeps the payload its
+        sender wrote, as ``rewritten_from``, so the trace shows both."""
         if msg is None:
             try:
                 parse_message(raw, [-1] * nfds, check_fd_count=False)
@@ -252,7 +259,10 @@ class VhostUserRelay:
                 self.trace.record(direction, str(err.request or "?"), {}, raw, nfds,
                                   connection=self.connections, error=str(err))
             return
-        self.trace.record(direction, msg.request.name, msg.fields(), raw, nfds,
+        fields = msg.fields()
+        if sent_as is not None:
+            fields = {**fields, "rewritten_from": sent_as.fields().get("payload")}
+        self.trace.record(direction, msg.request.name, fields, raw, nfds,
                           connection=self.connections)
 
     # -- life cycle ----------------------------------------------------------------

@@ -8,7 +8,9 @@ sender and receiver as vhost-user.rst names them, whoever recorded it:
 
 :func:`format_message` is the line every narration prints for a message:
 ``-> SET_LOG_BASE {mmap_size=0x2000, mmap_offset=0x0} + 1 fd``, "->" for
-front-end to back-end, "<-" for back-end to front-end.
+front-end to back-end, "<-" for back-end to front-end. A message a relay
+rewrote on purpose (the DPDK negative control) says so at the end:
+``[the relay took VHOST_F_LOG_ALL out on the way]``.
 """
 from __future__ import annotations
 
@@ -54,7 +56,23 @@ def format_message(direction: str, request: str, fields: Mapping[str, Any], nfds
         text += " (need_reply)"
     if nfds:
         text += f" + {nfds} fd{'s' if nfds > 1 else ''}"
+    if "rewritten_from" in fields:
+        text += f" [{_rewritten(fields['rewritten_from'], payload)}]"
     return text
+
+
+def _rewritten(sent: Any, passed: Any) -> str:
+    """What a relay changed in a message: the feature names it took out or put in,
+    or else the payload as its sender wrote it."""
+    if isinstance(sent, Mapping) and isinstance(passed, Mapping) \
+            and "names" in sent and "names" in passed:
+        out = [n for n in sent["names"] if n not in passed["names"]]
+        put = [n for n in passed["names"] if n not in sent["names"]]
+        said = ([f"took {', '.join(out)} out"] if out else []) + \
+            ([f"put {', '.join(put)} in"] if put else [])
+        if said:
+            return "the relay " + " and ".join(said) + " on the way"
+    return f"the relay rewrote it; the sender wrote {_value('', sent)}"
 
 
 def format_record(record: Any) -> str:

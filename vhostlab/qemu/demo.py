@@ -105,7 +105,8 @@ class _QemuNarrator:
         payload = record.fields.get("payload") or {}
         if record.request == "SET_LOG_BASE":
             return 1
-        if record.request == "SET_FEATURES" and payload.get("value", 0) & VHOST_F_LOG_ALL:
+        sent = record.fields.get("rewritten_from") or payload     # what QEMU sent
+        if record.request == "SET_FEATURES" and sent.get("value", 0) & VHOST_F_LOG_ALL:
             return 2
         if record.request == "SET_VRING_ADDR" and payload.get("log"):
             return 2
@@ -199,8 +200,8 @@ class _QemuNarrator:
                        - {None}) or [0, 1]
 
         def req(name, **want):
-            def test(r):
-                p = r.fields.get("payload") or {}
+            def test(r):            # on what QEMU sent, before a relay rewrote it
+                p = r.fields.get("rewritten_from") or r.fields.get("payload") or {}
                 return r.request == name and all(
                     (p.get(k, 0) & v) if k in ("value", "flags") else p.get(k) == v
                     for k, v in want.items())
