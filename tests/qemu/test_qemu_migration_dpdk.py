@@ -134,6 +134,8 @@ def test_demo_json_against_dpdk(peers):
     assert summary["frontend"] == "qemu" and summary["backend"] == "dpdk"
     assert summary["integrity"] == "ok" and summary["vhost_log"]["pages_logged"] > 0
     assert summary["frames"]["lost"] == summary["frames"]["corrupted"] == 0
+    rx = summary["rx_check"]          # DPDK's unread RX frames, found whole at the destination
+    assert rx["expected"] == rx["found"] == rx["intact"] > 0, rx
 
 
 # -- without QEMU or DPDK ---------------------------------------------------------------

@@ -192,6 +192,10 @@ class MigrationResult:
             "vring_handoff": self.verify.handoff if self.verify else {},
             "rarp_frames": self.rarp_frames,
             "driver_errors": list(self.verify.driver_errors) if self.verify else [],
+            # The RX frames the source back-end wrote and the guest had not read, as
+            # the destination's used ring and RAM hold them (all three equal when ok).
+            "rx_check": ({"expected": self.verify.rx_expected, "found": self.verify.rx_found,
+                          "intact": self.verify.rx_intact} if self.verify else {}),
             "events": list(self.events),
             "notes": list(self.notes),
             "resources": dict(self.resources),
