@@ -318,7 +318,7 @@ STATE_JS = r"""() => {
     c.model.outputs.toJSON().forEach(o => {
       if (o.output_type === 'error') {
         failed = true;
-        errors.push({cell: n, text: where + ': ' + o.ename + ': ' + o.evalue});
+        errors.push({cell: n, text: where + ': ' + o.ename + ': ' + o.evalue, stops: true});
       }
       const data = o.data || {};
       if (data['application/vnd.jupyter.widget-view+json'])
@@ -418,7 +418,9 @@ class LabPage:
         deadline, streak = time.monotonic() + timeout, 0
         while True:
             state = self.state()
-            if state.get("errors"):
+            # A failed cell ends Run All (the cells after it never run); other
+            # problems (a widget shown as text) are collected when the run ends.
+            if any(e.get("stops") for e in state.get("errors") or ()):
                 return state
             streak = streak + 1 if done(state) else 0
             if streak >= settle:
