@@ -43,7 +43,7 @@ from vhostlab.protocol import TO_BACKEND, Feature, Request
 from vhostlab.ring.layout import (VRING_DESC_DTYPE, VRING_DESC_F_NEXT, VRING_USED_ELEM_DTYPE,
                                   VringCopy, vring_views)
 from vhostlab.ring.packed_layout import (PackedRingSnapshot, packed_ring_copy,
-                                         parse_packed_vring_base, slot_state,
+                                         packed_vring_position, slot_state,
                                          waiting_for_device)
 
 __all__ = ["VringAtSwitchover", "PackedRingAtSwitchover", "SwitchoverRecorder", "StopWindow",
@@ -111,10 +111,7 @@ def copy_packed_ring(memory, index: int, num: int, gpas: dict, base: int, side: 
                      moment: str, log=None) -> PackedRingAtSwitchover:
     """Copy packed ring ``index`` out of guest ``memory``; ``base``: the 32-bit vring
     base (its 16-bit form, DPDK's, puts used where avail is)."""
-    pos = parse_packed_vring_base(base)
-    if base >> 16 == 0:
-        pos = pos._replace(last_used_idx=pos.last_avail_idx,
-                           used_wrap_counter=pos.avail_wrap_counter)
+    pos = packed_vring_position(base)
     areas = {"desc": gpas["desc"], "driver": gpas.get("driver", gpas.get("avail")),
              "device": gpas.get("device", gpas.get("used"))}
     snap = packed_ring_copy(memory, num, areas, device=pos, index=index)
@@ -219,7 +216,7 @@ class SwitchoverRecorder:
             num, gpas, base = ring
             last = msg.payload.num if side == "source" else base
             moment = "at GET_VRING_BASE's answer" if side == "source" else "after SET_VRING_BASE"
-            packed = bool(getattr(device, "features", 0) & Feature.VIRTIO_F_RING_PACKED)
+            packed = bool(device.features & Feature.VIRTIO_F_RING_PACKED)
             try:
                 snap = copy_ring(device.memory, index, num, gpas, last, side, moment, device.log,
                                  "packed" if packed else "split")
@@ -323,7 +320,8 @@ def frames_in_pages(ring: VringAtSwitchover, read: Callable[[int, int], bytes],
 
 
 def _written_buffers(ring):
-    """(id, gpa, room, bytes written) of each buffer the device returned, newest first.
+    """(id, gpa, room, bytes written) of each buffer the device returned (newest
+    first for a split ring, in slot order for a packed one).
 
     A split ring's used entries name the head, whose descriptor still holds
     the buffer. A packed ring's device writes id and len back into the slot

@@ -44,6 +44,12 @@ SEED_LOG_PUT = ("And when backend is stopped, vhost_log_put() is used to synchro
                 "dirty page memory.")
 
 
+def _as_sent(record) -> dict:
+    """A record's payload as QEMU sent it, before a relay rewrote it (the DPDK
+    negative control): the seed's steps are what QEMU does."""
+    return record.fields.get("rewritten_from") or record.fields.get("payload") or {}
+
+
 class _QemuNarrator:
     """Turns progress events into the seed's story, one line at a time.
 
@@ -105,8 +111,7 @@ class _QemuNarrator:
         payload = record.fields.get("payload") or {}
         if record.request == "SET_LOG_BASE":
             return 1
-        sent = record.fields.get("rewritten_from") or payload     # what QEMU sent
-        if record.request == "SET_FEATURES" and sent.get("value", 0) & VHOST_F_LOG_ALL:
+        if record.request == "SET_FEATURES" and _as_sent(record).get("value", 0) & VHOST_F_LOG_ALL:
             return 2
         if record.request == "SET_VRING_ADDR" and payload.get("log"):
             return 2
@@ -200,8 +205,8 @@ class _QemuNarrator:
                        - {None}) or [0, 1]
 
         def req(name, **want):
-            def test(r):            # on what QEMU sent, before a relay rewrote it
-                p = r.fields.get("rewritten_from") or r.fields.get("payload") or {}
+            def test(r):
+                p = _as_sent(r)
                 return r.request == name and all(
                     (p.get(k, 0) & v) if k in ("value", "flags") else p.get(k) == v
                     for k, v in want.items())

@@ -49,7 +49,7 @@ __all__ = [
     "VRING_PACKED_DESC_SIZE", "VRING_PACKED_DESC_ALIGN", "VRING_PACKED_EVENT_ALIGN",
     "VRING_PACKED_EVENT_SIZE", "VRING_PACKED_MAX_SIZE", "VRING_PACKED_DESC_DTYPE",
     "VRING_PACKED_EVENT_DTYPE", "packed_area_sizes", "PackedVringBase",
-    "packed_vring_base", "parse_packed_vring_base", "packed_desc_is_avail",
+    "packed_vring_base", "parse_packed_vring_base", "packed_vring_position", "packed_desc_is_avail",
     "packed_desc_is_used", "packed_avail_flags", "packed_used_flags",
     "VRING_PACKED_STATE_DTYPE", "PackedRingSnapshot", "packed_ring_copy", "slot_state",
     "waiting_for_device",
@@ -144,6 +144,16 @@ def parse_packed_vring_base(num: int) -> PackedVringBase:
     """Split a packed ring's 32-bit vring state ``num`` into its four parts."""
     num &= 0xFFFFFFFF
     return PackedVringBase(num & 0x7FFF, num >> 15 & 1, num >> 16 & 0x7FFF, num >> 31 & 1)
+
+
+def packed_vring_position(num: int) -> PackedVringBase:
+    """The device's positions a vring base sets: its four parts, except that the
+    16-bit form (bits 16-31 zero, as DPDK sends it) puts used where avail is."""
+    base = parse_packed_vring_base(num)
+    if num & 0xFFFFFFFF == num & 0xFFFF:
+        base = base._replace(last_used_idx=base.last_avail_idx,
+                             used_wrap_counter=base.avail_wrap_counter)
+    return base
 
 
 @dataclass(frozen=True)

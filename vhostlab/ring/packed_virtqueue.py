@@ -32,7 +32,7 @@ import numpy as np
 from .errors import RingConfigError
 from .packed_chain import packed_map_ring_py
 from .packed_layout import (VRING_PACKED_MAX_SIZE, VRING_PACKED_STATE_DTYPE, packed_area_sizes,
-                            packed_vring_base, parse_packed_vring_base)
+                            packed_vring_base, packed_vring_position)
 from .packed_rx import vring_packed_rx_burst, vring_packed_rx_burst_py
 from .packed_tx import vring_packed_tx_burst, vring_packed_tx_burst_py
 from .virtqueue import Virtqueue, _Field
@@ -77,10 +77,8 @@ class PackedVirtqueue(Virtqueue):
             raise RingConfigError(
                 f"queue {self.index}: SET_VRING_BASE num = {num:#x}: a packed ring's base "
                 "is 32 bits", queue=self.index, field="num", value=num, limit=0xFFFFFFFF)
-        base = parse_packed_vring_base(num)
+        base = packed_vring_position(num)
         used_idx, used_wrap = base.last_used_idx, base.used_wrap_counter
-        if num >> 16 == 0:              # the 16-bit form: used where avail is
-            used_idx, used_wrap = base.last_avail_idx, base.avail_wrap_counter
         size = self.num
         for name, idx in (("last_avail_idx", base.last_avail_idx), ("last_used_idx", used_idx)):
             if size and idx >= size:
