@@ -11,6 +11,9 @@ is not watched, so the next front-end waits in the backlog and is served
 when the current one leaves. When it leaves, the device is released
 (mappings, fds, rings) and a reconnecting front-end finds it clean.
 
+The ring kernels are compiled (or loaded from numba's cache) before the
+socket is opened, so the JIT never stalls the message loop mid-handshake.
+
 Threads: the loop runs either in the caller's thread (`run()`, used by
 `vhostlab serve`) or in a background thread (`start()` / `stop()`, for
 notebooks). Everything the loop changes is changed under `self.lock`;
@@ -42,6 +45,7 @@ from vhostlab.backend.wire import LoopbackWire, Wire, make_wire
 from vhostlab.protocol import (HEADER_SIZE, TO_BACKEND, TO_FRONTEND, BackendConnection, Message,
                                ProtocolError, Request, parse_message, peek_header)
 from vhostlab.ring import FrameArena
+from vhostlab.ring.warm import kernels_loaded, load_kernels
 
 log = logging.getLogger("vhostlab.backend")
 
@@ -172,6 +176,11 @@ class BackendServer:
     def _open(self) -> None:
         if self._stop.is_set():
             raise BackendError("this server was stopped; make a new BackendServer")
+        if not kernels_loaded():
+            # Before the socket exists: the first ring a front-end starts must not
+            # stall the message loop for the JIT (see vhostlab.ring.warm).
+            log.info("loading the ring kernels (compiled on the first run, then cached)")
+            load_kernels()
         self._selector = selectors.DefaultSelector()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._wake_fd, selectors.EVENT_READ, ("wake", None))

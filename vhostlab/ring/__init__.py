@@ -18,6 +18,7 @@ Modules, bottom up:
                RING_FORMATS / make_ring ("split": Virtqueue, "packed": PackedVirtqueue)
     driver     VirtqueueDriver: the guest side (both guests'), over a RingMemory
     packed_driver  PackedVirtqueueDriver: the guest side of a packed ring
+    warm       load_kernels: every format's kernels compiled before a device serves
 
 Every numba kernel ``f`` has a plain-Python twin ``f_py`` with the same
 signature and the same results; tests hold them equal, the labs show the

@@ -47,9 +47,11 @@ ring's own).
 from __future__ import annotations
 
 import struct
+import warnings
 
 import numpy as np
 from numba import njit
+from numba.core.errors import NumbaExperimentalFeatureWarning
 
 from .atomics import fence_seq_cst, load_acquire, load_relaxed, store_release
 from .cache import twin
@@ -65,6 +67,14 @@ from .packed_layout import (VRING_PACKED_DESC_ALIGN, VRING_PACKED_EVENT_ALIGN,
                             VRING_PACKED_EVENT_FLAG_DESC, VRING_PACKED_EVENT_FLAG_DISABLE,
                             VRING_PACKED_EVENT_FLAG_ENABLE, VRING_PACKED_EVENT_SIZE,
                             VRING_PACKED_MAX_SIZE)
+
+# The packed ring's state record is the split ring's plus the two wrap counters,
+# appended, so the split helpers it shares (``fail``, ``_ring_area``, the log
+# marking) read it at the same offsets. numba calls that record subtyping and
+# warns about it at every compile; it is relied on here, and the warning would
+# only clutter a learner's cell output.
+warnings.filterwarnings("ignore", category=NumbaExperimentalFeatureWarning,
+                        message=r"Record\(.*has been considered a subtype of Record")
 
 # Cursor fields (see the module docstring).
 P_DESC, P_NUM, P_POS, P_WRAP, P_MORE, P_COUNT, P_HEAD, P_TABLE, P_TSIZE, P_TNEXT, \
