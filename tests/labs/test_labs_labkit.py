@@ -114,6 +114,37 @@ def test_qemu_device_moves_frames_and_close_stops_qemu(requires_qemu, monkeypatc
     assert lab.leftovers() == []
 
 
+def test_qemu_logging_window_stays_open_until_it_is_closed(requires_qemu, monkeypatch):
+    # Into `exec:cat > /dev/null`, QEMU 10 finished this migration within about a
+    # second and stopped the VM; into the sink it stays active until cancelled.
+    monkeypatch.setenv("VHOSTLAB_FRONTEND", "qemu")
+    lab = labkit.open_lab("qemu-logging-window")
+    try:
+        dev = lab.start_device()
+        qmp = dev.qemu.qmp
+        with dev.logging_window() as window:
+            sink = dev.migration_sink
+            dev.backend.inject([FRAME] * 4)
+            assert dev.receive(4) == [FRAME] * 4
+            assert window.wait_logged(pages=2)
+            # 64 KiB sent (at 16 KiB/s; QEMU 10 at once, until the sink's buffer is
+            # full): the migration goes on, the VM runs.
+            assert labkit.wait_until(
+                lambda: qmp.query_migrate()["ram"]["transferred"] > 64 << 10, 30)
+            assert qmp.query_migrate()["status"] == "active"
+            assert qmp.query_status()["status"] == "running"
+        assert qmp.query_migrate()["status"] == "cancelled"
+        assert dev.migration_sink is None and not os.path.exists(sink.path)
+        assert not dev.backend.snapshot().logging
+        requests = dev.requests()
+        window_requests = requests[requests.index("SET_LOG_BASE"):]
+        assert "GET_VRING_BASE" not in window_requests        # the rings never stopped
+        dev.transmit([FRAME] * 2)                             # and the device still runs
+        assert dev.wait_wire(2) == [FRAME] * 2
+    finally:
+        assert lab.close() == []
+
+
 def test_vring_view_of_the_builtin_guest_lists_its_descriptors_first(lab):
     dev = lab.start_device(frontend="builtin")
     dev.transmit([FRAME] * 4)

@@ -99,6 +99,11 @@ def test_logging_on_and_off(requires_qemu, walked):
     assert not any(v & VHOST_F_LOG_ALL for v in features("migrate_cancel"))
     ops = _result(walked, "migrate to a sink").ops_called
     assert ops[0] == "vhost_set_log_base"
+    # The migration was still running when it was cancelled (QEMU 10 completed
+    # one into `exec:cat` before the next step), and its sink is gone.
+    assert _result(walked, "migrate to a sink").detail == {"migration": "active"}
+    assert _result(walked, "migrate_cancel").detail == {"migration": "cancelled"}
+    assert walked.source.sink is None
 
 
 def test_migration_carries_ring_positions_and_ends_with_rarp(requires_qemu, walked):

@@ -39,6 +39,7 @@ class LabDevice:
         self.backend, self.guest = backend, guest
         self.vhost_dev, self.qemu = vhost_dev, qemu
         self.ops = vhost_dev.vhost_ops if vhost_dev is not None else None
+        self.migration_sink = None      # qemu: where an open logging window's migration goes
 
     @property
     def frontend(self) -> str:
@@ -118,9 +119,10 @@ class LabDevice:
 class LoggingWindow:
     """Dirty logging on while a ``with`` block runs; ``pages_logged``: what the back-end marked.
 
-    ``qemu``: a migration into a sink (``exec:cat > /dev/null``) slowed to
-    ``bandwidth`` bytes/s, so QEMU runs ``vhost_log_global_start`` and keeps
-    logging on; cancelled at the end (``migrate_cancel``:
+    ``qemu``: a migration into a socket that nobody reads
+    (:class:`vhostlab.qemu.sink.MigrationSink`), at most ``bandwidth`` bytes/s,
+    so QEMU runs ``vhost_log_global_start`` and keeps logging on, the VM
+    running; cancelled at the end (``migrate_cancel``:
     ``vhost_log_global_stop``). ``builtin``: ``vhost_log_global_start`` and
     ``vhost_log_global_stop`` of the built-in VhostDev.
     """

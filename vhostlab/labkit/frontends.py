@@ -19,7 +19,6 @@ __all__ = ["Frontend", "QemuFrontend", "BuiltinFrontend", "RX_AT_STOP", "fronten
 
 #: RX frames a real QEMU's source back-end writes as its rings stop (see LabMigration).
 RX_AT_STOP = 8
-_SINK = "exec:cat > /dev/null"      # where a logging window's migration goes
 
 
 @runtime_checkable
@@ -108,16 +107,15 @@ class QemuFrontend:
                                          "Calls and messages (inferred from the trace)")
 
     def logging_start(self, device: LabDevice, bandwidth: int) -> None:
-        # A migration into a sink, slowed so that it stays in progress: QEMU
-        # keeps logging on until migrate_cancel.
-        device.qemu.qmp.migrate_set_parameters(max_bandwidth=bandwidth)
-        device.qemu.qmp.migrate(_SINK)
+        # A migration into a socket nobody reads: it stays in progress, and QEMU
+        # keeps logging on, until migrate_cancel (vhostlab.qemu.sink).
+        from vhostlab.qemu.sink import migrate_to_sink
+        device.migration_sink = migrate_to_sink(device.qemu, bandwidth)
 
     def logging_stop(self, device: LabDevice) -> None:
-        qmp = device.qemu.qmp
-        qmp.execute("migrate_cancel")
-        wait_until(lambda: qmp.query_migrate().get("status")
-                   in ("cancelled", "completed", "failed"), 10.0, 0.05)
+        from vhostlab.qemu.sink import cancel_migration
+        sink, device.migration_sink = device.migration_sink, None
+        cancel_migration(device.qemu, sink)
 
     def new_migration(self, break_logging: bool, skip_final_sync: bool,
                       backend: str = "vhostlab") -> Any:

@@ -40,7 +40,8 @@ from .guest import (RX_QUEUE, TX_QUEUE, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONF
                     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU, QTestVirtioNetGuest)
 from .inference import attribute_ops, infer_calls
 from .launcher import DEFAULT_RAM_SIZE, QemuInstance, require_qemu, vhost_user_netdev
-from .steps import (HOST_MTU, NOT_CALLABLE_HERE, SINK, SLOW, STEPS, Step, coverage,
+from .sink import MigrationSink, cancel_migration, migrate_to_sink
+from .steps import (HOST_MTU, NOT_CALLABLE_HERE, SLOW, STEPS, Step, coverage,
                     coverage_column, step_named)
 
 __all__ = ["Step", "StepResult", "QemuStepper", "STEPS", "NOT_CALLABLE_HERE", "HOST_MTU",
@@ -98,13 +99,15 @@ class _Host:
     server: BackendServer
     qemu: QemuInstance | None = None
     guest: QTestVirtioNetGuest | None = None
+    sink: MigrationSink | None = None      # an outgoing migration's, while one runs
 
     def last_seq(self) -> int:
         recs = self.server.trace.records()
         return recs[-1].seq if recs else 0
 
     def close(self) -> None:
-        for closer in (lambda: self.qemu and self.qemu.close(), self.server.stop):
+        for closer in (lambda: self.qemu and self.qemu.close(), self.server.stop,
+                       lambda: self.sink and self.sink.close()):
             try:
                 closer()
             except Exception:  # clean-up goes on; each part is independent
@@ -506,16 +509,13 @@ class QemuStepper:
     def _do_migrate_to_a_sink(self) -> dict:
         qmp = self.source.qemu.qmp
         qmp.migrate_set_capabilities(events=True)
-        qmp.migrate_set_parameters(max_bandwidth=SLOW)
-        qmp.migrate(SINK)
+        self.source.sink = migrate_to_sink(self.source.qemu, SLOW)
         qmp.wait_event("MIGRATION", self.timeout, status="active")
         return {"migration": qmp.query_migrate().get("status")}
 
     def _do_migrate_cancel(self) -> dict:
-        qmp = self.source.qemu.qmp
-        qmp.execute("migrate_cancel")
-        qmp.wait_event("MIGRATION", self.timeout, status="cancelled")
-        return {"migration": qmp.query_migrate().get("status")}
+        sink, self.source.sink = self.source.sink, None
+        return {"migration": cancel_migration(self.source.qemu, sink, self.timeout)}
 
     def _do_start_a_destination(self) -> dict:
         host = self._start_host("destination", incoming=True)

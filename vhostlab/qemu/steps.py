@@ -30,9 +30,9 @@ __all__ = ["Step", "STEPS", "HOST_MTU", "SINK", "SLOW", "NOT_CALLABLE_HERE", "st
 
 #: The device property the stepper starts QEMU with (the guest acks VIRTIO_NET_F_MTU).
 HOST_MTU = 1400
-#: Where "migrate to a sink" sends the migration stream, and how slowly (bytes/s), so
-#: that the migration stays in progress until the next step cancels it.
-SINK = "exec:cat > /dev/null"
+#: Where "migrate to a sink" sends the migration stream (vhostlab.qemu.sink), and
+#: how slowly (bytes/s): the migration stays in progress until the next step cancels it.
+SINK = "unix:.../sink.sock"
 SLOW = 16 << 10
 
 
@@ -202,7 +202,8 @@ STEPS: tuple[Step, ...] = (
          "(with CONFIGURE_MEM_SLOTS QEMU sends only regions that changed: none)",
          **_dev_start(mem=False)),
     Step("migrate to a sink", "qmp",
-         f"QMP migrate uri={SINK!r} at {SLOW // 1024} KiB/s (it stays in progress)",
+         f"QMP migrate uri={SINK!r} at {SLOW // 1024} KiB/s, a socket nobody reads "
+         "(the migration stays in progress, the VM running)",
          "vhost_log_global_start -> vhost_migration_log -> vhost_dev_set_log: SET_LOG_BASE "
          "(the log memfd), SET_FEATURES with VHOST_F_LOG_ALL, SET_VRING_ADDR with "
          "VHOST_VRING_F_LOG per ring",
