@@ -89,6 +89,11 @@ def test_ledger_tells_delivered_lost_corrupted_and_duplicated():
                                 "duplicated": 1}
     with pytest.raises(ValueError, match="frame length 59"):
         ledger.make(59)
+    # Frames that never entered the path (a stopped source back-end kept them)
+    # count neither as sent nor as lost; frames of the other direction are ignored.
+    ledger.withdraw([frames[3], FrameLedger(FROM_GUEST).make(100)])
+    assert ledger.summary() == {"sent": 3, "delivered": 2, "lost": 1, "corrupted": 2,
+                                "duplicated": 1}
 
 
 def test_capture_wire_keeps_frames_and_rarp_is_recognised():

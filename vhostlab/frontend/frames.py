@@ -100,6 +100,15 @@ class FrameLedger:
             self._next += 1
         return frame
 
+    def withdraw(self, frames) -> None:
+        """Forget frames recorded as sent that never entered the path under test
+        (the caller says why); they count neither as sent nor as lost."""
+        with self._lock:
+            for frame in frames:
+                fid = frame_id(frame)
+                if fid is not None and fid[0] == self.direction:
+                    self.sent.pop(fid[1], None)
+
     def arrive(self, frame: bytes) -> bool:
         """Check one received frame; True if it is intact and was sent this way."""
         fid = frame_id(frame)
