@@ -394,6 +394,8 @@ class QemuMigration:
                 return              # converged early; _verify accounts for what happened
             if status == "active" and count >= c.busy_syncs:
                 break
+            if not self._vm_running():
+                return              # QEMU is switching over: a vCPU no longer acts
             self._guest_did(bytes_written=self.dirtier.catch_up())
             self._last_guest_action = time.time()
             if time.monotonic() >= next_burst and status == "active":
@@ -401,10 +403,18 @@ class QemuMigration:
                 next_burst = time.monotonic() + c.burst_interval
             time.sleep(c.tick)
         # A last burst: RX frames into pages QEMU has copied at least once. Then quiet.
+        if not self._vm_running():
+            return
         self._burst()
         self._guest_did(bytes_written=self.dirtier.catch_up())
         self._last_guest_action = time.time()
         self._guest_state = self.src.guest.export_state()
+
+    def _vm_running(self) -> bool:
+        """Whether the source VM still runs. vm_stop sets the run state first, under
+        the lock qtest commands also take, so a guest action that starts after this
+        said True can still overlap the stop only by its own few milliseconds."""
+        return self.src.qemu.qmp.query_status().get("status") == "running"
 
     def _burst(self) -> None:
         """TX and RX frames on the source; waits until its back-end has handled them,
