@@ -26,6 +26,8 @@ import os
 import socket
 import time
 
+from vhostlab.backend.transport import listen_unix
+
 from .errors import QemuError
 
 __all__ = ["MigrationSink", "migrate_to_sink", "cancel_migration"]
@@ -36,13 +38,7 @@ class MigrationSink:
 
     def __init__(self, path: str):
         self.path = path
-        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.bind(path)
-            self._sock.listen(1)
-        except BaseException:
-            self.close()
-            raise
+        self._sock: socket.socket | None = listen_unix(path, backlog=1)
 
     @property
     def uri(self) -> str:
@@ -57,12 +53,6 @@ class MigrationSink:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-
-    def __enter__(self) -> "MigrationSink":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def migrate_to_sink(qemu, bandwidth: int) -> MigrationSink:

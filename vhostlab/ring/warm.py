@@ -2,7 +2,7 @@
 
 numba compiles a kernel on its first call. A back-end that let that happen
 inside its message loop would go silent for the length of the compile (about
-10 s of CPU with an empty cache, more on a loaded machine) at the first
+37 s of CPU for both formats with an empty cache, measured) at the first
 request that starts a ring: QEMU waits, a learner's cell hangs, and a
 front-end that times out its replies gives up. So the server calls
 :func:`load_kernels` before it opens its socket, the way DPDK has its
